@@ -1,0 +1,127 @@
+"""The `coft-fast` command line: parses arguments, builds a config, calls the API, prints a summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from coft_fast import __version__
+from coft_fast.config import ConfigError
+
+log = logging.getLogger("coft_fast")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (see `coft-fast config` for the defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.batch_size=128 (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed (config key `seed`)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True,
+                        help="a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON")
+    parser.add_argument("--classes", help="class names: a text file with one per line (optional for class folders)")
+    parser.add_argument("--split", help="split of a CoOp JSON file: train, val or test")
+    parser.add_argument("--image-root", help="folder that a CoOp JSON's paths are relative to")
+    parser.add_argument("--batch-size", type=int, help="images per inference batch")
+    parser.add_argument("--num-workers", type=int, help="decoding worker processes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coft-fast", description="Label-free fine-tuning of CLIP (CoFT), fast.")
+    parser.add_argument("--version", action="version", version=f"coft_fast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    zs = commands.add_parser("zeroshot", help="zero-shot CLIP classification of a folder of images")
+    _data_args(zs)
+    zs.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
+    zs.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
+    zs.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+    zs.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    zs.add_argument("--out", required=True, help="output folder")
+    _common(zs)
+
+    tb = commands.add_parser("testbed", help="build the offline test-bed model from labelled images")
+    tb.add_argument("--images", required=True, help="labelled images (class sub-folders, CSV or CoOp JSON)")
+    tb.add_argument("--classes", help="class names file (optional for class folders)")
+    tb.add_argument("--per-class", type=int, help="use the first N images of each class, sorted by file name")
+    tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
+    _common(tb)
+
+    dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
+    dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
+    _common(dm)
+
+    cf = commands.add_parser("config", help="print the default config as YAML (with --config/--set applied)")
+    _common(cf)
+    return parser
+
+
+def _overrides(args) -> List[str]:
+    mapping = {
+        "seed": "seed", "split": "data.split", "image_root": "data.image_root", "batch_size": "data.batch_size",
+        "num_workers": "data.num_workers", "model": "model.name", "pretrained": "model.pretrained",
+        "templates": "zeroshot.templates", "device": "model.device",
+    }
+    found = list(args.overrides)
+    for attribute, key in mapping.items():
+        value = getattr(args, attribute, None)
+        if value is not None:
+            if key == "model.pretrained" and value.lower() == "none":
+                found.append("model.pretrained=null")
+            else:
+                found.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.no_progress:
+        found.append("run.progress=false")
+    return found
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from coft_fast import api
+    from coft_fast.runtime.logs import log_to_console
+
+    log_to_console(args.verbose)
+    overrides = _overrides(args)
+    if args.command == "config":
+        import yaml
+
+        print(yaml.safe_dump(api.resolve_config(args.config, overrides).to_dict(), sort_keys=False), end="")
+        return 0
+    if args.command == "zeroshot":
+        result = api.zeroshot(args.images, args.classes, config=args.config, overrides=overrides, out=args.out)
+        _print_metrics("zero-shot", result.metrics)
+        print(f"predictions: {args.out}/predictions.csv")
+    elif args.command == "testbed":
+        report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides)
+        print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
+              f"({report['num_images']} images); use --model local-dir:{args.out}")
+    elif args.command == "demo":
+        seed = args.seed if args.seed is not None else 0
+        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress)
+        _print_metrics("demo zero-shot (digits, test-bed model)", metrics)
+        print(f"outputs: {args.out}/")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    print(f"{title}: {metrics.get('num_images')} images, {metrics.get('num_skipped')} skipped")
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        if key in metrics:
+            print(f"  {key:<22} {100 * metrics[key]:6.2f} %")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        sys.exit(run(argv))
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        # input and setup errors: one clear line, no traceback (use --verbose for it)
+        if "--verbose" in (argv if argv is not None else sys.argv):
+            raise
+        print(f"coft-fast: error: {exc}", file=sys.stderr)
+        sys.exit(2)

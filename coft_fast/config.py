@@ -1,0 +1,260 @@
+"""Run configuration: dataclasses with documented defaults, YAML load/save and `key=value` overrides.
+
+Sections are plain dataclasses nested under :class:`Config`. Overrides address fields by dotted
+path (``data.batch_size=128``) or top-level name (``seed=3``); values are parsed as YAML scalars
+and checked against the field's type, so a typo or a wrong type is an error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is invalid; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    # open_clip model name ("ViT-B-16"), or "local-dir:/path" for open_clip's folder format.
+    name: str = "ViT-B-16"
+    # open_clip pre-trained tag ("openai", "laion2b_s34b_b88k") or a local checkpoint path;
+    # ignored for "local-dir:" models. None means random initialisation.
+    pretrained: Optional[str] = "openai"
+    # QuickGELU activation: None decides from the weights (OpenAI weights need it).
+    quick_gelu: Optional[bool] = None
+    # "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    # "auto": bf16 autocast on CUDA, fp32 on CPU. Or "fp32" / "bf16".
+    precision: str = "auto"
+    # open_clip download cache folder (None: open_clip's default).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Images per inference batch.
+    batch_size: int = 256
+    # DataLoader worker processes for decoding (0 decodes in the main process).
+    num_workers: int = 2
+    # For CoOp split JSON files: which split to read ("train", "val" or "test").
+    split: Optional[str] = None
+    # For CoOp split JSON files: the folder the JSON paths are relative to (None: found next to it).
+    image_root: Optional[str] = None
+
+
+@dataclass
+class ZeroShotConfig:
+    # "single" ("a photo of a {}."), "ensemble" (CLIP's 80 ImageNet templates), or a JSON file:
+    # a list of templates with "{}" for the class name, or a mapping class -> list of sentences.
+    templates: str = "ensemble"
+
+
+@dataclass
+class TestbedConfig:
+    """The offline stand-in for a pre-trained CLIP (see coft_fast/testbed.py and its README section)."""
+
+    # Architecture (open_clip CLIP config).
+    image_size: int = 32
+    patch_size: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_head_width: int = 32
+    embed_dim: int = 128
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 2
+    context_length: int = 32
+    # Stage 1: image tower trained as a cosine classifier on the labelled images.
+    image_epochs: int = 10
+    image_batch_size: int = 128
+    image_lr: float = 1e-3
+    image_weight_decay: float = 0.05
+    classifier_scale: float = 16.0
+    # Stage 2: fresh text tower aligned to the frozen image tower on biased captions.
+    text_steps: int = 600
+    text_batch_size: int = 256
+    text_lr: float = 1e-3
+    # Captioned images per class fall from the most to the least frequent class by this ratio
+    # (classes ranked by a seeded permutation); 1 means balanced.
+    longtail_ratio: float = 50.0
+    # Share of captions naming the class's look-alike (its nearest class by stage-1 weights).
+    lookalike_share: float = 0.35
+    # Images per class used from the input folder (None: all).
+    per_class: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    # Output folder of a run (None: nothing is written).
+    out_dir: Optional[str] = None
+    # Show tqdm progress bars.
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    # Global random seed.
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        from coft_fast.runtime.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Config":
+        cfg = cls()
+        _update(cfg, data, prefix="")
+        return cfg
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Config":
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                data = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def validate(self) -> "Config":
+        """Check values that types alone cannot; returns self."""
+        if self.model.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
+        positive = {
+            "data.batch_size": self.data.batch_size,
+            "testbed.image_epochs": self.testbed.image_epochs,
+            "testbed.text_steps": self.testbed.text_steps,
+            "testbed.context_length": self.testbed.context_length,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"config key {key!r} must be at least 1, got {value}")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}")
+        if not 0.0 <= self.testbed.lookalike_share < 1.0:
+            raise ConfigError(f"config key 'testbed.lookalike_share' must be in [0, 1), got {self.testbed.lookalike_share}")
+        if self.testbed.longtail_ratio < 1.0:
+            raise ConfigError(f"config key 'testbed.longtail_ratio' must be >= 1, got {self.testbed.longtail_ratio}")
+        if self.data.split not in (None, "train", "val", "test"):
+            raise ConfigError(f"config key 'data.split' must be train, val or test, got {self.data.split!r}")
+        return self
+
+    def override(self, assignments: Iterable[str]) -> "Config":
+        """Apply ``key=value`` strings in order (dotted keys for nested fields); returns self."""
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"override {assignment!r} must look like key=value (e.g. data.batch_size=128)")
+            set_value(self, key, _parse_scalar(raw))
+        return self
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _field_types(obj: Any) -> Dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
+    """Set a (possibly nested) field, checking the key exists and the value has the field's type."""
+    parts = dotted_key.split(".")
+    target = cfg
+    for depth, name in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"unknown config key {dotted_key!r}: {'.'.join(parts[:depth])} is not a section")
+        types_ = _field_types(target)
+        if name not in types_:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown config key {dotted_key!r}: {where} has no field {name!r} "
+                f"(known: {', '.join(sorted(types_))})"
+            )
+        if depth == len(parts) - 1:
+            current = getattr(target, name)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key {dotted_key!r} is a section: give a mapping, got {value!r}")
+                _update(current, value, prefix=dotted_key + ".")
+            else:
+                setattr(target, name, _coerce(value, types_[name], dotted_key))
+        else:
+            target = getattr(target, name)
+
+
+def _update(section: Any, data: Dict[str, Any], prefix: str) -> None:
+    for key, value in data.items():
+        try:
+            set_value(section, str(key), value)
+        except ConfigError as exc:
+            # report the full dotted key, not the one relative to this section
+            raise ConfigError(str(exc).replace(repr(str(key)), repr(prefix + str(key)), 1)) from None
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"config key {key!r} got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        return [_coerce(item, args[0], key) for item in value] if args else list(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+    return value

@@ -1,0 +1,36 @@
+"""The embedded demo data: scikit-learn's handwritten digits, written out as image folders."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+from PIL import Image
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def write_digits(out_dir, image_size: int = 16, test_fraction: float = 0.5, seed: int = 0) -> Dict[str, Path]:
+    """Write the 1,797 8x8 digits, upscaled to RGB ``image_size`` PNGs, as ``pretrain/`` and ``test/``
+    class folders under ``out_dir`` (a seeded, stratified split). Returns the folder of each split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    folders = {split: out_dir / split for split in ("pretrain", "test")}
+    for label, name in enumerate(DIGIT_NAMES):
+        members = rng.permutation(np.flatnonzero(digits.target == label))
+        cut = int(round(len(members) * (1 - test_fraction)))
+        for split, chosen in (("pretrain", members[:cut]), ("test", members[cut:])):
+            folder = folders[split] / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in chosen:
+                pixels = (digits.images[index] / 16.0 * 255.0).astype(np.uint8)
+                image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BILINEAR)
+                image.convert("RGB").save(folder / f"{index:04d}.png")
+    return folders
+
+
+def digit_class_names() -> List[str]:
+    return list(DIGIT_NAMES)

@@ -1,0 +1,273 @@
+"""Where images come from: class folders, flat folders, CSV files and CoOp split JSON files.
+
+Every source becomes an :class:`ImageSource`: a list of paths, a label per path (-1 when
+unknown) and the class names. Labels are only ever used for evaluation and diagnostics.
+All input problems are raised as :class:`DataError` before any image is decoded.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+UNLABELLED = -1
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(ValueError):
+    """An input file, folder or class list is unusable; the message names it and what was expected."""
+
+
+@dataclass
+class ImageSource:
+    """Image paths with optional labels (-1 = unknown) over a fixed list of class names."""
+
+    paths: List[str]
+    labels: List[int]
+    class_names: List[str]
+    origin: str = ""
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise DataError(f"{self.origin}: {len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(label != UNLABELLED for label in self.labels)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSource":
+        return ImageSource(
+            [self.paths[i] for i in indices], [self.labels[i] for i in indices], list(self.class_names), self.origin
+        )
+
+
+def read_class_names(classes: Union[PathLike, Sequence[str]]) -> List[str]:
+    """Class names from a list, or from a text file with one name per line (blank lines ignored)."""
+    if isinstance(classes, (str, os.PathLike)):
+        path = Path(classes)
+        if not path.is_file():
+            raise DataError(f"class file not found: {path} (expected a text file with one class name per line)")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
+        origin = str(path)
+    else:
+        names = [str(name).strip() for name in classes]
+        origin = "class list"
+    if not names:
+        raise DataError(f"{origin}: no class names (expected at least one)")
+    if any(not name for name in names):
+        raise DataError(f"{origin}: empty class name")
+    seen: Dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in seen:
+            raise DataError(f"{origin}: class name {name!r} appears twice (entries {seen[name] + 1} and {index + 1})")
+        seen[name] = index
+    return names
+
+
+def _canonical(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _class_index(class_names: Sequence[str]) -> Dict[str, int]:
+    """Lookup that matches names exactly, then case- and separator-insensitively."""
+    index = {}
+    for i, name in enumerate(class_names):
+        index.setdefault(_canonical(name), i)
+    for i, name in enumerate(class_names):
+        index[name] = i
+    return index
+
+
+def _lookup(index: Dict[str, int], name: str) -> Optional[int]:
+    return index.get(name, index.get(_canonical(name)))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p))
+
+
+def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> ImageSource:
+    """A folder of class sub-folders (labelled) or a flat folder of images (unlabelled).
+
+    Sub-folder names are matched to ``class_names`` exactly or ignoring case, '_' and '-'. When
+    ``class_names`` is None the sorted sub-folder names become the classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    class_dirs = [d for d in subdirs if _images_under(d)]
+    if class_dirs and loose:
+        raise DataError(
+            f"{root} mixes class sub-folders ({', '.join(d.name for d in class_dirs[:3])}...) with "
+            f"{len(loose)} loose images: use one layout (class sub-folders, or a flat folder)"
+        )
+    if not class_dirs:
+        if not loose:
+            raise DataError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        if class_names is None:
+            raise DataError(f"{root} is a flat folder of unlabelled images: class names are required")
+        names = read_class_names(class_names)
+        return ImageSource([str(p) for p in loose], [UNLABELLED] * len(loose), names, str(root))
+
+    names = read_class_names(class_names) if class_names is not None else [d.name for d in class_dirs]
+    lookup = _class_index(names)
+    paths: List[str] = []
+    labels: List[int] = []
+    for folder in class_dirs:
+        label = _lookup(lookup, folder.name)
+        if label is None:
+            raise DataError(
+                f"{root}: sub-folder {folder.name!r} matches no class name "
+                f"(classes: {', '.join(names[:10])}{'...' if len(names) > 10 else ''})"
+            )
+        for image in _images_under(folder):
+            paths.append(str(image))
+            labels.append(label)
+    return ImageSource(paths, labels, names, str(root))
+
+
+def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
+    """A CSV of ``path[,label]`` rows (an optional header row ``path,label``).
+
+    Relative paths are resolved against the CSV's folder. A label is a class name or a class
+    index; an empty label means unlabelled.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"CSV file not found: {csv_path}")
+    names = read_class_names(class_names)
+    lookup = _class_index(names)
+    paths: List[str] = []
+    labels: List[int] = []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    first_row = 1
+    if rows and rows[0] and rows[0][0].strip().lower() == "path":
+        rows, first_row = rows[1:], 2
+    for line_no, row in enumerate(rows, start=first_row):
+        if not row or not row[0].strip():
+            continue
+        if len(row) > 2:
+            raise DataError(f"{csv_path}, row {line_no}: expected 'path[,label]', got {len(row)} columns")
+        image = Path(row[0].strip())
+        if not image.is_absolute():
+            image = csv_path.parent / image
+        raw = row[1].strip() if len(row) == 2 else ""
+        if raw == "":
+            label = UNLABELLED
+        else:
+            label = _lookup(lookup, raw)
+            if label is None and raw.lstrip("-").isdigit():
+                label = int(raw)
+                if not 0 <= label < len(names):
+                    raise DataError(f"{csv_path}, row {line_no}: label index {label} is outside 0..{len(names) - 1}")
+            if label is None:
+                raise DataError(f"{csv_path}, row {line_no}: label {raw!r} is not one of the {len(names)} class names")
+        paths.append(str(image))
+        labels.append(label)
+    if not paths:
+        raise DataError(f"{csv_path}: no image rows")
+    return ImageSource(paths, labels, names, str(csv_path))
+
+
+def _find_image_root(json_path: Path, first_relative: str) -> Path:
+    candidates = [json_path.parent] + sorted(p for p in json_path.parent.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if (candidate / first_relative).exists():
+            return candidate
+    raise DataError(
+        f"{json_path}: cannot find the image folder: {first_relative!r} exists neither beside the JSON "
+        f"nor in one of its sub-folders; pass the folder the paths are relative to (data.image_root)"
+    )
+
+
+def from_coop_split(
+    json_path: PathLike,
+    split: Optional[str],
+    class_names: Optional[Sequence[str]] = None,
+    image_root: Optional[PathLike] = None,
+) -> ImageSource:
+    """CoOp's ``split_zhou_<Dataset>.json``: {"train"|"val"|"test": [[path, label, classname], ...]}."""
+    json_path = Path(json_path)
+    if split is None:
+        raise DataError(f"{json_path} is a CoOp split file: choose a split (train, val or test) with data.split / --split")
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            splits = json.load(handle)
+    except FileNotFoundError:
+        raise DataError(f"split file not found: {json_path}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{json_path} is not valid JSON: {exc}") from None
+    if not isinstance(splits, dict) or split not in splits:
+        found = ", ".join(sorted(splits)) if isinstance(splits, dict) else type(splits).__name__
+        raise DataError(f"{json_path}: no split {split!r} (found: {found})")
+    entries = splits[split]
+    if not entries:
+        raise DataError(f"{json_path}: split {split!r} is empty")
+    json_names: Dict[int, str] = {}
+    for position, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+            raise DataError(f"{json_path}: {split}[{position}] should be [path, label, classname], got {entry!r}")
+        json_names.setdefault(entry[1], entry[2])
+    for part in splits.values():
+        for entry in part if isinstance(part, list) else []:
+            if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int):
+                json_names.setdefault(entry[1], entry[2])
+    if class_names is None:
+        count = max(json_names) + 1
+        missing = [i for i in range(count) if i not in json_names]
+        if missing:
+            raise DataError(f"{json_path}: no class name for label(s) {missing[:5]}: pass the class names")
+        names = [json_names[i].replace("_", " ") for i in range(count)]
+    else:
+        names = read_class_names(class_names)
+    root = Path(image_root) if image_root is not None else _find_image_root(json_path, entries[0][0])
+    paths, labels = [], []
+    for position, (relative, label, _) in enumerate(entries):
+        if not 0 <= label < len(names):
+            raise DataError(
+                f"{json_path}: {split}[{position}] has label {label}, but there are {len(names)} class names"
+            )
+        paths.append(str(root / relative))
+        labels.append(label)
+    return ImageSource(paths, labels, names, f"{json_path}:{split}")
+
+
+def load_source(
+    images: PathLike,
+    class_names: Optional[Union[PathLike, Sequence[str]]] = None,
+    split: Optional[str] = None,
+    image_root: Optional[PathLike] = None,
+) -> ImageSource:
+    """Pick the reader from what ``images`` is: a folder, a ``.csv`` file or a ``.json`` split file."""
+    path = Path(images)
+    if path.is_dir():
+        return from_folder(path, class_names)
+    if path.suffix.lower() == ".csv":
+        if class_names is None:
+            raise DataError(f"{path}: a CSV source needs class names (a list or a file with one per line)")
+        return from_csv(path, class_names)
+    if path.suffix.lower() == ".json":
+        return from_coop_split(path, split, class_names, image_root)
+    if not path.exists():
+        raise DataError(f"images not found: {path} (expected a folder, a .csv file or a CoOp split .json)")
+    raise DataError(f"{path}: unsupported image source (expected a folder, a .csv file or a CoOp split .json)")

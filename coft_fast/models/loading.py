@@ -1,0 +1,125 @@
+"""Loading CLIP models through open_clip: by name and pre-trained tag, by checkpoint path, or by folder.
+
+Supported forms of (name, pretrained):
+- ("ViT-B-16", "openai"): an open_clip name with a pre-trained tag, downloaded on first use;
+- ("ViT-B-16", "/path/to/checkpoint.pt"): a local checkpoint (open_clip state dict, safetensors,
+  or OpenAI's TorchScript file);
+- ("local-dir:/path", None): open_clip's folder format, ``open_clip_config.json`` plus weights;
+- ("ViT-B-16", None): random initialisation (speed studies, tests).
+OpenAI weights were trained with QuickGELU; it is switched on for them automatically.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import open_clip
+import torch
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pre-trained weights could not be found or downloaded; the message says how to supply them."""
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with what is needed to feed it."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    preprocess_train: Callable
+    preprocess_eval: Callable
+    name: str
+    pretrained: Optional[str]
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model, "context_length", getattr(self.tokenizer, "context_length", 77)))
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """OpenAI's released checkpoints are TorchScript archives (a zip holding code/ and constants.pkl)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def needs_quick_gelu(name: str, pretrained: Optional[str]) -> bool:
+    """True where the weights were trained with QuickGELU: OpenAI tags and OpenAI checkpoint files."""
+    if name.startswith(LOCAL_DIR_PREFIX) or not pretrained:
+        return False
+    if name.endswith("-quickgelu"):
+        return True
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        return bool(tag_cfg.get("quick_gelu", False))
+    if os.path.isfile(pretrained):
+        return is_torchscript_archive(pretrained)
+    return False
+
+
+def _check_source(name: str, pretrained: Optional[str]) -> None:
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise WeightsUnavailableError(
+                f"model {name!r}: {folder} is not an open_clip model folder (expected open_clip_config.json "
+                f"and a weights file such as open_clip_model.safetensors inside it)"
+            )
+        return
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models() for the choices")
+    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained) and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise WeightsUnavailableError(
+            f"pretrained {pretrained!r} for model {name!r} is neither a known open_clip tag "
+            f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file"
+        )
+
+
+def load_clip(
+    name: str,
+    pretrained: Optional[str] = None,
+    device: torch.device | str = "cpu",
+    quick_gelu: Optional[bool] = None,
+    cache_dir: Optional[str] = None,
+) -> ClipModel:
+    """Build an open_clip model in eval mode on ``device``; see the module docstring for the forms."""
+    _check_source(name, pretrained)
+    if name.startswith(LOCAL_DIR_PREFIX):
+        pretrained = None
+    force_quick_gelu = needs_quick_gelu(name, pretrained) if quick_gelu is None else quick_gelu
+    try:
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            device=device,
+            force_quick_gelu=force_quick_gelu,
+            cache_dir=cache_dir,
+        )
+    except RuntimeError as exc:
+        if "download" in str(exc).lower():
+            raise WeightsUnavailableError(
+                f"could not download the pre-trained weights {pretrained!r} of {name!r} ({exc}). "
+                f"Offline? Download them once on a machine with internet (they land in open_clip's cache, "
+                f"or set model.cache_dir), then either copy that cache here, pass the checkpoint file as "
+                f"--pretrained /path/to/weights, or save an open_clip folder and use --model local-dir:/path"
+            ) from exc
+        raise
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    model.eval()
+    return ClipModel(model, tokenizer, preprocess_train, preprocess_eval, name, pretrained)

@@ -1,0 +1,93 @@
+"""Prompt templates: one template, CLIP's ensemble, or a JSON file (per dataset or per class)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Union
+
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+SINGLE_TEMPLATE = "a photo of a {}."
+
+
+class TemplateError(ValueError):
+    """A template file or prompt is unusable; the message names it."""
+
+
+def clip_ensemble_templates() -> List[str]:
+    """CLIP's 80 ImageNet templates (from open_clip), as strings with "{}" for the class name."""
+    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+
+def _format(template: str, class_name: str, origin: str) -> str:
+    if "{}" not in template:
+        raise TemplateError(f"{origin}: template {template!r} has no '{{}}' where the class name goes")
+    return template.replace("{}", class_name)
+
+
+def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[str]) -> List[List[str]]:
+    """The prompts of every class, from "single", "ensemble", a list of templates or a JSON file.
+
+    A JSON file holds either a list of templates with "{}" (the same for every class), or a
+    mapping from class name to a list of sentences (used as they are; "{}" in them is filled in).
+    """
+    if isinstance(spec, (list, tuple)):
+        templates, origin = list(spec), "template list"
+    elif str(spec) == "single":
+        templates, origin = [SINGLE_TEMPLATE], "single template"
+    elif str(spec) == "ensemble":
+        templates, origin = clip_ensemble_templates(), "CLIP template ensemble"
+    else:
+        return _prompts_from_file(Path(spec), class_names)
+    if not templates:
+        raise TemplateError(f"{origin}: no templates")
+    return [[_format(t, name, origin) for t in templates] for name in class_names]
+
+
+def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]]:
+    if not path.is_file():
+        raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TemplateError(f"template file {path} is not valid JSON: {exc}") from None
+    if isinstance(data, list):
+        if not data or not all(isinstance(t, str) for t in data):
+            raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
+        return [[_format(t, name, str(path)) for t in data] for name in class_names]
+    if not isinstance(data, dict):
+        raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
+    unknown = [key for key in data if key not in class_names]
+    if unknown:
+        raise TemplateError(f"template file {path}: {unknown[:5]} are not class names of this task")
+    prompts = []
+    for name in class_names:
+        sentences = data.get(name)
+        if not sentences or not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+            raise TemplateError(f"template file {path}: class {name!r} needs a non-empty list of sentences")
+        prompts.append([s.replace("{}", name) for s in sentences])
+    return prompts
+
+
+def prompt_token_count(tokenizer: Callable, text: str) -> int:
+    """Number of tokens of ``text`` including start and end tokens, without truncation."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is not None and hasattr(tokenizer, "sot_token_id"):
+        clean = getattr(tokenizer, "clean_fn", None)
+        return len(encode(clean(text) if clean else text)) + 2
+    inner = getattr(tokenizer, "tokenizer", None)
+    if inner is not None:  # open_clip's HFTokenizer wraps a Hugging Face tokenizer
+        return len(inner(text)["input_ids"])
+    raise TypeError(f"cannot count tokens with tokenizer {type(tokenizer).__name__}")
+
+
+def check_prompts_fit(tokenizer: Callable, prompts: Sequence[Sequence[str]], class_names: Sequence[str], context_length: int) -> None:
+    """Raise a TemplateError naming the class and prompt that the text context cannot hold."""
+    for name, class_prompts_ in zip(class_names, prompts):
+        for prompt in class_prompts_:
+            count = prompt_token_count(tokenizer, prompt)
+            if count > context_length:
+                raise TemplateError(
+                    f"prompt {prompt!r} of class {name!r} has {count} tokens, more than the model's text "
+                    f"context of {context_length}: shorten the class name or template"
+                )

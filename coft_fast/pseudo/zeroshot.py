@@ -1,0 +1,111 @@
+"""Zero-shot scoring: class text embeddings (computed once), image features, class probabilities."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from coft_fast.data import ImageSource, iterate_batches
+from coft_fast.models import ClipModel
+from coft_fast.pseudo.templates import check_prompts_fit
+from coft_fast.runtime.device import autocast
+
+
+@torch.no_grad()
+def class_text_embeddings(
+    clip: ClipModel,
+    prompts: Sequence[Sequence[str]],
+    class_names: Sequence[str],
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """(C, d) float32: per class, the mean of its prompts' normalised embeddings, normalised again."""
+    check_prompts_fit(clip.tokenizer, prompts, class_names, clip.context_length)
+    flat = [prompt for class_prompts in prompts for prompt in class_prompts]
+    owners = torch.tensor([c for c, class_prompts in enumerate(prompts) for _ in class_prompts])
+    chunks = []
+    for start in range(0, len(flat), batch_size):
+        tokens = clip.tokenizer(flat[start : start + batch_size]).to(device)
+        with autocast(precision, device):
+            chunks.append(F.normalize(clip.model.encode_text(tokens).float(), dim=-1))
+    embeddings = torch.cat(chunks)
+    summed = torch.zeros(len(prompts), embeddings.shape[1], device=device).index_add_(0, owners.to(device), embeddings)
+    return F.normalize(summed, dim=-1)
+
+
+@torch.no_grad()
+def encode_images(
+    clip: ClipModel,
+    source: ImageSource,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    indices: Optional[Sequence[int]] = None,
+    progress: bool = True,
+    description: str = "encoding images",
+):
+    """Normalised image features (M, d) float32 and the source positions (M,) they belong to.
+
+    Unreadable files are skipped (recorded in ``source.skipped``), so M can be less than asked.
+    """
+    features: List[torch.Tensor] = []
+    positions: List[torch.Tensor] = []
+    total = len(source) if indices is None else len(indices)
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    pin = device.type == "cuda"
+    for batch in iterate_batches(source, clip.preprocess_eval, batch_size, num_workers, indices, pin_memory=pin):
+        images = batch.images.to(device, non_blocking=True)
+        with autocast(precision, device):
+            encoded = clip.model.encode_image(images)
+        features.append(F.normalize(encoded.float(), dim=-1).cpu())
+        positions.append(batch.indices)
+        bar.update(len(batch.indices) + len(batch.failed))
+    bar.close()
+    if not features:
+        dim = clip.model.text_projection.shape[-1] if hasattr(clip.model, "text_projection") else 0
+        return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(positions)
+
+
+def logit_scale_of(clip: ClipModel) -> float:
+    """The multiplier exp(model.logit_scale) (about 100 for trained CLIP)."""
+    return float(clip.model.logit_scale.detach().exp())
+
+
+@dataclass
+class ZeroShotResult:
+    """Zero-shot predictions for the decodable images of a source."""
+
+    source: ImageSource
+    positions: torch.Tensor  # (M,) int64 positions in the source of the scored images
+    probabilities: torch.Tensor  # (M, C) float32 softmax over classes
+    text_embeddings: torch.Tensor  # (C, d) normalised class embeddings
+    image_features: torch.Tensor  # (M, d) normalised image features
+    metrics: Optional[dict] = None
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.probabilities.argmax(dim=1)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.probabilities.max(dim=1).values
+
+    @property
+    def paths(self) -> List[str]:
+        return [self.source.paths[i] for i in self.positions.tolist()]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Ground-truth labels of the scored images (-1 where unknown); diagnostics only."""
+        return torch.tensor([self.source.labels[i] for i in self.positions.tolist()], dtype=torch.long)
+
+
+def zeroshot_probabilities(image_features: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """softmax_k(logit_scale * cos(image, class_k)) for normalised inputs, in float32."""
+    return (logit_scale * image_features.float() @ text_embeddings.float().T).softmax(dim=1)

@@ -1,0 +1,1 @@
+"""Run-time helpers: atomic file writes, devices and seeding, metrics."""

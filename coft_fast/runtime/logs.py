@@ -1,0 +1,27 @@
+"""Logging set-up: a console handler for the CLI and a log file in each run folder."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    """Append the library's log records to ``path``; the caller removes the handler when done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logger = logging.getLogger("coft_fast")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+def log_to_console(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=FORMAT)
+    # open_clip logs every checkpoint look-up at INFO; keep the console readable.
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("coft_fast").setLevel(logging.INFO)

@@ -1,0 +1,66 @@
+"""Classification metrics over probability or logit rows, with labels where they exist."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1, top-5 (top-C when C < 5) and mean per-class recall, as fractions in [0, 1].
+
+    ``scores`` is (N, C); ``labels`` is (N,) int64 where -1 marks an unlabelled row, which is
+    ignored. Mean per-class recall averages over the classes that occur in ``labels``.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, C), got shape {tuple(scores.shape)}")
+    if labels.shape != (scores.shape[0],):
+        raise ValueError(f"labels must be ({scores.shape[0]},), got shape {tuple(labels.shape)}")
+    keep = labels >= 0
+    scores, labels = scores[keep], labels[keep].long()
+    num_classes = scores.shape[1]
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise ValueError(f"labels hold class {int(labels.max())} but scores have only {num_classes} columns")
+    if labels.numel() == 0:
+        return {"acc1": float("nan"), "acc5": float("nan"), "mean_per_class_recall": float("nan"), "num_labelled": 0}
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    correct1 = top[:, 0] == labels
+    correct5 = (top == labels[:, None]).any(dim=1)
+    hits = torch.bincount(labels[correct1], minlength=num_classes).double()
+    totals = torch.bincount(labels, minlength=num_classes).double()
+    present = totals > 0
+    return {
+        "acc1": correct1.double().mean().item(),
+        "acc5": correct5.double().mean().item(),
+        "mean_per_class_recall": (hits[present] / totals[present]).mean().item(),
+        "num_labelled": int(labels.numel()),
+    }
+
+
+def linear_probe_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    steps: int = 500,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> float:
+    """Top-1 of a linear classifier trained full-batch with Adam on frozen, normalised features.
+
+    An oracle ceiling for what the features support; it uses true labels and is never part of a method.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    x_train = torch.nn.functional.normalize(train_features.float(), dim=-1)
+    x_test = torch.nn.functional.normalize(test_features.float(), dim=-1)
+    weight = (torch.randn(num_classes, x_train.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x_train @ weight.T + bias, train_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return ((x_test @ weight.T + bias).argmax(1) == test_labels).double().mean().item()

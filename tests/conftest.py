@@ -1,0 +1,45 @@
+"""Shared fixtures: the shared image folder, the digits data and a tiny test-bed model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter where there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shared_data_root() -> Path:
+    return Path(os.environ.get("COFT_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    root = shared_data_root() / "cifar10"
+    if not root.is_dir():
+        pytest.skip(f"shared CIFAR-10 images not found at {root} (set COFT_DATA to the folder holding cifar10/)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's digits as pretrain/ and test/ class folders of 16-px PNGs."""
+    from coft_fast.data.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed(digits, tmp_path_factory) -> Path:
+    """A tiny test-bed model (seconds to build) as an open_clip local-dir folder."""
+    from coft_fast.data import from_folder
+    from coft_fast.testbed import build_testbed, tiny_config
+
+    out = tmp_path_factory.mktemp("tiny_testbed")
+    build_testbed(from_folder(digits["pretrain"]), out, tiny_config(), seed=0, progress=False)
+    return out
