@@ -66,7 +66,7 @@ def _overrides(args) -> List[str]:
     mapping = {
         "seed": "seed", "split": "data.split", "image_root": "data.image_root", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "model": "model.name", "pretrained": "model.pretrained",
-        "templates": "zeroshot.templates", "device": "model.device",
+        "templates": "zeroshot.templates", "device": "model.device", "per_class": "testbed.per_class",
     }
     found = list(args.overrides)
     for attribute, key in mapping.items():

@@ -85,7 +85,7 @@ class TestbedConfig:
     # (classes ranked by a seeded permutation); 1 means balanced.
     longtail_ratio: float = 50.0
     # Share of captions naming the class's look-alike (its nearest class by stage-1 weights).
-    lookalike_share: float = 0.35
+    lookalike_share: float = 0.3
     # Images per class used from the input folder (None: all).
     per_class: Optional[int] = None
 
