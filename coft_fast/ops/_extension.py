@@ -1,0 +1,50 @@
+"""Loads ``coft_fast._C``, the C++/CUDA extension whose import registers ``torch.ops.coft_fast.*``.
+
+The README install (``pip install --no-build-isolation -e .``) always builds it with the CPU
+kernels. A checkout that was never built (or a build against another torch) imports fine, but
+the ops that need the extension raise an ImportError that says how to build it: there is no
+silent fallback to the slow reference implementations.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+BUILD_HINT = (
+    "the coft_fast C++ extension (coft_fast._C) is not available: {error}. Build it with "
+    "`pip install --no-build-isolation -e .` in the repository root (after torch), or "
+    "`python setup.py build_ext --inplace`; add COFT_BUILD_CUDA=1 for the CUDA kernels."
+)
+
+_load_error: Optional[BaseException] = None
+try:
+    from coft_fast import _C  # noqa: F401  (importing it runs the TORCH_LIBRARY registrations)
+except ImportError as error:  # pragma: no cover - exercised only in unbuilt checkouts
+    _C = None
+    _load_error = error
+
+
+def available() -> bool:
+    """Whether ``coft_fast._C`` is loaded (and ``torch.ops.coft_fast.*`` exist)."""
+    return _C is not None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``coft_fast::<op>`` has a kernel for a dispatch key ("CPU", "CUDA")."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"coft_fast::{op}", dispatch_key)
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with its CUDA kernels (COFT_BUILD_CUDA)."""
+    return has_kernel("pseudo_label_stats", "CUDA")
+
+
+def require(op: str, device: torch.device) -> None:
+    """Raise a clear error when ``op`` cannot run on ``device`` with this build."""
+    if not available():
+        raise ImportError(BUILD_HINT.format(error=_load_error)) from _load_error
+    if device.type == "cuda" and not has_kernel(op, "CUDA"):
+        raise RuntimeError(
+            f"coft_fast._C was built without CUDA kernels, so {op} cannot run on {device}: rebuild with "
+            "`COFT_BUILD_CUDA=1 pip install --no-build-isolation -e .` (needs a CUDA toolkit, see README)")

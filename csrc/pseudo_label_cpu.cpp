@@ -1,0 +1,515 @@
+// CPU kernels of the coft_fast pseudo-label ops, parallel over rows with at::parallel_for.
+//
+// pseudo_label_stats reads every row of the logits once: an explicit SIMD pass finds the row
+// maximum (and its first index), a second pass over the same row (now in L1) sums exp(l - max)
+// with a vectorised exponential; per-class confidence histograms are counted per chunk of rows
+// and summed at the end. The SIMD width is chosen at run time (AVX-512, AVX2+FMA or portable
+// scalar code), so one build runs on any x86-64 CPU and the extension needs no -march flags.
+//
+// class_balanced_topk is a stable counting sort of the samples into per-class buckets (two
+// passes over the labels) followed by a per-class partial sort (nth_element + sort of the k
+// winners) in parallel over classes. agreement_matrix counts label pairs per chunk of rows.
+// All results are deterministic: per-row values do not depend on the chunking and the
+// chunk-local counts are integers.
+#include "pseudo_label.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define COFT_X86 1
+#include <immintrin.h>
+// GCC 12 flags the deliberately undefined vectors inside its own AVX-512 intrinsics (false positive)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace coft_fast {
+namespace {
+
+// Caps on the chunk-local count arrays (in int64 cells, all chunks together).
+constexpr int64_t kLocalCellBudget = int64_t(1) << 24;  // 128 MiB
+// Minimum work (in elements) per chunk before another chunk is worth a thread.
+constexpr int64_t kGrainElements = int64_t(1) << 15;
+
+int64_t num_chunks(int64_t work_items, int64_t items_per_chunk, int64_t cells_per_chunk) {
+  int64_t chunks = std::min<int64_t>(at::get_num_threads(), (work_items + items_per_chunk - 1) / items_per_chunk);
+  if (cells_per_chunk > 0) chunks = std::min<int64_t>(chunks, kLocalCellBudget / cells_per_chunk);
+  return std::max<int64_t>(chunks, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One row of logits -> (first arg-max, max, sum of exp(l - max), whether a NaN was seen).
+struct RowStat {
+  int64_t label;
+  float max;
+  float sum;
+  bool nan;
+};
+
+RowStat row_stat_scalar(const float* x, int64_t C) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  bool nan = false;
+  for (int64_t j = 0; j < C; ++j) {
+    const float v = x[j];
+    if (std::isnan(v)) {
+      nan = true;
+    } else if (v > m) {  // strict: ties keep the lower index
+      m = v;
+      arg = j;
+    }
+  }
+  float s = 0.0f;
+  for (int64_t j = 0; j < C; ++j) s += std::exp(x[j] - m);
+  return {arg, m, s, nan};
+}
+
+#ifdef COFT_X86
+// exp(x) for x <= 0 (Cephes' single-precision polynomial, about 1 ulp): x is clamped at -87,
+// where exp is ~1e-38 and adds nothing to a sum that is >= 1.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kP0);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
+  __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);  // y * 2^n
+}
+
+__attribute__((target("avx512f"))) RowStat row_stat_avx512(const float* x, int64_t C) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  __mmask16 nan = 0;
+  int64_t j = 0;
+  for (; j + 64 <= C; j += 64) {
+    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+    const __m512 c = _mm512_loadu_ps(x + j + 32), d = _mm512_loadu_ps(x + j + 48);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(c, d, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+    m2 = _mm512_max_ps(m2, c);
+    m3 = _mm512_max_ps(m3, d);
+  }
+  for (; j + 16 <= C; j += 16) {
+    const __m512 a = _mm512_loadu_ps(x + j);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a);
+  }
+  const int64_t rest = C - j;
+  const __mmask16 tail = static_cast<__mmask16>((1u << rest) - 1u);
+  if (rest > 0) {
+    const __m512 a = _mm512_mask_loadu_ps(ninf, tail, x + j);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a);
+  }
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  const __m512 vm = _mm512_set1_ps(m);
+
+  // first index of the maximum
+  int64_t arg = 0;
+  bool found = false;
+  for (j = 0; j + 16 <= C; j += 16) {
+    const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), vm, _CMP_EQ_OQ);
+    if (eq) {
+      arg = j + __builtin_ctz(static_cast<unsigned>(eq));
+      found = true;
+      break;
+    }
+  }
+  if (!found && rest > 0) {
+    const __mmask16 eq = _mm512_mask_cmp_ps_mask(tail, _mm512_mask_loadu_ps(ninf, tail, x + j), vm, _CMP_EQ_OQ);
+    if (eq) arg = j + __builtin_ctz(static_cast<unsigned>(eq));
+  }
+
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (j = 0; j + 32 <= C; j += 32) {
+    s0 = _mm512_add_ps(s0, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+    s1 = _mm512_add_ps(s1, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vm)));
+  }
+  for (; j + 16 <= C; j += 16) {
+    s0 = _mm512_add_ps(s0, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+  }
+  if (rest > 0) {
+    const __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(vm, tail, x + j), vm));
+    s1 = _mm512_mask_add_ps(s1, tail, s1, e);
+  }
+  const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  return {arg, m, s, nan != 0};
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  // 2^n through the exponent field; n is in [-126, 0], so the result stays a normal float
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax_avx2(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55));
+  return _mm_cvtss_f32(m);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_t C) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const __m256 ninf = _mm256_set1_ps(-inf);
+  __m256 m0 = ninf, m1 = ninf, nanv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= C; j += 16) {
+    const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + 8);
+    nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    m0 = _mm256_max_ps(m0, a);
+    m1 = _mm256_max_ps(m1, b);
+  }
+  for (; j + 8 <= C; j += 8) {
+    const __m256 a = _mm256_loadu_ps(x + j);
+    nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    m0 = _mm256_max_ps(m0, a);
+  }
+  const int64_t vec_end = j;
+  float m = hmax_avx2(_mm256_max_ps(m0, m1));
+  bool nan = _mm256_movemask_ps(nanv) != 0;
+  for (; j < C; ++j) {
+    if (std::isnan(x[j])) nan = true;
+    else m = std::max(m, x[j]);
+  }
+  const __m256 vm = _mm256_set1_ps(m);
+
+  int64_t arg = 0;
+  bool found = false;
+  for (j = 0; j < vec_end; j += 8) {
+    const int eq = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vm, _CMP_EQ_OQ));
+    if (eq) {
+      arg = j + __builtin_ctz(static_cast<unsigned>(eq));
+      found = true;
+      break;
+    }
+  }
+  for (j = vec_end; !found && j < C; ++j) {
+    if (x[j] == m) {
+      arg = j;
+      found = true;
+    }
+  }
+
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (j = 0; j + 16 <= vec_end; j += 16) {
+    s0 = _mm256_add_ps(s0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+    s1 = _mm256_add_ps(s1, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm)));
+  }
+  for (; j < vec_end; j += 8) {
+    s0 = _mm256_add_ps(s0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+  }
+  float s = hsum_avx2(_mm256_add_ps(s0, s1));
+  for (j = vec_end; j < C; ++j) s += std::exp(x[j] - m);
+  return {arg, m, s, nan};
+}
+#endif  // COFT_X86
+
+using RowFn = RowStat (*)(const float*, int64_t);
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+bool isa_supported(int isa) {
+  if (isa == kScalar) return true;
+#ifdef COFT_X86
+  __builtin_cpu_init();
+  if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+#endif
+  return false;
+}
+
+int best_isa() {
+  for (int isa : {kAvx512, kAvx2}) {
+    if (isa_supported(isa)) return isa;
+  }
+  return kScalar;
+}
+
+std::atomic<int>& active_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+RowFn row_fn() {
+  switch (active_isa().load()) {
+#ifdef COFT_X86
+    case kAvx512:
+      return row_stat_avx512;
+    case kAvx2:
+      return row_stat_avx2;
+#endif
+    default:
+      return row_stat_scalar;
+  }
+}
+
+// _cpu_isa(request): the SIMD path of the CPU stats kernel. "" asks, "auto" picks the widest the
+// CPU has, "avx512" / "avx2" / "scalar" force one (tests use this to cover every path).
+std::string cpu_isa(const std::string& request) {
+  if (!request.empty()) {
+    int isa = -1;
+    if (request == "auto") isa = best_isa();
+    for (int i = 0; i < 3; ++i) {
+      if (request == kIsaNames[i]) isa = i;
+    }
+    TORCH_CHECK_VALUE(isa >= 0, "isa must be one of '', 'auto', 'avx512', 'avx2', 'scalar', got '", request, "'");
+    TORCH_CHECK_VALUE(isa_supported(isa), "this CPU does not support the ", request, " kernel");
+    active_isa().store(isa);
+  }
+  return kIsaNames[active_isa().load()];
+}
+
+// ---------------------------------------------------------------------------------------------
+// A row as float32: float rows are used in place, other dtypes are converted (computed in float32,
+// as the reference does with `logits.float()`).
+inline const float* float_row(const float* row, int64_t, std::vector<float>&) { return row; }
+
+template <typename scalar_t>
+const float* float_row(const scalar_t* row, int64_t C, std::vector<float>& buffer) {
+  for (int64_t j = 0; j < C; ++j) buffer[j] = static_cast<float>(row[j]);
+  return buffer.data();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_stats_cpu(const at::Tensor& logits_in,
+                                                                                  int64_t num_bins) {
+  check_logits(logits_in, num_bins);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t N = logits.size(0), C = logits.size(1), B = num_bins;
+  const auto long_opts = logits.options().dtype(at::kLong);
+  at::Tensor labels = at::empty({N}, long_opts);
+  at::Tensor confidence = at::empty({N}, logits.options().dtype(at::kFloat));
+  const int64_t cells = C * B;
+  const int64_t chunks = num_chunks(N, std::max<int64_t>(1, kGrainElements / C), cells);
+  at::Tensor local = at::zeros({chunks, C, B}, long_opts);
+  std::vector<int64_t> first_bad(chunks, N);
+  const RowFn fn = row_fn();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "pseudo_label_stats_cpu", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    int64_t* out_labels = labels.data_ptr<int64_t>();
+    float* out_conf = confidence.data_ptr<float>();
+    int64_t* counts = local.data_ptr<int64_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : C);
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        int64_t* hist = counts + chunk * cells;
+        const int64_t row_end = N * (chunk + 1) / chunks;
+        for (int64_t r = N * chunk / chunks; r < row_end; ++r) {
+          const RowStat st = fn(float_row(x + r * C, C, buffer), C);
+          if (st.nan || !std::isfinite(st.max)) {
+            if (first_bad[chunk] == N) first_bad[chunk] = r;
+            out_labels[r] = 0;
+            out_conf[r] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+          }
+          const float conf = 1.0f / st.sum;
+          out_labels[r] = st.label;
+          out_conf[r] = conf;
+          hist[st.label * B + confidence_bin(conf, B)] += 1;
+        }
+      }
+    });
+  });
+  const int64_t bad = *std::min_element(first_bad.begin(), first_bad.end());
+  TORCH_CHECK_VALUE(bad == N, "logits must be finite (no NaN or +inf, and not a row of only -inf); row ", bad,
+                    " is not");
+  at::Tensor hist = chunks == 1 ? local[0] : local.sum(0);
+  return {labels, confidence, hist.sum(1), hist};
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct Entry {
+  acc_t score;
+  int64_t index;
+};
+
+template <typename acc_t>
+inline bool better(const Entry<acc_t>& a, const Entry<acc_t>& b) {
+  return a.score > b.score || (a.score == b.score && a.index < b.index);
+}
+
+std::tuple<at::Tensor, at::Tensor> class_balanced_topk_cpu(const at::Tensor& labels_in, const at::Tensor& scores_in,
+                                                           int64_t k, int64_t num_classes) {
+  check_topk_args(labels_in, scores_in, k, num_classes);
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t N = labels.size(0), C = num_classes;
+  const auto long_opts = labels.options();
+  const int64_t chunks = num_chunks(N, kGrainElements, C);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+
+  at::Tensor taken = at::empty({C}, long_opts);
+  at::Tensor indices;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "class_balanced_topk_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* sc = scores.const_data_ptr<scalar_t>();
+
+    // pass 1: per-chunk class counts, and the value checks
+    std::vector<int64_t> counts(chunks * C, 0);
+    std::vector<int64_t> bad_label(chunks, N), bad_score(chunks, N);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        int64_t* cnt = counts.data() + chunk * C;
+        const int64_t end = N * (chunk + 1) / chunks;
+        for (int64_t i = N * chunk / chunks; i < end; ++i) {
+          const int64_t l = lab[i];
+          if (l < 0 || l >= C) {
+            if (bad_label[chunk] == N) bad_label[chunk] = i;
+            continue;
+          }
+          if (std::isnan(static_cast<acc_t>(sc[i])) && bad_score[chunk] == N) bad_score[chunk] = i;
+          cnt[l] += 1;
+        }
+      }
+    });
+    const int64_t bl = *std::min_element(bad_label.begin(), bad_label.end());
+    TORCH_CHECK_VALUE(bl == N, "labels must lie in [0, ", C - 1, "], got ", bl < N ? lab[bl] : 0, " at index ", bl);
+    const int64_t bs = *std::min_element(bad_score.begin(), bad_score.end());
+    TORCH_CHECK_VALUE(bs == N, "scores must not contain NaN, found one at index ", bs);
+
+    // bucket offsets: class-major, then chunk (keeps every bucket in index order)
+    std::vector<int64_t> start(C + 1, 0), out_start(C + 1, 0);
+    int64_t* tk = taken.data_ptr<int64_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t offset = start[c];
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t n = counts[chunk * C + c];
+        counts[chunk * C + c] = offset;
+        offset += n;
+      }
+      start[c + 1] = offset;
+      tk[c] = std::min<int64_t>(offset - start[c], k);
+      out_start[c + 1] = out_start[c] + tk[c];
+    }
+
+    // pass 2: stable scatter into the buckets
+    std::vector<Entry<acc_t>> entries(N);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        int64_t* pos = counts.data() + chunk * C;
+        const int64_t end = N * (chunk + 1) / chunks;
+        for (int64_t i = N * chunk / chunks; i < end; ++i) {
+          entries[pos[lab[i]]++] = {static_cast<acc_t>(sc[i]), i};
+        }
+      }
+    });
+
+    // per class: the k best (score descending, index ascending)
+    indices = at::empty({out_start[C]}, long_opts);
+    int64_t* out = indices.data_ptr<int64_t>();
+    const int64_t class_grain = std::max<int64_t>(1, C * kGrainElements / std::max<int64_t>(N, 1));
+    at::parallel_for(0, C, class_grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t t = tk[c];
+        if (t == 0) continue;
+        Entry<acc_t>* first = entries.data() + start[c];
+        Entry<acc_t>* last = entries.data() + start[c + 1];
+        if (first + t < last) std::nth_element(first, first + t, last, better<acc_t>);
+        std::sort(first, first + t, better<acc_t>);
+        for (int64_t i = 0; i < t; ++i) out[out_start[c] + i] = first[i].index;
+      }
+    });
+  });
+  return {indices, taken};
+}
+
+// ---------------------------------------------------------------------------------------------
+at::Tensor agreement_matrix_cpu(const at::Tensor& labels_a_in, const at::Tensor& labels_b_in, int64_t num_classes,
+                                const std::optional<at::Tensor>& mask_in) {
+  check_agreement_args(labels_a_in, labels_b_in, num_classes, mask_in);
+  const at::Tensor labels_a = labels_a_in.contiguous();
+  const at::Tensor labels_b = labels_b_in.contiguous();
+  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
+  const int64_t N = labels_a.size(0), C = num_classes, cells = C * C;
+  const int64_t chunks = num_chunks(N, kGrainElements, cells);
+  at::Tensor local = at::zeros({chunks, C, C}, labels_a.options());
+  const int64_t* a = labels_a.const_data_ptr<int64_t>();
+  const int64_t* b = labels_b.const_data_ptr<int64_t>();
+  const bool* keep = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  int64_t* counts = local.data_ptr<int64_t>();
+  std::vector<int64_t> bad_a(chunks, N), bad_b(chunks, N);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      int64_t* cnt = counts + chunk * cells;
+      const int64_t end = N * (chunk + 1) / chunks;
+      for (int64_t i = N * chunk / chunks; i < end; ++i) {
+        const int64_t la = a[i], lb = b[i];
+        const bool ok_a = la >= 0 && la < C, ok_b = lb >= 0 && lb < C;
+        if (!ok_a && bad_a[chunk] == N) bad_a[chunk] = i;
+        if (!ok_b && bad_b[chunk] == N) bad_b[chunk] = i;
+        if (ok_a && ok_b && (keep == nullptr || keep[i])) cnt[la * C + lb] += 1;
+      }
+    }
+  });
+  const int64_t ba = *std::min_element(bad_a.begin(), bad_a.end());
+  TORCH_CHECK_VALUE(ba == N, "labels_a must lie in [0, ", C - 1, "], got ", ba < N ? a[ba] : 0, " at index ", ba);
+  const int64_t bb = *std::min_element(bad_b.begin(), bad_b.end());
+  TORCH_CHECK_VALUE(bb == N, "labels_b must lie in [0, ", C - 1, "], got ", bb < N ? b[bb] : 0, " at index ", bb);
+  return chunks == 1 ? local[0] : local.sum(0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(coft_fast, m) {
+  m.def("_cpu_isa(str request='') -> str", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(coft_fast, CPU, m) {
+  m.impl("pseudo_label_stats", &pseudo_label_stats_cpu);
+  m.impl("class_balanced_topk", &class_balanced_topk_cpu);
+  m.impl("agreement_matrix", &agreement_matrix_cpu);
+}
+
+}  // namespace coft_fast
