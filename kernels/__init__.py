@@ -27,3 +27,33 @@ def triton_runnable(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and interpreting()
+
+
+def require_runnable(tensor: torch.Tensor) -> None:
+    """Raise a clear error when a Triton kernel cannot run on ``tensor``'s device."""
+    if not triton_installed():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if not triton_runnable(tensor.device):
+        raise RuntimeError(
+            f"backend='triton' cannot run on {tensor.device} tensors: it needs CUDA tensors, "
+            "or CPU tensors with TRITON_INTERPRET=1 set before coft_fast.kernels is imported"
+        )
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a small stand-in under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """``tl.dot`` input precision for fp32 operands, following torch's own matmul setting:
+    exact fp32 ("ieee") unless ``torch.backends.cuda.matmul.allow_tf32`` is on."""
+    if torch.float32 in dtypes and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -62,3 +62,25 @@ def scale_value(logit_scale) -> torch.Tensor | float:
     if isinstance(logit_scale, (int, float)):
         return float(logit_scale)
     raise TypeError(f"logit_scale must be a float or a 0-dim tensor, got {type(logit_scale).__name__}")
+
+
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_triton(backend: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Dispatch: "reference" never, "triton" always (the kernel wrapper raises when it cannot run),
+    "auto" on CUDA tensors of the dtypes the kernels take (float64 stays on the reference)."""
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    if not tensor.is_cuda or any(d not in TRITON_DTYPES for d in dtypes):
+        return False
+    from coft_fast.kernels import triton_runnable
+
+    return triton_runnable(tensor.device)

@@ -19,10 +19,11 @@ from coft_fast.ops._checks import (
     check_same_device,
     check_same_dtype,
     scale_value,
+    use_triton,
 )
 
 
-def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend):
+def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels=None):
     check_backend(backend)
     check_matrix("image_feats", image_feats)
     check_matrix("pos_text", pos_text, columns=image_feats.shape[1])
@@ -30,20 +31,18 @@ def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend):
     if pos_text.shape != neg_text.shape:
         raise ValueError(f"pos_text and neg_text must have the same shape, got {tuple(pos_text.shape)} and {tuple(neg_text.shape)}")
     check_same_dtype(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text)
-    check_same_device(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text, labels=labels)
+    check_same_device(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text, labels=labels,
+                      complement_labels=complement_labels)
     check_nonempty("image_feats", image_feats)
     check_labels("labels", labels, image_feats.shape[0], pos_text.shape[0])
+    if complement_labels is not None:
+        check_labels("complement_labels", complement_labels, image_feats.shape[0], pos_text.shape[0])
     return scale_value(logit_scale)
 
 
-def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    if backend == "reference":
-        return False
-    if backend == "triton":
-        return True
-    from coft_fast.kernels import triton_runnable
-
-    return tensor.is_cuda and triton_runnable(tensor.device)
+def _on_device(scale, like: torch.Tensor):
+    """A tensor logit scale travels to the features' device (kernels read it there, no sync)."""
+    return scale.to(like.device) if isinstance(scale, torch.Tensor) else scale
 
 
 def dual_prompt_loss_reference(
@@ -84,12 +83,12 @@ def dual_prompt_loss(
     ``detach_pos_in_l2`` treats the positive logits inside l2 as constants (DEFT: both on).
     ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton" or "reference".
     """
-    scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend)
-    check_labels("complement_labels", complement_labels, image_feats.shape[0], pos_text.shape[0])
-    if _use_triton(backend, image_feats):
+    scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels)
+    if use_triton(backend, image_feats, image_feats.dtype):
         from coft_fast.kernels.dual_prompt import dual_prompt_loss_triton
 
-        return dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
+        return dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels,
+                                       _on_device(scale, image_feats), lam,
                                        detach_image_in_neg, detach_pos_in_l2)
     return dual_prompt_loss_reference(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
                                       detach_image_in_neg, detach_pos_in_l2)
@@ -106,8 +105,8 @@ def clean_probability_reference(image_feats, pos_text, neg_text, labels, logit_s
 def clean_probability(image_feats, pos_text, neg_text, labels, logit_scale, backend: str = "auto") -> torch.Tensor:
     """(N,) p_clean(label) = sigmoid(s+_label - s-_label), float32 (float64 for float64 inputs), no gradient."""
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend)
-    if _use_triton(backend, image_feats):
+    if use_triton(backend, image_feats, image_feats.dtype):
         from coft_fast.kernels.dual_prompt import clean_probability_triton
 
-        return clean_probability_triton(image_feats, pos_text, neg_text, labels, scale)
+        return clean_probability_triton(image_feats, pos_text, neg_text, labels, _on_device(scale, image_feats))
     return clean_probability_reference(image_feats, pos_text, neg_text, labels, scale)

@@ -2,13 +2,34 @@
 
 loss = mean_i -log( exp(q_i.k_i / T) / (exp(q_i.k_i / T) + sum_j exp(q_i.queue_j / T)) ).
 Gradients reach q and k; the queue is a constant.
+
+Three implementations:
+- ``queue_info_nce_eager``: MoCo's einsum + cat + cross-entropy, plain autograd. It holds several
+  N x (K + 1) tensors at once; kept as the ground truth of the tests and the baseline of the benchmark.
+- ``queue_info_nce_reference`` (the CPU path): chunked over the queue with an online log-sum-exp
+  inside a ``torch.autograd.Function``. When a gradient is needed the same pass accumulates the
+  softmax-weighted sum of the queue rows, so the backward pass is elementwise; only per-row
+  statistics (N and N x d) are saved. Peak memory O(N * chunk) instead of O(N * K).
+- ``coft_fast.kernels.queue_loss.queue_info_nce_triton``: the same algorithm as a fused Triton kernel,
+  split over the queue (flash-decoding style).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from coft_fast.ops._checks import check_backend, check_matrix, check_nonempty, check_same_device, check_same_dtype
+from coft_fast.ops._checks import (
+    check_backend,
+    check_matrix,
+    check_nonempty,
+    check_same_device,
+    check_same_dtype,
+    check_temperature,
+    use_triton,
+)
+
+# logits held at once by the chunked reference: N x chunk, with chunk = clamp(budget // N, 256, 8192)
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _check_queue_args(q, k, queue, temperature, backend):
@@ -21,12 +42,16 @@ def _check_queue_args(q, k, queue, temperature, backend):
     check_same_dtype(q=q, k=k)
     check_same_device(q=q, k=k, queue=queue)
     check_nonempty("q", q)
-    if not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if queue.shape[0] == 0:
+        raise ValueError("queue is empty (K = 0): InfoNCE needs at least one negative key")
+    check_temperature(temperature)
 
 
-def queue_info_nce_reference(q, k, queue, temperature) -> torch.Tensor:
-    """MoCo's formulation: positive logit in column 0, then the queue, cross-entropy towards 0."""
+def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
+    """MoCo's formulation: positive logit in column 0, then the queue, cross-entropy towards 0.
+
+    Plain autograd over N x (K + 1) logits (O(N * K) memory): the tests' ground truth and the
+    benchmarks' baseline."""
     compute = torch.promote_types(q.dtype, torch.float32)
     q, k, queue = q.to(compute), k.to(compute), queue.to(compute).detach()
     positive = (q * k).sum(-1, keepdim=True)
@@ -34,12 +59,74 @@ def queue_info_nce_reference(q, k, queue, temperature) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
+def _chunk_rows(n: int) -> int:
+    return max(256, min(8192, _CHUNK_ELEMENTS // max(1, n)))
+
+
+class _ChunkedQueueInfoNCE(torch.autograd.Function):
+    """Online log-sum-exp over queue chunks; saves only per-row statistics for backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, queue, temperature, chunk):
+        compute = torch.promote_types(q.dtype, torch.float32)
+        qc, kc = q.to(compute), k.to(compute)
+        inv_t = 1.0 / temperature
+        with_o = bool(ctx.needs_input_grad[0])  # the weighted queue sum is needed for dq only
+        need_grad = with_o or bool(ctx.needs_input_grad[1])
+        pos = (qc * kc).sum(-1).mul_(inv_t)  # (N,)
+        m = pos.clone()  # running max, started at the positive logit
+        total = torch.ones_like(pos)  # running sum of exp(logit - m); exp(pos - m) = 1
+        weighted = torch.zeros_like(qc) if with_o else None  # running sum of exp(logit - m) * queue_j
+        for start in range(0, queue.shape[0], chunk):
+            block = queue[start:start + chunk].to(compute)
+            logits = torch.mm(qc, block.T).mul_(inv_t)  # (N, chunk), the only O(N * chunk) buffer
+            m_new = torch.maximum(m, logits.amax(dim=1))
+            alpha = torch.exp(m - m_new)
+            logits.sub_(m_new[:, None]).exp_()
+            total.mul_(alpha).add_(logits.sum(dim=1))
+            if with_o:
+                weighted.mul_(alpha[:, None]).addmm_(logits, block)
+            m = m_new
+            del logits, block
+        lse = m + torch.log(total)
+        loss = (lse - pos).mean()
+        if need_grad:
+            w0m1 = torch.exp(pos - lse) - 1.0  # softmax weight of the positive key, minus its target 1
+            # R_i = sum_j w_ij queue_j + (w_i0 - 1) k_i, so that dloss/dq_i = R_i / (N T)
+            r = weighted.div_(total[:, None]).add_(w0m1[:, None] * kc) if with_o else None
+            ctx.save_for_backward(qc, r, w0m1)
+        ctx.inv_t = inv_t
+        ctx.dtypes = (q.dtype, k.dtype)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        qc, r, w0m1 = ctx.saved_tensors
+        coef = grad * (ctx.inv_t / qc.shape[0])
+        dq = (r * coef).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dk = (qc * (w0m1 * coef)[:, None]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None, None
+
+
+def queue_info_nce_reference(q, k, queue, temperature, chunk: int | None = None) -> torch.Tensor:
+    """Plain-torch InfoNCE chunked over the queue (float32 or wider); peak memory O(N * chunk)."""
+    chunk = _chunk_rows(q.shape[0]) if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _ChunkedQueueInfoNCE.apply(q, k, queue.detach(), float(temperature), chunk)
+
+
 def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
                    backend: str = "auto") -> torch.Tensor:
-    """0-dim mean InfoNCE of queries ``q`` (N, d) with positives ``k`` (N, d) against ``queue`` (K, d)."""
+    """0-dim mean InfoNCE of queries ``q`` (N, d) with positives ``k`` (N, d) against ``queue`` (K, d).
+
+    ``backend``: "auto" (Triton on CUDA tensors, the chunked reference elsewhere), "triton" (also on
+    CPU tensors under TRITON_INTERPRET=1) or "reference". The loss is float32 (float64 for float64
+    inputs); gradients reach q and k in their own dtypes.
+    """
     _check_queue_args(q, k, queue, temperature, backend)
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
-    if use_triton:
+    if use_triton(backend, q, q.dtype, queue.dtype):
         from coft_fast.kernels.queue_loss import queue_info_nce_triton
 
         return queue_info_nce_triton(q, k, queue, temperature)
@@ -56,11 +143,15 @@ def enqueue(queue: torch.Tensor, keys: torch.Tensor, ptr) -> int:
     if count > size:
         raise ValueError(f"keys has {count} rows, more than the queue's {size}")
     if isinstance(ptr, torch.Tensor):
-        if ptr.numel() != 1 or ptr.dtype != torch.int64:
+        if ptr.numel() != 1 or ptr.ndim != 0 or ptr.dtype != torch.int64:
             raise ValueError(f"ptr must be an int or a 0-dim int64 tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
         ptr = int(ptr)
-    if not isinstance(ptr, int) or not 0 <= ptr < size:
+    if isinstance(ptr, bool) or not isinstance(ptr, int) or not 0 <= ptr < size:
         raise ValueError(f"ptr must be an int in [0, {size - 1}], got {ptr!r}")
-    rows = (torch.arange(count, device=queue.device) + ptr) % size
-    queue.index_copy_(0, rows, keys.to(queue.dtype))
+    if count == 0:
+        return ptr
+    first = min(count, size - ptr)  # rows up to the end of the queue, then the rest from row 0
+    queue[ptr:ptr + first].copy_(keys[:first])
+    if first < count:
+        queue[:count - first].copy_(keys[first:])
     return (ptr + count) % size
