@@ -90,7 +90,7 @@ def _queue_partial_kernel(
     for start in range(lo, hi, BLOCK_K):
         keys = start + tl.arange(0, BLOCK_K)
         key_mask = keys < hi
-        tile = tl.load(queue_ptr + keys[:, None] * stride_queue + cols[None, :],
+        tile = tl.load(queue_ptr + keys.to(tl.int64)[:, None] * stride_queue + cols[None, :],  # K * d may pass 2**31
                        mask=key_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             tile = tile.to(tl.float32)

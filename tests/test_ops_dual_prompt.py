@@ -137,6 +137,18 @@ def test_reference_detach_semantics():
     torch.testing.assert_close(gx_detached, xr.grad)
 
 
+def test_reference_computes_in_float32_under_autocast():
+    x, pos, neg, y, yc = make_inputs(16, 9, 32, torch.float32, dev=torch.device("cpu"))
+    expect = dual_prompt_loss_reference(x, pos, neg, y, yc, SCALE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.dual_prompt_loss(x, pos, neg, y, yc, SCALE, backend="reference")
+        p_clean = ops.clean_probability(x, pos, neg, y, SCALE, backend="reference")
+    for a, e in zip(got, expect):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(p_clean, clean_probability_reference(x, pos, neg, y, SCALE))
+
+
 # ------------------------------------------------------------------------------- Triton parity
 
 SHAPES = [(1, 1, 16), (3, 2, 48), (70, 37, 64), (3, 37, 16), (70, 2, 48)]

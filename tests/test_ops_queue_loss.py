@@ -101,6 +101,15 @@ def test_reference_chunk_sizes(chunk):
     check_against_eager(queue_info_nce_reference, q, k, queue, what=f"chunk={chunk}", chunk=chunk)
 
 
+def test_reference_computes_in_float32_under_autocast():
+    q, k, queue = make_inputs(16, 300, 32, torch.float32, dev=torch.device("cpu"))
+    expect = queue_info_nce_reference(q, k, queue, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.queue_info_nce(q, k, queue, T, backend="reference")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expect)
+
+
 # ----------------------------------------------------------------------------------- Triton parity
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -84,3 +84,9 @@ def use_triton(backend: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> bool
     from coft_fast.kernels import triton_runnable
 
     return triton_runnable(tensor.device)
+
+
+def no_autocast(tensor: torch.Tensor):
+    """The references compute in float32 or wider even when called under autocast (which would
+    otherwise run their matmuls in half precision)."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)

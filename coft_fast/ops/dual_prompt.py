@@ -3,6 +3,11 @@
 Inputs are already L2-normalised; ``logit_scale`` is the multiplier exp(model.logit_scale).
 s+ = logit_scale * x @ pos_text.T, s- = logit_scale * x @ neg_text.T,
 p_clean(k) = sigmoid(s+_k - s-_k), L1 = CE(s+, y), L2 = -[log p_clean(y) + log(1 - p_clean(yc))].
+
+Only the label and complement columns of s- enter L2, so both paths read two rows of neg_text per
+sample instead of forming the N x C negative logits. Paths: ``dual_prompt_loss_reference`` (plain torch,
+the CPU path and ground truth) and ``coft_fast.kernels.dual_prompt`` (Triton: one pass over pos_text
+with an online log-sum-exp, no N x C tensor in the forward; see that module), chosen by ``backend``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from coft_fast.ops._checks import (
     check_nonempty,
     check_same_device,
     check_same_dtype,
+    no_autocast,
     scale_value,
     use_triton,
 )
@@ -49,20 +55,21 @@ def dual_prompt_loss_reference(
     image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
     detach_image_in_neg=False, detach_pos_in_l2=False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-torch ground truth (computed in float32 or wider)."""
+    """Plain-torch ground truth (computed in float32 or wider, also under autocast)."""
     compute = torch.promote_types(image_feats.dtype, torch.float32)
-    x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
-    positive = logit_scale * (x @ pos.T)  # (N, C)
-    l1 = F.cross_entropy(positive, labels)
-    x_neg = x.detach() if detach_image_in_neg else x
-    positive_l2 = positive.detach() if detach_pos_in_l2 else positive
-    # only the label and complement columns of the negative logits enter L2
-    rows = torch.arange(x.shape[0], device=x.device)
-    margin_y = positive_l2[rows, labels] - logit_scale * (x_neg * neg[labels]).sum(-1)
-    margin_c = positive_l2[rows, complement_labels] - logit_scale * (x_neg * neg[complement_labels]).sum(-1)
-    # -log sigmoid(m) = softplus(-m);  -log(1 - sigmoid(m)) = softplus(m)
-    l2 = (F.softplus(-margin_y) + F.softplus(margin_c)).mean()
-    return l1 + lam * l2, l1, l2
+    with no_autocast(image_feats):
+        x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
+        positive = logit_scale * (x @ pos.T)  # (N, C)
+        l1 = F.cross_entropy(positive, labels)
+        x_neg = x.detach() if detach_image_in_neg else x
+        positive_l2 = positive.detach() if detach_pos_in_l2 else positive
+        # only the label and complement columns of the negative logits enter L2
+        rows = torch.arange(x.shape[0], device=x.device)
+        margin_y = positive_l2[rows, labels] - logit_scale * (x_neg * neg[labels]).sum(-1)
+        margin_c = positive_l2[rows, complement_labels] - logit_scale * (x_neg * neg[complement_labels]).sum(-1)
+        # -log sigmoid(m) = softplus(-m);  -log(1 - sigmoid(m)) = softplus(m)
+        l2 = (F.softplus(-margin_y) + F.softplus(margin_c)).mean()
+        return l1 + lam * l2, l1, l2
 
 
 def dual_prompt_loss(
@@ -96,9 +103,10 @@ def dual_prompt_loss(
 
 def clean_probability_reference(image_feats, pos_text, neg_text, labels, logit_scale) -> torch.Tensor:
     compute = torch.promote_types(image_feats.dtype, torch.float32)
-    x = image_feats.to(compute)
-    margin = (x * (pos_text.to(compute)[labels] - neg_text.to(compute)[labels])).sum(-1)
-    return torch.sigmoid(logit_scale * margin)
+    with no_autocast(image_feats):
+        x = image_feats.to(compute)
+        margin = (x * (pos_text.to(compute)[labels] - neg_text.to(compute)[labels])).sum(-1)
+        return torch.sigmoid(logit_scale * margin)
 
 
 @torch.no_grad()

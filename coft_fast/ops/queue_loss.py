@@ -25,11 +25,13 @@ from coft_fast.ops._checks import (
     check_same_device,
     check_same_dtype,
     check_temperature,
+    no_autocast,
     use_triton,
 )
 
-# logits held at once by the chunked reference: N x chunk, with chunk = clamp(budget // N, 256, 8192)
-_CHUNK_ELEMENTS = 1 << 20
+# logits held at once by the chunked reference: N x chunk, with chunk = clamp(budget // N, 256, 16384),
+# that is at most 16 MiB of fp32 logits whatever the queue size (larger chunks keep the CPU GEMMs efficient)
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _check_queue_args(q, k, queue, temperature, backend):
@@ -53,20 +55,32 @@ def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
     Plain autograd over N x (K + 1) logits (O(N * K) memory): the tests' ground truth and the
     benchmarks' baseline."""
     compute = torch.promote_types(q.dtype, torch.float32)
-    q, k, queue = q.to(compute), k.to(compute), queue.to(compute).detach()
-    positive = (q * k).sum(-1, keepdim=True)
-    logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    with no_autocast(q):
+        q, k, queue = q.to(compute), k.to(compute), queue.to(compute).detach()
+        positive = (q * k).sum(-1, keepdim=True)
+        logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 def _chunk_rows(n: int) -> int:
-    return max(256, min(8192, _CHUNK_ELEMENTS // max(1, n)))
+    return max(256, min(16384, _CHUNK_ELEMENTS // max(1, n)))
+
+
+def no_autocast_method(forward):
+    """Run a Function's forward with autocast off (its matmuls stay in float32 or wider)."""
+
+    def wrapped(ctx, q, *args):
+        with no_autocast(q):
+            return forward(ctx, q, *args)
+
+    return wrapped
 
 
 class _ChunkedQueueInfoNCE(torch.autograd.Function):
     """Online log-sum-exp over queue chunks; saves only per-row statistics for backward."""
 
     @staticmethod
+    @no_autocast_method
     def forward(ctx, q, k, queue, temperature, chunk):
         compute = torch.promote_types(q.dtype, torch.float32)
         qc, kc = q.to(compute), k.to(compute)

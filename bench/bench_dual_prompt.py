@@ -1,0 +1,139 @@
+"""Benchmark of coft_fast.ops.dual_prompt_loss (the phase-I head): eager baselines against the fused path.
+
+    python bench/bench_dual_prompt.py [--quick] [--repeats R] [--config N,C,d,dtype ...]
+
+Variants, all on the same inputs (unit-norm image features (N, d), positive and negative text
+features (C, d), labels and complement labels, logit scale 100, lambda 1):
+  eager      the head as DEFT-style code writes it: both full logit matrices (x @ pos.T and x @ neg.T),
+             cross-entropy over the positive logits, a two-way log-softmax per class for p_clean,
+             gathered at the label and the complement label; plain autograd, in the inputs' dtype;
+  reference  the op's plain-torch path (float32 or wider; only the two needed negative columns);
+  fused      the op's Triton kernels (GPU only: the CPU interpreter is ~1000x slower than torch).
+Passes: "fwd" is the training forward (inputs require grad, graph kept), "fwd+bwd" adds backward to
+the image features and both text feature sets.
+
+Time and memory are measured exactly as in bench_queue_loss.py (whose helpers this script uses):
+GPU medians from triton.testing.do_bench and max_memory_allocated() minus memory_allocated() before the
+call; CPU medians of interleaved wall-clock runs and, per (variant, pass), a fresh subprocess with
+MALLOC_MMAP_THRESHOLD_=65536 whose peak RSS counter is reset (/proc/self/clear_refs) after the inputs are
+built: peak = VmHWM - VmRSS before the call.
+Writes bench/results/dual_prompt_<cpu|cuda>.csv and .md; prints one line per configuration and pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench_queue_loss import child_measure, peak_cpu, peak_gpu, summary_line, time_cpu, time_gpu, write_results
+from common import machine
+
+SCALE = 100.0
+CPU_CONFIGS = ["256,1000,512,float32", "64,100,512,float32"]
+GPU_CONFIGS = ["256,1000,512,float32", "256,1000,512,bfloat16", "64,100,512,bfloat16", "1024,1000,768,bfloat16"]
+QUICK_CONFIGS = ["64,100,128,float32"]
+PASSES = ("fwd", "fwd+bwd")
+
+
+def deft_eager(x, pos, neg, labels, complement, scale, lam=1.0):
+    """Both logit sets in full, then CE and the two-way softmax, in the inputs' dtype."""
+    s_pos = scale * x @ pos.T
+    s_neg = scale * x @ neg.T
+    l1 = F.cross_entropy(s_pos, labels)
+    log_two_way = torch.log_softmax(torch.stack([s_pos, s_neg], dim=-1), dim=-1)  # (N, C, 2)
+    rows = torch.arange(x.shape[0], device=x.device)
+    l2 = -(log_two_way[rows, labels, 0] + log_two_way[rows, complement, 1]).mean()
+    return l1 + lam * l2, l1, l2
+
+
+def variants(device: torch.device, labels, complement) -> dict:
+    """name -> fn(x, pos, neg) returning the total loss (l1 and l2 come along in the same call)."""
+    from coft_fast.ops import dual_prompt_loss
+
+    found = {
+        "eager": lambda x, pos, neg: deft_eager(x, pos, neg, labels, complement, SCALE)[0],
+        "reference": lambda x, pos, neg: dual_prompt_loss(x, pos, neg, labels, complement, SCALE,
+                                                          backend="reference")[0],
+    }
+    if device.type == "cuda":
+        found["fused"] = lambda x, pos, neg: dual_prompt_loss(x, pos, neg, labels, complement, SCALE,
+                                                              backend="triton")[0]
+    return found
+
+
+def make_inputs(n, c, d, dtype, device, seed=0):
+    """(x, pos, neg) requiring grad, labels, complement labels."""
+    g = torch.Generator().manual_seed(seed)
+    pos = F.normalize(torch.randn(c, d, generator=g), dim=1)
+    neg = F.normalize(pos + 0.8 * torch.randn(c, d, generator=g), dim=1)
+    labels = torch.randint(0, c, (n,), generator=g)
+    x = F.normalize(pos[labels] + 1.5 * torch.randn(n, d, generator=g), dim=1)
+    complement = (labels + torch.randint(1, max(c, 2), (n,), generator=g)) % c
+    tensors = [t.to(device, dtype).requires_grad_(True) for t in (x, pos, neg)]
+    return tensors, labels.to(device), complement.to(device)
+
+
+def _child_setup(spec, small):
+    n, c = (min(spec[key], 8) if small else spec[key] for key in ("n", "c"))
+    tensors, labels, complement = make_inputs(n, c, spec["d"], getattr(torch, spec["dtype"]), torch.device("cpu"),
+                                              seed=1 if small else 0)
+    return variants(torch.device("cpu"), labels, complement), tensors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", help="N,C,d,dtype (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=7, help="CPU timing repeats (GPU uses do_bench)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        child_measure(spec, _child_setup)
+        return
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    configs = args.config or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
+    fast = "fused" if device.type == "cuda" else "reference"
+    rows = []
+    print(f"# dual_prompt_loss on {machine()}; logit_scale={SCALE}; fast path = {fast}")
+    for text in configs:
+        n, c, d, dtype_name = text.split(",")
+        n, c, d, dtype = int(n), int(c), int(d), getattr(torch, dtype_name)
+        label = f"dual N={n} C={c} d={d} {dtype_name}"
+        tensors, labels, complement = make_inputs(n, c, d, dtype, device)
+        fns = variants(device, labels, complement)
+        if device.type == "cuda":
+            timings = {(name, which): time_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
+            peaks = {(name, which): peak_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
+        else:
+            timings = time_cpu(fns, tensors, args.repeats)
+            spec = dict(n=n, c=c, d=d, dtype=dtype_name, threads=torch.get_num_threads())
+            peaks = {(name, which): peak_cpu(__file__, dict(spec, variant=name, **{"pass": which}))
+                     for name in fns for which in PASSES}
+        del tensors, labels, complement
+        for which in PASSES:
+            found = {name: (timings[(name, which)], peaks[(name, which)]) for name in fns}
+            print(summary_line(label, which, found, fast), flush=True)
+            eager_ms, eager_peak = found["eager"]
+            for name, (ms, peak) in found.items():
+                rows.append({
+                    "device": device.type, "N": n, "C": c, "d": d, "dtype": dtype_name, "pass": which,
+                    "variant": name, "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 3),
+                    "time_vs_eager": round(ms / eager_ms, 3), "peak_vs_eager": round(peak / max(eager_peak, 1), 4),
+                })
+    stem = f"dual_prompt_{device.type}" + ("_quick" if args.quick else "")
+    header = (f"# dual_prompt_loss benchmark ({device.type})\n\nMachine: {machine()}. logit_scale {SCALE}, lambda 1. "
+              f"Times are medians ({'triton.testing.do_bench' if device.type == 'cuda' else f'{args.repeats} runs'}); "
+              "peak memory is above what the inputs hold (see bench_queue_loss.py's docstring). "
+              "time_vs_eager < 1 and peak_vs_eager < 1 favour the variant.")
+    path = write_results(stem, rows, header)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
