@@ -52,9 +52,12 @@ def _nvidia_wheel_includes():
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
+    wanted = ("cublas_v2.h", "cusparse.h", "cusolverDn.h", "curand.h", "cufft.h")
     found = []
     for root in spec.submodule_search_locations:
-        found += sorted(glob.glob(os.path.join(root, "*", "include")))
+        for folder in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if any(os.path.isfile(os.path.join(folder, header)) for header in wanted):
+                found.append(folder)
     return found
 
 

@@ -6,9 +6,10 @@
 // and summed at the end. The SIMD width is chosen at run time (AVX-512, AVX2+FMA or portable
 // scalar code), so one build runs on any x86-64 CPU and the extension needs no -march flags.
 //
-// class_balanced_topk is a stable counting sort of the samples into per-class buckets (two
-// passes over the labels) followed by a per-class partial sort (nth_element + sort of the k
-// winners) in parallel over classes. agreement_matrix counts label pairs per chunk of rows.
+// class_balanced_topk counts the classes per chunk of samples (one pass), then each chunk keeps,
+// per class, a bounded heap of its k best samples (most samples are dropped by one compare
+// against the class's current worst kept score), and finally every class sorts its at most
+// chunks * k candidates, in parallel over classes. agreement_matrix counts label pairs per chunk of rows.
 // All results are deterministic: per-row values do not depend on the chunking and the
 // chunk-local counts are integers.
 #include "pseudo_label.h"
@@ -380,6 +381,31 @@ inline bool better(const Entry<acc_t>& a, const Entry<acc_t>& b) {
   return a.score > b.score || (a.score == b.score && a.index < b.index);
 }
 
+// A bounded heap of a class's best samples so far: the root (heap[0]) is the worst kept one.
+template <typename acc_t>
+struct HeapState {
+  acc_t worst;     // heap[0].score once the heap is full (+inf before: nothing is displaced yet)
+  int64_t size;    // entries held
+  int64_t cap;     // min(k, samples of the class in this chunk)
+  int64_t offset;  // where the heap lives in the storage
+};
+
+// Replace the root (the worst kept entry) by `entry`, which is better, and restore the heap.
+template <typename acc_t>
+void replace_worst(Entry<acc_t>* heap, int64_t n, Entry<acc_t> entry) {
+  int64_t hole = 0;
+  while (true) {
+    int64_t child = 2 * hole + 1;
+    if (child >= n) break;
+    // the worse of the two children moves up, if it is worse than the entry
+    if (child + 1 < n && better(heap[child], heap[child + 1])) ++child;
+    if (!better(entry, heap[child])) break;
+    heap[hole] = heap[child];
+    hole = child;
+  }
+  heap[hole] = entry;
+}
+
 std::tuple<at::Tensor, at::Tensor> class_balanced_topk_cpu(const at::Tensor& labels_in, const at::Tensor& scores_in,
                                                            int64_t k, int64_t num_classes) {
   check_topk_args(labels_in, scores_in, k, num_classes);
@@ -419,43 +445,66 @@ std::tuple<at::Tensor, at::Tensor> class_balanced_topk_cpu(const at::Tensor& lab
     const int64_t bs = *std::min_element(bad_score.begin(), bad_score.end());
     TORCH_CHECK_VALUE(bs == N, "scores must not contain NaN, found one at index ", bs);
 
-    // bucket offsets: class-major, then chunk (keeps every bucket in index order)
-    std::vector<int64_t> start(C + 1, 0), out_start(C + 1, 0);
+    // Storage for one bounded heap per (class, chunk): min(k, members of the class in the chunk)
+    // entries, class-major, so a class's candidates from all chunks are contiguous (at most N).
+    std::vector<int64_t> heap_start(chunks * C), class_start(C + 1, 0), out_start(C + 1, 0);
     int64_t* tk = taken.data_ptr<int64_t>();
+    int64_t offset = 0;
     for (int64_t c = 0; c < C; ++c) {
-      int64_t offset = start[c];
+      class_start[c] = offset;
+      int64_t members = 0;
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const int64_t n = counts[chunk * C + c];
-        counts[chunk * C + c] = offset;
-        offset += n;
+        heap_start[chunk * C + c] = offset;
+        offset += std::min<int64_t>(k, counts[chunk * C + c]);
+        members += counts[chunk * C + c];
       }
-      start[c + 1] = offset;
-      tk[c] = std::min<int64_t>(offset - start[c], k);
+      tk[c] = std::min<int64_t>(members, k);
       out_start[c + 1] = out_start[c] + tk[c];
     }
+    class_start[C] = offset;
 
-    // pass 2: stable scatter into the buckets
-    std::vector<Entry<acc_t>> entries(N);
+    // pass 2: each chunk keeps, per class, its k best samples in a heap whose root is the worst
+    // kept one; a sample is dropped with one compare against that root's score (samples come in
+    // index order, so an equal score never displaces a kept one: ties go to the lower index)
+    std::vector<Entry<acc_t>> storage(offset);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      std::vector<HeapState<acc_t>> state(C);  // one cache line access per sample
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        int64_t* pos = counts.data() + chunk * C;
+        for (int64_t c = 0; c < C; ++c) {
+          state[c] = {std::numeric_limits<acc_t>::infinity(), 0, std::min<int64_t>(k, counts[chunk * C + c]),
+                      heap_start[chunk * C + c]};
+        }
         const int64_t end = N * (chunk + 1) / chunks;
         for (int64_t i = N * chunk / chunks; i < end; ++i) {
-          entries[pos[lab[i]]++] = {static_cast<acc_t>(sc[i]), i};
+          HeapState<acc_t>& st = state[lab[i]];
+          const acc_t score = static_cast<acc_t>(sc[i]);
+          if (st.size == st.cap) {
+            if (!(score > st.worst)) continue;  // the common case once a heap is full
+            Entry<acc_t>* heap = storage.data() + st.offset;
+            replace_worst(heap, st.cap, {score, i});
+            st.worst = heap[0].score;
+          } else {
+            Entry<acc_t>* heap = storage.data() + st.offset;
+            heap[st.size++] = {score, i};
+            if (st.size == st.cap) {
+              std::make_heap(heap, heap + st.cap, better<acc_t>);
+              st.worst = heap[0].score;
+            }
+          }
         }
       }
     });
 
-    // per class: the k best (score descending, index ascending)
+    // pass 3, per class: the k best of its candidates (score descending, index ascending)
     indices = at::empty({out_start[C]}, long_opts);
     int64_t* out = indices.data_ptr<int64_t>();
-    const int64_t class_grain = std::max<int64_t>(1, C * kGrainElements / std::max<int64_t>(N, 1));
+    const int64_t class_grain = std::max<int64_t>(1, C * kGrainElements / std::max<int64_t>(offset, 1));
     at::parallel_for(0, C, class_grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t t = tk[c];
         if (t == 0) continue;
-        Entry<acc_t>* first = entries.data() + start[c];
-        Entry<acc_t>* last = entries.data() + start[c + 1];
+        Entry<acc_t>* first = storage.data() + class_start[c];
+        Entry<acc_t>* last = storage.data() + class_start[c + 1];
         if (first + t < last) std::nth_element(first, first + t, last, better<acc_t>);
         std::sort(first, first + t, better<acc_t>);
         for (int64_t i = 0; i < t; ++i) out[out_start[c] + i] = first[i].index;

@@ -72,12 +72,9 @@ def numpy_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: 
     sc = scores.double().cpu().numpy()
     idx = np.arange(lab.size)
     order = np.lexsort((idx, -sc, lab))  # last key is primary: class, then score desc, then index
-    chosen, counts = [], np.zeros(num_classes, dtype=np.int64)
-    for i in order:
-        if counts[lab[i]] < k:
-            counts[lab[i]] += 1
-            chosen.append(i)
-    return np.asarray(chosen, dtype=np.int64), counts
+    class_counts = np.bincount(lab, minlength=num_classes)
+    rank = np.arange(lab.size) - (np.cumsum(class_counts) - class_counts)[lab[order]]
+    return order[rank < k].astype(np.int64), np.minimum(class_counts, k)
 
 
 def numpy_agreement(a: torch.Tensor, b: torch.Tensor, num_classes: int, mask=None):
@@ -303,6 +300,19 @@ def test_topk_empty_classes_ties_and_ordering(device):
     zeros = torch.tensor([0.0, -0.0, 0.0, -0.0])  # -0.0 == 0.0: ties, by index
     indices, _ = ops.class_balanced_topk(torch.zeros(4, dtype=torch.int64, device=device), zeros.to(device), 3, 1)
     assert indices.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ["ascending", "descending", "sawtooth", "constant"])
+def test_topk_adversarial_score_orders(device, order):
+    # large enough for several CPU chunks; ascending scores make every sample displace a kept one
+    n, c, k = 120000, 37, 50
+    labels = torch.arange(n) % c
+    i = torch.arange(n, dtype=torch.float64)
+    scores = {"ascending": i, "descending": -i, "sawtooth": i % 1000, "constant": torch.zeros(n, dtype=torch.float64)}[order]
+    scores = scores.float()
+    got = ops.class_balanced_topk(labels.to(device), scores.to(device), k, c)
+    assert_topk_match(got, labels, scores, k, c)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
