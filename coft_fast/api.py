@@ -189,3 +189,188 @@ def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True) -> d
         out=out_dir / "zeroshot", config=base,
     )
     return result.metrics
+
+
+class PredictionResult:
+    """Predictions of a fine-tuned model: one row per decodable image."""
+
+    def __init__(self, paths, probabilities, class_names):
+        self.paths = paths
+        self.probabilities = probabilities
+        self.class_names = list(class_names)
+
+    @property
+    def labels(self):
+        return self.probabilities.argmax(1)
+
+    @property
+    def predictions(self):
+        return [self.class_names[i] for i in self.labels.tolist()]
+
+
+class TrainResult:
+    """What `train()` returns: metrics, the filtered sets, and `predict()` with the fine-tuned model."""
+
+    def __init__(self, metrics, class_names, pool, positions, train_sets, classifiers, preprocess, device, cfg, out_dir):
+        self.metrics = metrics
+        self.class_names = class_names
+        self.pool = pool
+        self.out_dir = out_dir
+        self._positions = positions
+        self._classifiers = classifiers
+        self._preprocess = preprocess
+        self._device = device
+        self._cfg = cfg
+        self.clean_sets = {
+            name: [(pool.paths[int(positions[r])], class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
+            for name, data in train_sets.items()
+        }
+
+    def predict(self, images) -> PredictionResult:
+        """Classify new images: a folder, CSV or CoOp JSON path, or a list of image file paths."""
+        from coft_fast.phases.phase2 import classifier_logits
+
+        if isinstance(images, (list, tuple)):
+            source = ImageSource([str(p) for p in images], [-1] * len(images), self.class_names, "image list")
+        else:
+            source = load_images(images, self.class_names, self._cfg)
+        total = None
+        for classifier in self._classifiers.values():
+            logits, positions = classifier_logits(classifier, source, self._preprocess, self._device,
+                                                  self._cfg.model.precision, self._cfg.data.batch_size,
+                                                  self._cfg.data.num_workers, progress=False)
+            probabilities = logits.softmax(1)
+            total = probabilities if total is None else total + probabilities
+        total = total / len(self._classifiers)
+        return PredictionResult([source.paths[i] for i in positions.tolist()], total, self.class_names)
+
+
+def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
+    checkpoints = out_dir / "checkpoints"
+    started = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
+    if started and not resume:
+        raise ConfigError(f"{out_dir} already holds a run: pass --resume (resume=True) to continue it, or choose another output folder")
+    saved = out_dir / "config.yaml"
+    if resume and started and saved.is_file():
+        previous = Config.load(saved).to_dict()
+        current = cfg.to_dict()
+        previous.pop("run", None)
+        current.pop("run", None)
+        if previous != current:
+            changed = [k for k in current if current[k] != previous.get(k)]
+            raise ConfigError(f"cannot resume {out_dir}: the config differs from the saved one in {', '.join(changed)}")
+
+
+def train(
+    images: PathLike,
+    classes: Union[None, PathLike, Sequence[str]] = None,
+    model=UNSET,
+    pretrained=UNSET,
+    method=UNSET,
+    out: Optional[PathLike] = UNSET,
+    eval_images: Optional[PathLike] = None,
+    config: Union[None, Config, PathLike] = None,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+) -> TrainResult:
+    """Adapt CLIP to ``classes`` on the unlabelled ``images`` (CoFT by default; see ``method``).
+
+    Labels the images carry (class sub-folders) are used only for diagnostics. With ``eval_images``
+    (labelled), zero-shot and final accuracy are measured there. With ``out``, the run folder gets
+    metrics.json, pseudo_labels.csv, config.yaml, checkpoints, TensorBoard logs and plots, and a
+    killed run continues with ``resume=True``.
+    """
+    from coft_fast.pipeline import CoftRun
+
+    cfg = resolve_config(
+        config, overrides, model__name=model, model__pretrained=_pretrained_value(pretrained), method=method,
+        run__out_dir=UNSET if out is UNSET else (out and str(out)),
+    )
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+    if out_dir:
+        _check_resume(out_dir, cfg, resume)
+    pool = load_images(images, classes, cfg)
+    eval_source = load_images(eval_images, pool.class_names, cfg) if eval_images is not None else None
+    if pool.num_classes < 2:
+        raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
+    handler = writer = None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+        handler = log_to_file(out_dir / "run.log")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+    try:
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.model.device)
+        log.info("train (%s): %d pool images, %d classes, model %s on %s", cfg.method, len(pool), pool.num_classes,
+                 cfg.model.name, device)
+        clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
+        run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
+        run.zero_shot()
+        selection = run.select()
+        if cfg.method == "coft":
+            run.phase1(selection)
+            run.filter()
+        sets = run.training_sets(selection)
+        clip2 = run.phase2(sets)
+        run.evaluate(clip2)
+        metrics = {"method": cfg.method, **run.state.metrics, "timings": run.state.timings}
+        if out_dir:
+            write_train_outputs(run, out_dir)
+            atomic_write_json(out_dir / "metrics.json", metrics)
+        _log_summary(metrics)
+        return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
+                           clip2.preprocess_eval, device, cfg, out_dir)
+    finally:
+        if writer is not None:
+            writer.close()
+        if handler:
+            handler.close()
+            logging.getLogger("coft_fast").removeHandler(handler)
+
+
+def _log_summary(metrics: dict) -> None:
+    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
+    if "acc1" in zs and "acc1" in final:
+        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"], 100 * final["acc1"])
+
+
+def write_train_outputs(run, out_dir: Path) -> None:
+    """pseudo_labels.csv and the plots."""
+    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy
+
+    state, names = run.state, run.names
+    probabilities = state.zs_probabilities
+    confidence, zs_labels = probabilities.max(1)
+    result = state.filter
+    paths = [run.pool.paths[i] for i in state.positions.tolist()]
+
+    def column(values, index, fmt=str):
+        return "" if values is None else fmt(values[index])
+
+    rows = []
+    for i, path in enumerate(paths):
+        rows.append((
+            path, names[int(zs_labels[i])], f"{float(confidence[i]):.6f}",
+            column(None if result is None else result.labels1, i, lambda v: names[int(v)]),
+            column(None if result is None else result.labels2, i, lambda v: names[int(v)]),
+            column(None if result is None else result.keep1, i, lambda v: int(bool(v))),
+            column(None if result is None else result.keep2, i, lambda v: int(bool(v))),
+        ))
+    atomic_write_csv(out_dir / "pseudo_labels.csv",
+                     ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2"],
+                     rows)
+    if run.pool.skipped:
+        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
+    truth = run.truth
+    if result is not None:
+        plot_clean_probability(out_dir / "clean_probability.png", result.p_clean1, result.keep1, run.cfg.filter.threshold)
+    if bool((truth >= 0).any()):
+        series = {"zero-shot (all)": per_class_accuracy(zs_labels, truth, len(names))}
+        if result is not None:
+            series["model 1 (all)"] = per_class_accuracy(result.labels1, truth, len(names))
+            series["S1 clean"] = per_class_accuracy(result.labels1[result.keep1], truth[result.keep1], len(names))
+            series["S2 clean"] = per_class_accuracy(result.labels2[result.keep2], truth[result.keep2], len(names))
+        plot_per_class_accuracy(out_dir / "pseudo_label_accuracy.png", names, series)

@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
     _common(tb)
 
+    tr = commands.add_parser("train", help="adapt CLIP to your classes on unlabelled images (CoFT)")
+    _data_args(tr)
+    tr.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
+    tr.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
+    tr.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+    tr.add_argument("--method", choices=["coft", "coft+", "self-train"], help="config key `method` (default coft)")
+    tr.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
+    tr.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _common(tr)
+
     dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
     dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
     _common(dm)
@@ -66,7 +78,7 @@ def _overrides(args) -> List[str]:
     mapping = {
         "seed": "seed", "split": "data.split", "image_root": "data.image_root", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "model": "model.name", "pretrained": "model.pretrained",
-        "templates": "zeroshot.templates", "device": "model.device", "per_class": "testbed.per_class",
+        "templates": "zeroshot.templates", "device": "model.device", "per_class": "testbed.per_class", "method": "method",
     }
     found = list(args.overrides)
     for attribute, key in mapping.items():
@@ -101,12 +113,34 @@ def run(argv: Optional[List[str]] = None) -> int:
         report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
+    elif args.command == "train":
+        result = api.train(args.images, args.classes, eval_images=args.eval_images, config=args.config,
+                           overrides=overrides, out=args.out, resume=args.resume)
+        _print_train_summary(result.metrics)
+        print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         metrics = api.demo(args.out, seed=seed, progress=not args.no_progress)
         _print_metrics("demo zero-shot (digits, test-bed model)", metrics)
         print(f"outputs: {args.out}/")
     return 0
+
+
+def _print_train_summary(metrics: dict) -> None:
+    pool = metrics["pool"]
+    print(f"{metrics['method']}: {pool['num_images']} pool images, {pool['num_skipped']} skipped")
+    rows = [("zero-shot", metrics.get("zero_shot", {}).get("acc1"))]
+    for name, entry in metrics.get("phase1", {}).items():
+        rows.append((f"phase I {name}", entry.get("acc1")))
+    rows.append(("final", metrics.get("final", {}).get("acc1")))
+    for name, value in rows:
+        if value is not None:
+            print(f"  {name:<22} acc1 {100 * value:6.2f} %")
+    for name in ("s1", "s2"):
+        entry = metrics.get("filter", {}).get(name)
+        if entry and "precision" in entry:
+            print(f"  clean set {name}: {entry['size']} samples, label precision {100 * entry['precision']:.1f} %")
+    print("  time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in metrics.get("timings", {}).items()))
 
 
 def _print_metrics(title: str, metrics: dict) -> None:

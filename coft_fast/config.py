@@ -57,6 +57,70 @@ class ZeroShotConfig:
 
 
 @dataclass
+class PseudoConfig:
+    # Class-balanced top-K: the K most confident zero-shot samples of each class form S*.
+    top_k: int = 16
+
+
+@dataclass
+class Phase1Config:
+    """Prompt tuning of the two models on S* (defaults: DEFT's, the schedule counted in steps)."""
+
+    # Context vectors per prompt (M), shared by all classes, initialised N(0, init_std).
+    n_ctx: int = 16
+    ctx_init_std: float = 0.02
+    # Deep visual prompt tokens per ViT block (N); 0 turns visual prompts off.
+    vpt_tokens: int = 20
+    # Weight of L2 (the negative-prompt loss) in L1 + lam * L2.
+    lam: float = 1.0
+    # DEFT's gradients: both on. The paper's reading (L2 also trains the visual prompts): both off.
+    detach_image_in_neg: bool = False
+    detach_pos_in_l2: bool = False
+    # Optimiser steps: at least `steps`, and at least `min_epochs` passes over S*.
+    steps: int = 1000
+    min_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 50
+    # Random-resized-crop scale range lower bound for augmentation (1.0 = no crop).
+    crop_scale_min: float = 0.5
+    # Seeds of the two models (they differ only in initialisation and data order).
+    seeds: List[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class FilterConfig:
+    # A label is kept when the validating model's p_clean exceeds this (the method: 0.5, s+ > s-).
+    threshold: float = 0.5
+
+
+@dataclass
+class Phase2Config:
+    """Full fine-tuning of a fresh visual encoder plus a linear head on the clean set."""
+
+    # Which clean set to train on: "s1" (model 1's labels validated by model 2), "s2", or "both"
+    # (two runs, reported separately and as a logit ensemble).
+    train_on: str = "s1"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    # The head learns this many times faster than the backbone.
+    head_lr_scale: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    crop_scale_min: float = 0.5
+    # "zeroshot": the head starts as the zero-shot classifier (training starts at zero-shot
+    # accuracy); "random": a freshly initialised head.
+    head_init: str = "zeroshot"
+    # Distillation: another open_clip backbone for phase II (None: the phase I model).
+    model: Optional[str] = None
+    pretrained: Optional[str] = None
+
+
+@dataclass
 class TestbedConfig:
     """The offline stand-in for a pre-trained CLIP (see coft_fast/testbed.py and its README section)."""
 
@@ -96,15 +160,27 @@ class RunConfig:
     out_dir: Optional[str] = None
     # Show tqdm progress bars.
     progress: bool = True
+    # Training checkpoints are written at epoch ends, at most this often (and at the end of a stage).
+    checkpoint_seconds: float = 60.0
+
+
+METHODS = ("coft", "coft+", "self-train")
 
 
 @dataclass
 class Config:
+    # "coft" (default), "coft+" (iterative rounds + momentum-contrastive phase II), or
+    # "self-train" (top-K zero-shot pseudo-labels straight into phase II; the usual baseline).
+    method: str = "coft"
     # Global random seed.
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    phase1: Phase1Config = field(default_factory=Phase1Config)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -142,10 +218,32 @@ class Config:
 
     def validate(self) -> "Config":
         """Check values that types alone cannot; returns self."""
+        if self.method not in METHODS:
+            raise ConfigError(f"config key 'method' must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "coft+":
+            raise ConfigError("method 'coft+' is not available yet in this version; use 'coft' or 'self-train'")
+        if self.phase2.train_on not in ("s1", "s2", "both"):
+            raise ConfigError(f"config key 'phase2.train_on' must be s1, s2 or both, got {self.phase2.train_on!r}")
+        if self.phase2.head_init not in ("zeroshot", "random"):
+            raise ConfigError(f"config key 'phase2.head_init' must be zeroshot or random, got {self.phase2.head_init!r}")
+        if len(self.phase1.seeds) != 2 or self.phase1.seeds[0] == self.phase1.seeds[1]:
+            raise ConfigError(f"config key 'phase1.seeds' must hold two different seeds, got {self.phase1.seeds}")
+        if not 0.0 < self.filter.threshold < 1.0:
+            raise ConfigError(f"config key 'filter.threshold' must be in (0, 1), got {self.filter.threshold}")
+        for key in ("phase1.crop_scale_min", "phase2.crop_scale_min"):
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
         if self.model.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
         positive = {
             "data.batch_size": self.data.batch_size,
+            "pseudo.top_k": self.pseudo.top_k,
+            "phase1.batch_size": self.phase1.batch_size,
+            "phase1.steps": self.phase1.steps,
+            "phase2.batch_size": self.phase2.batch_size,
+            "phase2.epochs": self.phase2.epochs,
             "testbed.image_epochs": self.testbed.image_epochs,
             "testbed.text_steps": self.testbed.text_steps,
             "testbed.context_length": self.testbed.context_length,

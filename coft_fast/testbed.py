@@ -262,6 +262,8 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     stage1_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # stage 2 draws from its own stream, so its biases do not depend on how long stage 1 ran
+    generator = torch.Generator().manual_seed(seed + 1_000_000)
     lookalike = lookalike_classes(stage1["classifier"])
     features = image_features(model, images)
     captioned, caption_classes, caption_counts = biased_caption_classes(labels, num_classes, lookalike, cfg, generator)

@@ -10,19 +10,23 @@ from PIL import Image
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def write_digits(out_dir, image_size: int = 16, test_fraction: float = 0.5, seed: int = 0) -> Dict[str, Path]:
-    """Write the 1,797 8x8 digits, upscaled to RGB ``image_size`` PNGs, as ``pretrain/`` and ``test/``
-    class folders under ``out_dir`` (a seeded, stratified split). Returns the folder of each split."""
+SPLITS = {"pretrain": 0.4, "pool": 0.3, "test": 0.3}
+
+
+def write_digits(out_dir, image_size: int = 16, seed: int = 0) -> Dict[str, Path]:
+    """Write the 1,797 8x8 digits, upscaled to RGB ``image_size`` PNGs, as ``pretrain/`` (test-bed
+    pre-training), ``pool/`` (the unlabelled pool) and ``test/`` class folders under ``out_dir``
+    (a seeded, stratified 40/30/30 split). Returns the folder of each split."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
-    folders = {split: out_dir / split for split in ("pretrain", "test")}
+    folders = {split: out_dir / split for split in SPLITS}
     for label, name in enumerate(DIGIT_NAMES):
         members = rng.permutation(np.flatnonzero(digits.target == label))
-        cut = int(round(len(members) * (1 - test_fraction)))
-        for split, chosen in (("pretrain", members[:cut]), ("test", members[cut:])):
+        cuts = np.cumsum([int(round(len(members) * share)) for share in SPLITS.values()])[:-1]
+        for split, chosen in zip(SPLITS, np.split(members, cuts)):
             folder = folders[split] / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in chosen:

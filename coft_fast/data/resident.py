@@ -1,0 +1,93 @@
+"""Decoded images kept in memory, with batched training augmentation (random resized crop + flip).
+
+Small training sets (S* in phase I, the clean set in phase II when it fits) are decoded once, at a
+base size a little above the model's input size (as "Resize 256, crop 224" does), and stored as
+uint8. Each training batch is then cut with one batched ``roi_align`` call (bilinear random
+resized crops), flipped and normalised: no per-epoch decoding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torchvision.transforms as T
+from torchvision.ops import roi_align
+from tqdm.auto import tqdm
+
+from coft_fast.data.loading import iterate_batches
+from coft_fast.data.sources import ImageSource
+
+BASE_SCALE = 256 / 224
+
+
+class ResidentImages:
+    """uint8 images (M, 3, B, B) of ``source`` rows ``indices``; undecodable files are left out."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int], image_size: int, mean, std,
+                 batch_size: int = 256, num_workers: int = 0, progress: bool = True):
+        self.image_size = int(image_size)
+        self.base_size = int(round(self.image_size * BASE_SCALE))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        base = T.Compose([
+            T.Resize(self.base_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.base_size),
+            T.PILToTensor(),
+        ])
+        chunks, positions = [], []
+        bar = tqdm(total=len(indices), desc="decoding into memory", unit="img", disable=not progress, leave=False)
+        for batch in iterate_batches(source, base, batch_size, num_workers, indices):
+            chunks.append(batch.images)
+            positions.append(batch.indices)
+            bar.update(len(batch.indices) + len(batch.failed))
+        bar.close()
+        self.images = torch.cat(chunks) if chunks else torch.empty(0, 3, self.base_size, self.base_size, dtype=torch.uint8)
+        self.positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images / 255.0 - self.mean) / self.std
+
+    def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5) -> torch.Tensor:
+        """Float (n, 3, S, S): random resized crops (area in [scale_min, 1], aspect 3/4..4/3) with flips."""
+        n, b, s = len(rows), self.base_size, self.image_size
+        area = b * b * (scale_min + (1 - scale_min) * torch.rand(n, generator=generator))
+        log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3)
+        ratio = torch.exp(log_ratio)
+        w = torch.sqrt(area * ratio).clamp(max=b)
+        h = torch.sqrt(area / ratio).clamp(max=b)
+        x0 = torch.rand(n, generator=generator) * (b - w)
+        y0 = torch.rand(n, generator=generator) * (b - h)
+        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + w, y0 + h], dim=1)
+        crops = roi_align(self.images[rows].float(), boxes, output_size=s, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        flip = torch.rand(n, generator=generator) < 0.5
+        crops[flip] = crops[flip].flip(-1)
+        return self._normalise(crops)
+
+    def eval_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float (n, 3, S, S): the centre crop of each base image."""
+        offset = (self.base_size - self.image_size) // 2
+        crop = self.images[rows, :, offset : offset + self.image_size, offset : offset + self.image_size]
+        return self._normalise(crop.float())
+
+
+def preprocess_stats(model) -> tuple:
+    """(image_size, mean, std) from an open_clip model's preprocessing config."""
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size), tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+
+
+def epoch_batches(images: "ResidentImages", rows: torch.Tensor, batch_size: int, generator: torch.Generator,
+                  scale_min: float):
+    """One shuffled pass over ``rows`` of resident images: yields (augmented images, positions in ``rows``)."""
+    order = torch.randperm(len(rows), generator=generator)
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        yield images.train_batch(rows[picked], generator, scale_min), picked

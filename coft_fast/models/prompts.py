@@ -1,0 +1,80 @@
+"""CoOp-style dual prompts on open_clip's text tower: shared positive and negative context vectors.
+
+prompt = [SOS] V_1..V_M <class-name tokens> "." [EOS]: the embeddings of M placeholder tokens are
+replaced by learned context vectors (class token last). Positive and negative prompts of all C
+classes go through the frozen text encoder in ONE batched call, on a token sequence cut right after
+the longest prompt's end-of-text token: exact, because the text tower is causal and pools at EOT.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from coft_fast.pseudo.templates import TemplateError, prompt_token_count
+
+PLACEHOLDER = "X"
+
+
+class DualPromptLearner(nn.Module):
+    """Learned positive and negative contexts; ``forward()`` -> (pos_text, neg_text), each (C, d), unnormalised."""
+
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable, class_names: Sequence[str], n_ctx: int = 16,
+                 init_std: float = 0.02, generator: torch.Generator | None = None):
+        super().__init__()
+        pool_type = getattr(clip_model, "text_pool_type", "argmax")
+        if pool_type != "argmax":
+            raise ValueError(f"dual prompts need a CLIP text tower that pools at the end-of-text token "
+                             f"(text_pool_type 'argmax'), this model uses {pool_type!r}")
+        context_length = int(clip_model.context_length)
+        texts = [" ".join([PLACEHOLDER] * n_ctx) + f" {name}." for name in class_names]
+        for name, text in zip(class_names, texts):
+            count = prompt_token_count(tokenizer, text)
+            if count > context_length:
+                raise TemplateError(
+                    f"class {name!r}: its prompt needs {count} tokens ({n_ctx} context + start/end + name), "
+                    f"more than the model's text context of {context_length}; shorten the name or lower phase1.n_ctx"
+                )
+        tokens = tokenizer(texts)  # (C, L)
+        eot = tokens.argmax(dim=-1)  # EOT has the highest token id
+        cut = int(eot.max()) + 1
+        with torch.no_grad():
+            embedded = clip_model.token_embedding(tokens[:, :cut].to(clip_model.token_embedding.weight.device))
+        width = embedded.shape[-1]
+        self.register_buffer("token_prefix", embedded[:, :1].clone(), persistent=False)  # SOS
+        self.register_buffer("token_suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)  # name . EOS pad
+        self.register_buffer("eot_index", eot, persistent=False)
+        self.n_ctx, self.num_classes, self.cut = n_ctx, len(class_names), cut
+        ctx = torch.empty(2, n_ctx, width).normal_(0.0, init_std, generator=generator)
+        self.ctx_pos = nn.Parameter(ctx[0].clone())
+        self.ctx_neg = nn.Parameter(ctx[1].clone())
+        # the frozen text encoder; kept out of this module's parameters and state dict
+        self._encoder = [clip_model]
+
+    def prompt_embeddings(self) -> torch.Tensor:
+        """(2C, cut, width): positive prompts of all classes, then negative ones."""
+        c = self.num_classes
+        ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(self.token_prefix.dtype)  # (2, M, w)
+        ctx = ctx[:, None].expand(2, c, -1, -1).reshape(2 * c, self.n_ctx, -1)
+        prefix = self.token_prefix.repeat(2, 1, 1)
+        suffix = self.token_suffix.repeat(2, 1, 1)
+        return torch.cat([prefix, ctx, suffix], dim=1)
+
+    def encode(self, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Run the frozen text tower on prompt embeddings (B, L, w) of any length L <= context."""
+        model = self._encoder[0]
+        length = embeddings.shape[1]
+        cast = model.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + model.positional_embedding[:length].to(cast)
+        mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+        x = model.ln_final(model.transformer(x, attn_mask=mask))
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+    def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        features = self.encode(self.prompt_embeddings(), self.eot_index.repeat(2))
+        return features[: self.num_classes], features[self.num_classes :]

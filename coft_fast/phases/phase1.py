@@ -1,0 +1,182 @@
+"""Phase I: tune the dual text prompts and the visual prompts of one model on S* (frozen CLIP)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from coft_fast import ops
+from coft_fast.config import Phase1Config
+from coft_fast.data import ImageSource, iterate_batches
+from coft_fast.data.resident import ResidentImages, epoch_batches
+from coft_fast.models import ClipModel
+from coft_fast.models.prompts import DualPromptLearner
+from coft_fast.models.visual_prompts import VisualPrompts
+from coft_fast.phases.schedule import epoch_generator, warmup_cosine
+from coft_fast.runtime.checkpoint import load_state, save_state
+from coft_fast.runtime.device import autocast
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the message names the phase and step."""
+
+
+@dataclass
+class PromptModel:
+    """One CoFT phase-I model: frozen CLIP plus its dual text prompts and visual prompts."""
+
+    clip: ClipModel
+    prompts: DualPromptLearner
+    visual_prompts: VisualPrompts
+
+    def parameters(self) -> List[torch.nn.Parameter]:
+        return list(self.prompts.parameters()) + list(self.visual_prompts.parameters())
+
+    def text_features(self):
+        pos, neg = self.prompts()
+        return F.normalize(pos.float(), dim=-1), F.normalize(neg.float(), dim=-1)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.clip.model.visual
+        with self.visual_prompts.applied(visual):
+            return F.normalize(visual(images).float(), dim=-1)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"ctx_pos": self.prompts.ctx_pos, "ctx_neg": self.prompts.ctx_neg, "vpt": self.visual_prompts.tokens}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.prompts.ctx_pos.copy_(state["ctx_pos"])
+            self.prompts.ctx_neg.copy_(state["ctx_neg"])
+            self.visual_prompts.tokens.copy_(state["vpt"])
+
+
+def make_prompt_model(clip: ClipModel, class_names: Sequence[str], cfg: Phase1Config, seed: int,
+                      device: torch.device) -> PromptModel:
+    """A freshly initialised model (context N(0, std), VPT uniform), deterministic for ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = DualPromptLearner(clip.model, clip.tokenizer, class_names, cfg.n_ctx, cfg.ctx_init_std, generator)
+    visual_prompts = VisualPrompts(clip.model.visual, cfg.vpt_tokens, generator)
+    return PromptModel(clip, prompts.to(device), visual_prompts.to(device))
+
+
+def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """A label drawn uniformly from the other C - 1 classes, per sample."""
+    shift = torch.randint(1, num_classes, labels.shape, generator=generator)
+    return (labels + shift) % num_classes
+
+
+def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
+    """At least ``cfg.steps`` optimiser steps and at least ``cfg.min_epochs`` passes over S*."""
+    per_epoch = math.ceil(num_samples / cfg.batch_size)
+    return max(cfg.steps, cfg.min_epochs * per_epoch)
+
+
+def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,
+                 cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
+                 checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
+                 writer=None, tag: str = "model") -> Dict:
+    """Train ``model`` with L1 + lam * L2 on resident images ``rows`` labelled ``labels``.
+
+    The run is split into epochs whose randomness comes from (seed, epoch) alone, and the state is
+    saved to ``checkpoint`` at epoch ends (at most every ``checkpoint_seconds``), so a killed run
+    resumes to exactly the same result.
+    """
+    num_classes = model.prompts.num_classes
+    if num_classes < 2:
+        raise ValueError("phase I needs at least 2 classes (L2 draws a complement label from the other classes)")
+    if len(rows) == 0:
+        raise ValueError(f"phase I of {tag}: S* is empty, nothing to train on")
+    logit_scale = float(model.clip.model.logit_scale.detach().exp())
+    total = phase1_steps(len(rows), cfg)
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    epochs = math.ceil(total / per_epoch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
+    start_epoch, step, history = 0, 0, []
+    state = load_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
+    labels = labels.to(device)
+    last_save = time.monotonic()
+    bar = tqdm(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
+    for epoch in range(start_epoch, epochs):
+        generator = epoch_generator(seed, epoch)
+        complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
+        for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
+            if step >= total:
+                break
+            picked = picked.to(device)
+            with autocast(precision, device):
+                image_feats = model.image_features(batch_images.to(device, non_blocking=True))
+                pos, neg = model.text_features()
+            loss, l1, l2 = ops.dual_prompt_loss(
+                image_feats, pos, neg, labels[picked], complements[picked], logit_scale, cfg.lam,
+                cfg.detach_image_in_neg, cfg.detach_pos_in_l2,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                values = (float(loss.detach()), float(l1.detach()), float(l2.detach()))
+                if not all(math.isfinite(v) for v in values):
+                    raise NonFiniteLossError(f"phase I {tag}: non-finite loss {values[0]} at step {step} (epoch {epoch})")
+                history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
+                bar.set_postfix(loss=f"{values[0]:.3f}")
+                if writer is not None:
+                    writer.add_scalar(f"phase1/{tag}/loss", values[0], step)
+                    writer.add_scalar(f"phase1/{tag}/l1", values[1], step)
+                    writer.add_scalar(f"phase1/{tag}/l2", values[2], step)
+                    writer.add_scalar(f"phase1/{tag}/lr", scheduler.get_last_lr()[0], step)
+        done = step >= total
+        if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
+            save_state(checkpoint, {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step": step, "history": history,
+            })
+            last_save = time.monotonic()
+        if done:
+            break
+    bar.close()
+    return {"steps": step, "epochs": epochs, "history": history}
+
+
+@torch.no_grad()
+def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indices: Optional[Sequence[int]],
+                       device: torch.device, precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
+                       progress: bool = True, description: str = "labelling"):
+    """Each model's normalised image features of ``source`` (decoding every image once for all models).
+
+    Returns ([features (M, d) per model], positions (M,)).
+    """
+    preprocess = models[0].clip.preprocess_eval
+    per_model: List[List[torch.Tensor]] = [[] for _ in models]
+    positions = []
+    total = len(source) if indices is None else len(indices)
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    for batch in iterate_batches(source, preprocess, batch_size, num_workers, indices, pin_memory=device.type == "cuda"):
+        images = batch.images.to(device, non_blocking=True)
+        for store, model in zip(per_model, models):
+            with autocast(precision, device):
+                store.append(model.image_features(images).cpu())
+        positions.append(batch.indices)
+        bar.update(len(batch.indices) + len(batch.failed))
+    bar.close()
+    return [torch.cat(store) for store in per_model], torch.cat(positions)

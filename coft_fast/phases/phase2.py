@@ -1,0 +1,141 @@
+"""Phase II: full fine-tuning of a fresh pre-trained visual encoder plus a linear head on a clean set."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from coft_fast.config import Phase2Config
+from coft_fast.data import ImageSource, iterate_batches
+from coft_fast.data.resident import ResidentImages, epoch_batches
+from coft_fast.phases.phase1 import NonFiniteLossError
+from coft_fast.phases.schedule import epoch_generator, warmup_cosine
+from coft_fast.runtime.checkpoint import load_state, save_state
+from coft_fast.runtime.device import autocast
+
+log = logging.getLogger(__name__)
+
+
+class FineTunedClassifier(nn.Module):
+    """logits = head(normalize(visual(x))): CLIP's image features with a linear head."""
+
+    def __init__(self, visual: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.visual = visual
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.normalize(self.visual(images).float(), dim=-1))
+
+
+def build_classifier(visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float, head_init: str,
+                     seed: int) -> FineTunedClassifier:
+    """A trainable copy of ``visual`` and a (C x d) head: the zero-shot classifier (logit_scale times the
+    class text embeddings, so training starts at zero-shot accuracy) or a random one."""
+    import copy
+
+    num_classes, dim = text_embeddings.shape
+    head = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        if head_init == "zeroshot":
+            head.weight.copy_(logit_scale * text_embeddings.float())
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            head.weight.copy_(torch.randn(num_classes, dim, generator=generator) * dim**-0.5)
+        head.bias.zero_()
+    visual = copy.deepcopy(visual)
+    for parameter in visual.parameters():
+        parameter.requires_grad_(True)
+    return FineTunedClassifier(visual, head.to(text_embeddings.device))
+
+
+def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,
+                 cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
+                 checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
+                 writer=None, tag: str = "s1") -> Dict:
+    """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries."""
+    if len(rows) == 0:
+        raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    optimizer = torch.optim.SGD(
+        [
+            {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
+            {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},
+        ],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
+    start_epoch, step, history = 0, 0, []
+    state = load_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        classifier.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
+    labels = labels.to(device)
+    classifier.train()
+    last_save = time.monotonic()
+    bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
+    for epoch in range(start_epoch, cfg.epochs):
+        generator = epoch_generator(seed, epoch)
+        running, seen = 0.0, 0
+        for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
+            picked = picked.to(device)
+            with autocast(precision, device):
+                logits = classifier(batch_images.to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), labels[picked])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            running += float(loss.detach()) * len(picked)
+            seen += len(picked)
+            bar.update(1)
+        mean_loss = running / max(seen, 1)
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLossError(f"phase II {tag}: non-finite loss in epoch {epoch} (step {step})")
+        history.append({"epoch": epoch, "step": step, "loss": mean_loss})
+        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
+        if writer is not None:
+            writer.add_scalar(f"phase2/{tag}/loss", mean_loss, epoch)
+            writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
+        done = epoch == cfg.epochs - 1
+        if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
+            save_state(checkpoint, {
+                "model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "history": history,
+            })
+            last_save = time.monotonic()
+    bar.close()
+    classifier.eval()
+    return {"steps": step, "history": history}
+
+
+@torch.no_grad()
+def classifier_logits(classifier: nn.Module, source: ImageSource, preprocess, device: torch.device,
+                      precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
+                      indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting"):
+    """(logits (M, C) float32, positions (M,)) of ``classifier`` over ``source``."""
+    classifier.eval()
+    logits, positions = [], []
+    total = len(source) if indices is None else len(indices)
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    for batch in iterate_batches(source, preprocess, batch_size, num_workers, indices, pin_memory=device.type == "cuda"):
+        with autocast(precision, device):
+            logits.append(classifier(batch.images.to(device, non_blocking=True)).float().cpu())
+        positions.append(batch.indices)
+        bar.update(len(batch.indices) + len(batch.failed))
+    bar.close()
+    if not logits:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(positions)

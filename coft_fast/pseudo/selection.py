@@ -1,0 +1,34 @@
+"""Class-balanced top-K selection of confident pseudo-labels (S*)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from coft_fast import ops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    rows: torch.Tensor  # (S,) int64 rows of the scored pool, ordered by class then confidence
+    labels: torch.Tensor  # (S,) int64 pseudo-label of each selected row
+    counts: torch.Tensor  # (C,) int64 how many each class got
+    short_classes: List[str]  # classes with fewer than K candidates (but at least one)
+    empty_classes: List[str]  # classes with no candidate at all
+
+
+def select_top_k(labels: torch.Tensor, confidence: torch.Tensor, k: int, class_names: Sequence[str]) -> Selection:
+    """The K most confident samples of every class among those labelled with it; a class with
+    fewer than K candidates gives what it has, and both cases are reported."""
+    rows, counts = ops.class_balanced_topk(labels, confidence.float(), k, len(class_names))
+    short = [name for name, n in zip(class_names, counts.tolist()) if 0 < n < k]
+    empty = [name for name, n in zip(class_names, counts.tolist()) if n == 0]
+    if short:
+        log.warning("top-%d selection: %d classes have fewer than %d candidates: %s", k, len(short), k, ", ".join(short[:10]))
+    if empty:
+        log.warning("top-%d selection: no sample is labelled with %d classes: %s", k, len(empty), ", ".join(empty[:10]))
+    return Selection(rows, labels[rows], counts, short, empty)

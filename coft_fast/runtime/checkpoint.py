@@ -1,0 +1,57 @@
+"""Checkpoints: atomic torch/safetensors writes and a run's stage store for resuming."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from coft_fast.runtime.io import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def save_state(path: Path, state: Dict[str, Any]) -> None:
+    """torch.save through a temporary file and a rename: the old file survives a crash mid-write."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path: Path) -> Optional[Dict[str, Any]]:
+    if not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file of CPU, contiguous copies of ``tensors``, written atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+class StageStore:
+    """Finished stages of a run, one file each under ``folder``; a resumed run skips them."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Optional[Path]:
+        return None if self.folder is None else self.folder / f"{name}.pt"
+
+    def load(self, name: str) -> Optional[Dict[str, Any]]:
+        path = self.path(name)
+        state = load_state(path) if path is not None else None
+        if state is not None:
+            log.info("resuming: stage %s loaded from %s", name, path)
+        return state
+
+    def save(self, name: str, state: Dict[str, Any]) -> None:
+        if self.folder is not None:
+            save_state(self.path(name), state)
+
+    def has_any(self) -> bool:
+        return self.folder is not None and any(self.folder.glob("*.pt"))

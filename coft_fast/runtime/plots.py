@@ -1,0 +1,63 @@
+"""PNG plots of a run: per-class pseudo-label accuracy, and p_clean of kept versus dropped samples."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from coft_fast.runtime.io import atomic_write
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_class_accuracy(labels: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Label accuracy per (true) class, NaN where a class has no sample."""
+    known = truth >= 0
+    labels, truth = labels[known], truth[known]
+    hits = torch.bincount(truth[labels == truth], minlength=num_classes).double()
+    totals = torch.bincount(truth, minlength=num_classes).double()
+    return torch.where(totals > 0, hits / totals.clamp(min=1), torch.full_like(totals, float("nan")))
+
+
+def plot_per_class_accuracy(path: Path, class_names: Sequence[str], series: Dict[str, torch.Tensor]) -> None:
+    plt = _figure()
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(class_names)), 4))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [c + i * width for c in range(len(class_names))]
+        ax.bar(xs, (100 * values).tolist(), width=width, label=name)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(class_names))])
+    ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("pseudo-label accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Pseudo-label accuracy per class, before and after filtering")
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def plot_clean_probability(path: Path, p_clean: torch.Tensor, keep: torch.Tensor, threshold: float) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = torch.linspace(0, 1, 41).tolist()
+    ax.hist(p_clean[keep].tolist(), bins=bins, alpha=0.7, label=f"kept ({int(keep.sum())})")
+    ax.hist(p_clean[~keep].tolist(), bins=bins, alpha=0.7, label=f"dropped ({int((~keep).sum())})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("p_clean of model 1's label under model 2")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def _save(fig, path: Path, plt) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

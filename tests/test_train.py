@@ -1,0 +1,154 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import coft_fast
+from coft_fast.config import ConfigError
+from coft_fast.pseudo.filter import ModelView, filter_quality, generate_and_validate
+from coft_fast.pseudo.selection import select_top_k
+
+TINY = [
+    "phase1.steps=30", "phase1.min_epochs=1", "phase1.vpt_tokens=2", "phase1.n_ctx=4", "phase1.batch_size=32",
+    "phase2.epochs=2", "pseudo.top_k=8", "data.num_workers=0", "run.progress=false",
+]
+
+
+def test_selection_reports_short_and_empty_classes():
+    labels = torch.tensor([0, 0, 0, 1, 0, 1])
+    confidence = torch.tensor([0.9, 0.5, 0.7, 0.6, 0.8, 0.95])
+    selection = select_top_k(labels, confidence, 2, ["a", "b", "c"])
+    assert selection.rows.tolist() == [0, 4, 5, 3]
+    assert selection.labels.tolist() == [0, 0, 1, 1]
+    assert selection.counts.tolist() == [2, 2, 0]
+    assert selection.empty_classes == ["c"] and selection.short_classes == []
+    assert select_top_k(labels, confidence, 3, ["a", "b", "c"]).short_classes == ["b"]
+
+
+def test_generate_and_validate_crosses_the_models():
+    eye = torch.eye(3)
+    # model 1 sees sample i as class i; model 2 sees every sample as class 0
+    view1 = ModelView(features=eye.clone(), pos=eye.clone(), neg=torch.zeros(3, 3))
+    view2 = ModelView(features=torch.tensor([[1.0, 0, 0]] * 3), pos=eye.clone(), neg=-eye.clone())
+    result = generate_and_validate(view1, view2, logit_scale=10.0)
+    assert result.labels1.tolist() == [0, 1, 2] and result.labels2.tolist() == [0, 0, 0]
+    # model 2 validates model 1's labels: only class 0 has s+ > s- for model 2's features
+    assert result.keep1.tolist() == [True, False, False]
+    # model 1 validates model 2's label 0: s+ = 10 * x_0 > s- = 0 only for sample 0
+    assert result.keep2.tolist() == [True, False, False]
+    quality = filter_quality(result.labels1, result.keep1, torch.tensor([0, 1, -1]))
+    assert quality == {"kept": 1, "precision": 1.0, "recall": 0.5, "label_accuracy_before": 1.0}
+
+
+def _strip_times(value):
+    if isinstance(value, dict):
+        return {k: _strip_times(v) for k, v in value.items() if k not in ("seconds", "timings")}
+    if isinstance(value, list):
+        return [_strip_times(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def coft_run(tiny_testbed, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coft_run")
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=out,
+                             overrides=TINY)
+    return result, out
+
+
+def test_train_writes_the_run_folder(coft_run):
+    result, out = coft_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for section in ("pool", "zero_shot", "selection", "phase1", "filter", "final", "timings"):
+        assert section in metrics, section
+    assert metrics["method"] == "coft"
+    assert 0 <= metrics["final"]["acc1"] <= 1 and 0 <= metrics["zero_shot"]["acc1"] <= 1
+    assert metrics["filter"]["s1"]["size"] == int(sum(1 for _ in result.clean_sets["s1"]))
+    assert set(metrics["timings"]) >= {"zero_shot", "phase1", "filter", "phase2", "evaluation"}
+    with open(out / "pseudo_labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label",
+                             "kept1", "kept2"]
+    assert len(rows) == metrics["pool"]["num_images"]
+    assert sum(int(r["kept1"]) for r in rows) == metrics["filter"]["s1"]["size"]
+    for name in ("prompts_model1.safetensors", "prompts_model2.safetensors", "finetuned_s1.safetensors",
+                 "config.yaml", "pseudo_label_accuracy.png", "clean_probability.png", "run.log"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_predict_classifies_new_images(coft_run, digits):
+    result, _ = coft_run
+    images = sorted((digits["test"] / "seven").iterdir())[:4]
+    prediction = result.predict([str(p) for p in images])
+    assert len(prediction.predictions) == 4 and all(p in result.class_names for p in prediction.predictions)
+    torch.testing.assert_close(prediction.probabilities.sum(1), torch.ones(4))
+
+
+def test_a_finished_stage_is_not_run_again(coft_run, tiny_testbed, digits):
+    _, out = coft_run
+    with pytest.raises(ConfigError, match="already holds a run"):
+        coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=out, overrides=TINY)
+    with pytest.raises(ConfigError, match="config differs"):
+        coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=out, overrides=TINY + ["seed=5"],
+                        resume=True)
+    again = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=out,
+                            overrides=TINY, resume=True)
+    first = json.loads((out / "metrics.json").read_text())
+    assert _strip_times(again.metrics) == _strip_times(first)
+
+
+def test_self_train_baseline(tiny_testbed, digits, tmp_path):
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"],
+                             method="self-train", out=tmp_path, overrides=TINY)
+    assert result.metrics["method"] == "self-train" and "phase1" not in result.metrics
+    assert result.metrics["phase2"]["s_star"]["train_size"] == result.metrics["selection"]["size"]
+    with open(tmp_path / "pseudo_labels.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["model1_label"] == "" and row["kept1"] == ""
+
+
+def _wait_for(path, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended (code {process.returncode}) before {path.name} appeared")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def test_kill_and_resume_gives_the_same_metrics(tiny_testbed, digits, tmp_path):
+    """SIGKILL a real `coft-fast train` in phase I and again in phase II; the resumed run ends
+    with exactly the metrics of an uninterrupted one."""
+    settings = TINY + ["phase1.steps=80", "phase2.epochs=6", "run.checkpoint_seconds=0"]
+    command = [sys.executable, "-m", "coft_fast", "train", "--images", str(digits["pool"]), "--eval-images",
+               str(digits["test"]), "--model", f"local-dir:{tiny_testbed}", "--no-progress"]
+    for item in settings:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    for marker in ("phase1_model1_progress.pt", "phase2_s1_progress.pt"):
+        process = subprocess.Popen(command + ["--out", str(out)] + (["--resume"] if out.exists() else []), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(out / "checkpoints" / marker, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert not (out / "metrics.json").exists()
+    resumed = subprocess.run(command + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    after = json.loads((out / "metrics.json").read_text())
+    assert _strip_times(after) == _strip_times(whole)
+    assert not list(out.rglob("*.tmp")), "a half-written file was left behind"
