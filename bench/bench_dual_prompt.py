@@ -10,13 +10,12 @@ features (C, d), labels and complement labels, logit scale 100, lambda 1):
   reference  the op's plain-torch path (float32 or wider; only the two needed negative columns);
   fused      the op's Triton kernels (GPU only: the CPU interpreter is ~1000x slower than torch).
 Passes: "fwd" is the training forward (inputs require grad, graph kept), "fwd+bwd" adds backward to
-the image features and both text feature sets.
+the image features and both text feature sets, "fwd_nograd" is the forward under torch.no_grad().
 
-Time and memory are measured exactly as in bench_queue_loss.py (whose helpers this script uses):
-GPU medians from triton.testing.do_bench and max_memory_allocated() minus memory_allocated() before the
-call; CPU medians of interleaved wall-clock runs and, per (variant, pass), a fresh subprocess with
-MALLOC_MMAP_THRESHOLD_=65536 whose peak RSS counter is reset (/proc/self/clear_refs) after the inputs are
-built: peak = VmHWM - VmRSS before the call.
+Time and memory are measured exactly as in bench_queue_loss.py (whose harness this script uses; its
+docstring has the details): GPU medians from triton.testing.do_bench and max_memory_allocated() minus
+memory_allocated() before the call; CPU medians of interleaved wall-clock runs, torch's CPU allocator
+peak from torch.profiler's memory events, and the process's peak RSS from a fresh subprocess.
 Writes bench/results/dual_prompt_<cpu|cuda>.csv and .md; prints one line per configuration and pass.
 """
 from __future__ import annotations
@@ -27,14 +26,13 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench_queue_loss import child_measure, peak_cpu, peak_gpu, summary_line, time_cpu, time_gpu, write_results
+from bench_queue_loss import child_measure, measure, pick_device, report, results_header, write_results
 from common import machine
 
 SCALE = 100.0
 CPU_CONFIGS = ["256,1000,512,float32", "64,100,512,float32"]
 GPU_CONFIGS = ["256,1000,512,float32", "256,1000,512,bfloat16", "64,100,512,bfloat16", "1024,1000,768,bfloat16"]
 QUICK_CONFIGS = ["64,100,128,float32"]
-PASSES = ("fwd", "fwd+bwd")
 
 
 def deft_eager(x, pos, neg, labels, complement, scale, lam=1.0):
@@ -75,10 +73,9 @@ def make_inputs(n, c, d, dtype, device, seed=0):
     return tensors, labels.to(device), complement.to(device)
 
 
-def _child_setup(spec, small):
-    n, c = (min(spec[key], 8) if small else spec[key] for key in ("n", "c"))
-    tensors, labels, complement = make_inputs(n, c, spec["d"], getattr(torch, spec["dtype"]), torch.device("cpu"),
-                                              seed=1 if small else 0)
+def _child_setup(spec):
+    tensors, labels, complement = make_inputs(spec["n"], spec["c"], spec["d"], getattr(torch, spec["dtype"]),
+                                              torch.device("cpu"))
     return variants(torch.device("cpu"), labels, complement), tensors
 
 
@@ -88,50 +85,34 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
     parser.add_argument("--repeats", type=int, default=7, help="CPU timing repeats (GPU uses do_bench)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
+                        "machine 1 avoids stalls of multi-threaded kernels waiting on a busy core")
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 2threads)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        spec = json.loads(args.child)
-        child_measure(spec, _child_setup)
+        child_measure(json.loads(args.child), _child_setup)
         return
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args.device)
     configs = args.config or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     fast = "fused" if device.type == "cuda" else "reference"
     rows = []
     print(f"# dual_prompt_loss on {machine()}; logit_scale={SCALE}; fast path = {fast}")
     for text in configs:
         n, c, d, dtype_name = text.split(",")
-        n, c, d, dtype = int(n), int(c), int(d), getattr(torch, dtype_name)
-        label = f"dual N={n} C={c} d={d} {dtype_name}"
-        tensors, labels, complement = make_inputs(n, c, d, dtype, device)
-        fns = variants(device, labels, complement)
-        if device.type == "cuda":
-            timings = {(name, which): time_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
-            peaks = {(name, which): peak_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
-        else:
-            timings = time_cpu(fns, tensors, args.repeats)
-            spec = dict(n=n, c=c, d=d, dtype=dtype_name, threads=torch.get_num_threads())
-            peaks = {(name, which): peak_cpu(__file__, dict(spec, variant=name, **{"pass": which}))
-                     for name in fns for which in PASSES}
+        n, c, d = int(n), int(c), int(d)
+        tensors, labels, complement = make_inputs(n, c, d, getattr(torch, dtype_name), device)
+        found = measure(device, variants(device, labels, complement), tensors, args.repeats, __file__,
+                        dict(n=n, c=c, d=d, dtype=dtype_name))
         del tensors, labels, complement
-        for which in PASSES:
-            found = {name: (timings[(name, which)], peaks[(name, which)]) for name in fns}
-            print(summary_line(label, which, found, fast), flush=True)
-            eager_ms, eager_peak = found["eager"]
-            for name, (ms, peak) in found.items():
-                rows.append({
-                    "device": device.type, "N": n, "C": c, "d": d, "dtype": dtype_name, "pass": which,
-                    "variant": name, "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 3),
-                    "time_vs_eager": round(ms / eager_ms, 3), "peak_vs_eager": round(peak / max(eager_peak, 1), 4),
-                })
-    stem = f"dual_prompt_{device.type}" + ("_quick" if args.quick else "")
-    header = (f"# dual_prompt_loss benchmark ({device.type})\n\nMachine: {machine()}. logit_scale {SCALE}, lambda 1. "
-              f"Times are medians ({'triton.testing.do_bench' if device.type == 'cuda' else f'{args.repeats} runs'}); "
-              "peak memory is above what the inputs hold (see bench_queue_loss.py's docstring). "
-              "time_vs_eager < 1 and peak_vs_eager < 1 favour the variant.")
-    path = write_results(stem, rows, header)
+        report(f"dual N={n} C={c} d={d} {dtype_name}", {"device": device.type, "N": n, "C": c, "d": d,
+                                                         "dtype": dtype_name}, found, fast, rows)
+    stem = f"dual_prompt_{device.type}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = write_results(stem, rows, results_header("dual_prompt_loss", device, args.repeats,
+                                                    f"logit_scale {SCALE}, lambda 1."))
     print(f"wrote {path}")
 
 

@@ -9,20 +9,25 @@ Variants, all on the same inputs (unit-norm q, k (N, d) and queue (K, d), T = 0.
              autograd.Function (O(N * chunk) memory);
   fused      the op's Triton kernel (GPU only: the CPU interpreter is ~1000x slower than torch).
 Passes: "fwd" is the training forward (q and k require grad, so eager keeps its graph), "fwd+bwd" is
-that plus backward to q and k.
+that plus backward to q and k, "fwd_nograd" the forward under torch.no_grad() (evaluation).
 
 Time: on GPU the median of triton.testing.do_bench; on CPU the median of --repeats wall-clock runs
 (perf_counter) after one warm-up, the variants interleaved run by run so that a noisy neighbour on the
 machine hits all of them alike.
-Peak memory above what the inputs already hold:
-  GPU: max_memory_allocated() during the call minus memory_allocated() just before it.
-  CPU: torch's CPU allocator keeps no statistics, so each (variant, pass) is measured in a fresh
-  subprocess: MALLOC_MMAP_THRESHOLD_=65536 makes glibc serve every large allocation with mmap and give
-  it back to the OS when freed (so the resident size follows live tensors and no freed heap is reused
-  unseen); after building the inputs and a small warm-up call of the same variant (thread pools, BLAS
-  buffers), writing "5" to /proc/self/clear_refs resets the kernel's peak-RSS counter, the call runs, and
-  peak = VmHWM - VmRSS before the call. torch's CPU allocator does not cache blocks, so this is the
-  memory the call itself made resident (allocator bookkeeping and small temporaries included).
+Peak memory above what the inputs already hold (the call's outputs and gradients count):
+  GPU  peak_mib: max_memory_allocated() during the call minus memory_allocated() just before it.
+  CPU  peak_mib: the same quantity for torch's CPU allocator, which keeps no statistics of its own:
+       the call runs under torch.profiler with profile_memory=True, whose allocation events carry the
+       running total of allocated bytes; peak = the highest running total minus the total before the
+       call's first event (one warm-up run of the same call first).
+  CPU  rss_peak_mib, a cross-check at the process level (library buffers included): each (variant, pass)
+       runs in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536, so glibc serves every allocation of
+       64 KiB or more with mmap and returns it to the OS when freed; after the inputs are built and one
+       warm-up run of the same call (thread pools, BLAS packing buffers: a training loop's steady state),
+       writing "5" to /proc/self/clear_refs resets the kernel's peak-RSS counter, the call runs again,
+       and peak = VmHWM - VmRSS before it. Allocations under 64 KiB can reuse freed heap unseen, so this
+       column under-counts small configurations; torch's CPU allocator caches nothing, so large
+       tensors show up exactly.
 Writes bench/results/queue_loss_<cpu|cuda>.csv and .md; prints one line per configuration and pass.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +54,7 @@ TEMPERATURE = 0.07
 CPU_CONFIGS = ["256,65536,512,float32", "64,16384,256,float32"]
 GPU_CONFIGS = ["256,65536,512,bfloat16", "256,65536,512,float32", "64,16384,256,bfloat16", "256,16384,128,float16"]
 QUICK_CONFIGS = ["32,4096,128,float32"]
-PASSES = ("fwd", "fwd+bwd")
+PASSES = ("fwd", "fwd+bwd", "fwd_nograd")
 
 
 def moco_eager(q, k, queue, temperature):
@@ -97,6 +103,9 @@ def call(fn, tensors, which: str):
     for t in tensors:
         if t.requires_grad:
             t.grad = None
+    if which == "fwd_nograd":
+        with torch.no_grad():
+            return fn(*tensors)
     loss = fn(*tensors)
     if which == "fwd+bwd":
         loss.backward()
@@ -106,6 +115,8 @@ def call(fn, tensors, which: str):
 def time_gpu(fn, tensors, which) -> float:
     import triton
 
+    call(fn, tensors, which)  # first call outside the timing: Triton compiles and autotunes here
+    torch.cuda.synchronize()
     return triton.testing.do_bench(lambda: call(fn, tensors, which), warmup=25, rep=200,
                                    grad_to_none=[t for t in tensors if t.requires_grad], return_mode="median")
 
@@ -142,20 +153,47 @@ def peak_gpu(fn, tensors, which) -> int:
     return peak
 
 
+def peak_cpu_allocated(fn, tensors, which) -> int:
+    """Peak bytes held by torch's CPU allocator during the call, above the total before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    warm = call(fn, tensors, which)  # warm-up
+    del warm
+    for t in tensors:
+        t.grad = None
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = call(fn, tensors, which)
+    del out
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"]
+                  if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    for t in tensors:
+        t.grad = None
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(0, max(e["Total Allocated"] for e in events) - start)
+
+
 def _proc_status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M).group(1))
 
 
 def child_measure(spec: dict, setup) -> None:
-    """Runs in a fresh process: prints {"peak_bytes": ...} for one variant and pass.
-    ``setup(spec, small)`` returns (variants, tensors) on the CPU."""
+    """Runs in a fresh process: prints {"peak_bytes": ...} for one variant and pass, measured on the
+    second of two identical calls (the steady state of a training loop). ``setup(spec)`` returns
+    (variants, tensors) on the CPU."""
     torch.set_num_threads(spec["threads"])
-    fns, tensors = setup(spec, small=True)
-    call(fns[spec["variant"]], tensors, spec["pass"])  # warm-up: thread pools, BLAS buffers, lazy imports
-    del fns, tensors
-    fns, tensors = setup(spec, small=False)
+    fns, tensors = setup(spec)
     fn = fns[spec["variant"]]
+    out = call(fn, tensors, spec["pass"])  # warm-up, same call: thread pools, BLAS buffers, lazy imports
+    del out
+    for t in tensors:
+        t.grad = None
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
@@ -166,7 +204,7 @@ def child_measure(spec: dict, setup) -> None:
     print(json.dumps({"peak_bytes": 1024 * (peak - before)}))
 
 
-def peak_cpu(script: str, spec: dict) -> int:
+def peak_cpu_rss(script: str, spec: dict) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
     done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True, check=False)
@@ -175,10 +213,8 @@ def peak_cpu(script: str, spec: dict) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def _child_setup(spec, small):
+def _child_setup(spec):
     n, size, d, dtype = spec["n"], spec["size"], spec["d"], getattr(torch, spec["dtype"])
-    if small:
-        return variants(torch.device("cpu")), make_inputs(min(n, 8), min(size, 512), d, dtype, torch.device("cpu"), 1)
     return variants(torch.device("cpu")), make_inputs(n, size, d, dtype, torch.device("cpu"))
 
 
@@ -199,16 +235,67 @@ def write_results(stem: str, rows: list, header: str) -> Path:
 
 def summary_line(label: str, which: str, found: dict, fast: str) -> str:
     parts = [f"{label} {which}:"]
-    for name, (ms, peak) in found.items():
-        parts.append(f"{name} {ms:.3f} ms {peak / 2**20:.1f} MiB")
-    eager_ms, eager_peak = found["eager"]
-    fast_ms, fast_peak = found[fast]
-    parts.append(f"| time eager/{fast} {eager_ms / fast_ms:.2f}x, peak {fast}/eager "
-                 f"{fast_peak / max(eager_peak, 1):.3f}")
+    for name, m in found.items():
+        parts.append(f"{name} {m['ms']:.3f} ms {m['peak'] / 2**20:.1f} MiB")
+    eager, quick = found["eager"], found[fast]
+    parts.append(f"| time eager/{fast} {eager['ms'] / quick['ms']:.2f}x, peak {fast}/eager "
+                 f"{quick['peak'] / max(eager['peak'], 1):.3f}")
     if "reference" in found and fast != "reference":
-        ref_ms, ref_peak = found["reference"]
-        parts.append(f"(reference/eager time {ref_ms / eager_ms:.2f}x, peak {ref_peak / max(eager_peak, 1):.3f})")
+        ref = found["reference"]
+        parts.append(f"(reference/eager time {ref['ms'] / eager['ms']:.2f}x, "
+                     f"peak {ref['peak'] / max(eager['peak'], 1):.3f})")
     return " ".join(parts)
+
+
+def measure(device, fns: dict, tensors, repeats: int, script: str, spec: dict) -> dict:
+    """{(variant, pass): {"ms", "peak", "rss"}} for one configuration."""
+    found = {}
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            for which in PASSES:
+                found[(name, which)] = {"ms": time_gpu(fn, tensors, which), "peak": peak_gpu(fn, tensors, which),
+                                        "rss": None}
+        return found
+    timings = time_cpu(fns, tensors, repeats)
+    for name, fn in fns.items():
+        for which in PASSES:
+            found[(name, which)] = {
+                "ms": timings[(name, which)],
+                "peak": peak_cpu_allocated(fn, tensors, which),
+                "rss": peak_cpu_rss(script, dict(spec, variant=name, threads=torch.get_num_threads(),
+                                                 **{"pass": which})),
+            }
+    return found
+
+
+def report(label: str, columns: dict, found: dict, fast: str, rows: list) -> None:
+    names = sorted({name for name, _ in found}, key=["eager", "reference", "fused"].index)
+    for which in PASSES:
+        per = {name: found[(name, which)] for name in names}
+        print(summary_line(label, which, per, fast), flush=True)
+        eager = per["eager"]
+        for name, m in per.items():
+            rows.append({
+                **columns, "pass": which, "variant": name, "median_ms": round(m["ms"], 4),
+                "peak_mib": round(m["peak"] / 2**20, 3),
+                "rss_peak_mib": "" if m["rss"] is None else round(m["rss"] / 2**20, 3),
+                "time_vs_eager": round(m["ms"] / eager["ms"], 3),
+                "peak_vs_eager": round(m["peak"] / max(eager["peak"], 1), 4),
+            })
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def results_header(title: str, device, repeats: int, extra: str) -> str:
+    timing = "triton.testing.do_bench" if device.type == "cuda" else f"{repeats} interleaved runs"
+    return (f"# {title} benchmark ({device.type})\n\nMachine: {machine()}; {torch.get_num_threads()} torch threads. "
+            f"{extra} Times are medians ({timing}); peak memory is above what the inputs hold (peak_mib: torch's "
+            "allocator; rss_peak_mib: process resident size, CPU only; see bench_queue_loss.py's docstring). "
+            "time_vs_eager < 1 and peak_vs_eager < 1 favour the variant.")
 
 
 def main() -> None:
@@ -217,15 +304,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
     parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
+                        "machine 1 avoids stalls of multi-threaded kernels waiting on a busy core")
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 2threads)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
-        spec = json.loads(args.child)
-        child_measure(spec, _child_setup)
+        child_measure(json.loads(args.child), _child_setup)
         return
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args.device)
     configs = args.config or (QUICK_CONFIGS if args.quick else GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     fns = variants(device)
     fast = "fused" if device.type == "cuda" else "reference"
@@ -233,33 +323,15 @@ def main() -> None:
     print(f"# queue_info_nce on {machine()}; T={TEMPERATURE}; fast path = {fast}")
     for text in configs:
         n, size, d, dtype = parse_config(text)
-        label = f"queue N={n} K={size} d={d} {str(dtype).replace('torch.', '')}"
+        dtype_name = str(dtype).replace("torch.", "")
         tensors = make_inputs(n, size, d, dtype, device)
-        if device.type == "cuda":
-            timings = {(name, which): time_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
-            peaks = {(name, which): peak_gpu(fn, tensors, which) for name, fn in fns.items() for which in PASSES}
-        else:
-            timings = time_cpu(fns, tensors, args.repeats)
-            spec = dict(n=n, size=size, d=d, dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
-            peaks = {(name, which): peak_cpu(__file__, dict(spec, variant=name, **{"pass": which}))
-                     for name in fns for which in PASSES}
+        found = measure(device, fns, tensors, args.repeats, __file__, dict(n=n, size=size, d=d, dtype=dtype_name))
         del tensors
-        for which in PASSES:
-            found = {name: (timings[(name, which)], peaks[(name, which)]) for name in fns}
-            print(summary_line(label, which, found, fast), flush=True)
-            eager_ms, eager_peak = found["eager"]
-            for name, (ms, peak) in found.items():
-                rows.append({
-                    "device": device.type, "N": n, "K": size, "d": d, "dtype": str(dtype).replace("torch.", ""),
-                    "pass": which, "variant": name, "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 3),
-                    "time_vs_eager": round(ms / eager_ms, 3), "peak_vs_eager": round(peak / max(eager_peak, 1), 4),
-                })
-    stem = f"queue_loss_{device.type}" + ("_quick" if args.quick else "")
-    header = (f"# queue_info_nce benchmark ({device.type})\n\nMachine: {machine()}. Temperature {TEMPERATURE}. "
-              f"Times are medians ({'triton.testing.do_bench' if device.type == 'cuda' else f'{args.repeats} runs'}); "
-              "peak memory is above what the inputs hold (see the script's docstring). "
-              "time_vs_eager < 1 and peak_vs_eager < 1 favour the variant.")
-    path = write_results(stem, rows, header)
+        report(f"queue N={n} K={size} d={d} {dtype_name}", {"device": device.type, "N": n, "K": size, "d": d,
+                                                             "dtype": dtype_name}, found, fast, rows)
+    stem = f"queue_loss_{device.type}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    path = write_results(stem, rows, results_header("queue_info_nce", device, args.repeats,
+                                                    f"Temperature {TEMPERATURE}."))
     print(f"wrote {path}")
 
 

@@ -219,10 +219,11 @@ def _queue_forward(q, k, queue, temperature, with_o, splits=None):
 
 class _QueueInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, queue, temperature, splits):
-        with_o = bool(ctx.needs_input_grad[0])  # the weighted queue sum is needed for dq only
+    def forward(ctx, q, k, queue, temperature, splits, grad_enabled):
+        # (needs_input_grad says True under torch.no_grad() too, hence the caller's grad mode)
+        with_o = grad_enabled and bool(ctx.needs_input_grad[0])  # the weighted queue sum serves dq only
         loss_rows, w0m1, r = _queue_forward(q, k, queue, temperature, with_o, splits)
-        if with_o or ctx.needs_input_grad[1]:
+        if with_o or (grad_enabled and ctx.needs_input_grad[1]):
             ctx.save_for_backward(q, r, w0m1)
         ctx.temperature = float(temperature)
         ctx.k_dtype = k.dtype
@@ -243,7 +244,7 @@ class _QueueInfoNCE(torch.autograd.Function):
             q.stride(0),
             1.0 / (ctx.temperature * n), NEED_DQ=need_dq, NEED_DK=need_dk, BLOCK_M=block_m, BLOCK_D=block_d,
         )
-        return dq, dk, None, None, None
+        return dq, dk, None, None, None, None
 
 
 def queue_info_nce_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
@@ -259,4 +260,4 @@ def queue_info_nce_triton(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
             raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 {name}, got {t.dtype} "
                             "(use backend='reference' for float64)")
     q, k, queue = _contiguous_rows(q), _contiguous_rows(k), _contiguous_rows(queue.detach())
-    return _QueueInfoNCE.apply(q, k, queue, float(temperature), splits)
+    return _QueueInfoNCE.apply(q, k, queue, float(temperature), splits, torch.is_grad_enabled())

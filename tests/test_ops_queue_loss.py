@@ -176,6 +176,29 @@ def test_gradient_to_one_input_and_none(fn):
     assert_close(loss, ref_loss, LOSS_TOL, "no-grad loss", LOSS_ATOL)
 
 
+def test_triton_skips_the_weighted_sum_without_grad(monkeypatch):
+    """Under torch.no_grad() (evaluation) the kernel does not accumulate the softmax-weighted queue sum,
+    which only the gradient of q needs (it would double the work)."""
+    kernels_or_skip()
+    import coft_fast.kernels.queue_loss as kernel_module
+
+    seen = []
+    original = kernel_module._queue_forward
+
+    def spy(q, k, queue, temperature, with_o, splits=None):
+        seen.append(with_o)
+        return original(q, k, queue, temperature, with_o, splits)
+
+    monkeypatch.setattr(kernel_module, "_queue_forward", spy)
+    q, k, queue = make_inputs(4, 100, 16, torch.float32)
+    q.requires_grad_(True)
+    with torch.no_grad():
+        kernel_module.queue_info_nce_triton(q, k, queue, T)
+    kernel_module.queue_info_nce_triton(q, k, queue, T)
+    kernel_module.queue_info_nce_triton(q.detach(), k.requires_grad_(True), queue, T)
+    assert seen == [False, True, False]
+
+
 @pytest.mark.parametrize("fn", ["reference", "triton"])
 def test_queue_is_a_constant_and_nothing_of_size_n_by_k_is_saved(fn):
     """The queue gets no gradient, and the tensors kept for backward are per-row statistics: at most

@@ -29,8 +29,9 @@ from coft_fast.ops._checks import (
     use_triton,
 )
 
-# logits held at once by the chunked reference: N x chunk, with chunk = clamp(budget // N, 256, 16384),
-# that is at most 16 MiB of fp32 logits whatever the queue size (larger chunks keep the CPU GEMMs efficient)
+# elements the chunked reference holds at once: N x chunk logits, plus chunk x d for the float32 copy of
+# a half-precision queue chunk; chunk = clamp(budget // (N [+ d]), 256, 16384), so at most ~16 MiB of
+# fp32 whatever the queue size (larger chunks keep the CPU GEMMs efficient)
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -62,8 +63,8 @@ def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
         return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def _chunk_rows(n: int) -> int:
-    return max(256, min(16384, _CHUNK_ELEMENTS // max(1, n)))
+def _chunk_rows(n: int, d: int, converts: bool) -> int:
+    return max(256, min(16384, _CHUNK_ELEMENTS // (n + (d if converts else 0))))
 
 
 def no_autocast_method(forward):
@@ -81,19 +82,23 @@ class _ChunkedQueueInfoNCE(torch.autograd.Function):
 
     @staticmethod
     @no_autocast_method
-    def forward(ctx, q, k, queue, temperature, chunk):
+    def forward(ctx, q, k, queue, temperature, chunk, grad_enabled):
         compute = torch.promote_types(q.dtype, torch.float32)
         qc, kc = q.to(compute), k.to(compute)
         inv_t = 1.0 / temperature
-        with_o = bool(ctx.needs_input_grad[0])  # the weighted queue sum is needed for dq only
-        need_grad = with_o or bool(ctx.needs_input_grad[1])
+        # (needs_input_grad says True under torch.no_grad() too, hence the caller's grad mode)
+        with_o = grad_enabled and bool(ctx.needs_input_grad[0])  # the weighted queue sum serves dq only
+        need_grad = with_o or (grad_enabled and bool(ctx.needs_input_grad[1]))
         pos = (qc * kc).sum(-1).mul_(inv_t)  # (N,)
         m = pos.clone()  # running max, started at the positive logit
         total = torch.ones_like(pos)  # running sum of exp(logit - m); exp(pos - m) = 1
         weighted = torch.zeros_like(qc) if with_o else None  # running sum of exp(logit - m) * queue_j
+        logits = None
         for start in range(0, queue.shape[0], chunk):
             block = queue[start:start + chunk].to(compute)
-            logits = torch.mm(qc, block.T).mul_(inv_t)  # (N, chunk), the only O(N * chunk) buffer
+            if logits is None or logits.shape[1] != block.shape[0]:
+                logits = qc.new_empty(qc.shape[0], block.shape[0])  # (N, chunk): the one O(N * chunk) buffer
+            logits.addmm_(qc, block.T, beta=0, alpha=inv_t)  # q . queue_j / T, reusing the buffer
             m_new = torch.maximum(m, logits.amax(dim=1))
             alpha = torch.exp(m - m_new)
             logits.sub_(m_new[:, None]).exp_()
@@ -101,7 +106,7 @@ class _ChunkedQueueInfoNCE(torch.autograd.Function):
             if with_o:
                 weighted.mul_(alpha[:, None]).addmm_(logits, block)
             m = m_new
-            del logits, block
+        del logits
         lse = m + torch.log(total)
         loss = (lse - pos).mean()
         if need_grad:
@@ -120,15 +125,18 @@ class _ChunkedQueueInfoNCE(torch.autograd.Function):
         coef = grad * (ctx.inv_t / qc.shape[0])
         dq = (r * coef).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         dk = (qc * (w0m1 * coef)[:, None]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None, None
+        return dq, dk, None, None, None, None
 
 
 def queue_info_nce_reference(q, k, queue, temperature, chunk: int | None = None) -> torch.Tensor:
     """Plain-torch InfoNCE chunked over the queue (float32 or wider); peak memory O(N * chunk)."""
-    chunk = _chunk_rows(q.shape[0]) if chunk is None else int(chunk)
+    if chunk is None:
+        compute = torch.promote_types(q.dtype, torch.float32)
+        chunk = _chunk_rows(q.shape[0], q.shape[1], queue.dtype != compute)
+    chunk = int(chunk)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _ChunkedQueueInfoNCE.apply(q, k, queue.detach(), float(temperature), chunk)
+    return _ChunkedQueueInfoNCE.apply(q, k, queue.detach(), float(temperature), chunk, torch.is_grad_enabled())
 
 
 def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
