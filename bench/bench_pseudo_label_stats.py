@@ -2,6 +2,7 @@
 
     python bench/bench_pseudo_label_stats.py [--sizes 50000x100,1281167x1000] [--repeats 5]
                                              [--large-repeats 3] [--k 16] [--bins 10] [--devices cpu,cuda]
+                                             [--threads 1,2]
 
 Stats (labels, confidences, class counts, confidence histograms) of (N, C) float32 logits:
   torch_softmax       softmax + max + bincount over the whole tensor
@@ -15,10 +16,12 @@ Selection (the k best confidences of every class, indices ordered by class then 
   torch_sort1         one stable sort of an int64 composite key (class << 32 | score bits)
   fused               coft_fast.ops.class_balanced_topk
 Each timing is the median of the repeats after one warm-up (--large-repeats for N * C >= 1e8).
+CPU cases run once per --threads value (torch.set_num_threads; default: torch's own count); GPU
+cases run once.
 All versions are checked against the fused one: labels, counts and selected indices must be
 identical, confidences equal to 1e-5. Writes bench/results/pseudo_label_stats.{csv,md}. The last
-line printed is `speedup_vs_torch=<x>`: the largest CPU case, stats + selection, fused against the
-best torch stats plus the best torch selection.
+line printed is `speedup_vs_torch=<x>`: the largest CPU case (at the largest thread count), stats +
+selection, fused against the best torch stats plus the best torch selection.
 """
 from __future__ import annotations
 
@@ -147,15 +150,15 @@ def compare_stats(ref, got):
     return labels_ok and counts_ok and conf_ok, f"labels {labels_ok}, counts {counts_ok}, max |dconf| {conf_err:.1e}, hist cells off {hist_diff}"
 
 
-def run_case(n, c, device, args, rows, summary):
+def run_case(logits, device, threads, args, rows, summary):
+    n, c = logits.shape
     repeats = args.large_repeats if n * c >= 1e8 else args.repeats
-    logits = make_logits(n, c, device)
-    print(f"\n[{device.type}] N={n} C={c} k={args.k} bins={args.bins} repeats={repeats}", flush=True)
+    print(f"\n[{device.type}, {threads} threads] N={n} C={c} k={args.k} bins={args.bins} repeats={repeats}", flush=True)
     stats_times, stats_out = {}, {}
     for name, fn in STATS.items():
         med, best, out = timed(lambda: fn(logits, args.bins), repeats, device)
         stats_times[name], stats_out[name] = med, out
-        rows.append([device.type, n, c, args.k, args.bins, "stats", name, f"{med:.6f}", f"{best:.6f}", repeats])
+        rows.append([device.type, threads, n, c, args.k, args.bins, "stats", name, f"{med:.6f}", f"{best:.6f}", repeats])
         print(f"  stats     {name:<20} {med * 1e3:10.2f} ms", flush=True)
     fused = stats_out["fused"]
     checks = {}
@@ -169,7 +172,7 @@ def run_case(n, c, device, args, rows, summary):
     for name, fn in SELECT.items():
         med, best, out = timed(lambda: fn(labels, scores, args.k, c), repeats, device)
         select_times[name], select_out[name] = med, out
-        rows.append([device.type, n, c, args.k, args.bins, "selection", name, f"{med:.6f}", f"{best:.6f}", repeats])
+        rows.append([device.type, threads, n, c, args.k, args.bins, "selection", name, f"{med:.6f}", f"{best:.6f}", repeats])
         print(f"  selection {name:<20} {med * 1e3:10.2f} ms", flush=True)
     for name in SELECT:
         if name != "fused":
@@ -184,7 +187,7 @@ def run_case(n, c, device, args, rows, summary):
     both_torch = best_stats[0] + best_select[0]
     both_loop = best_stats[0] + select_times["torch_loop"]
     entry = {
-        "device": device.type, "n": n, "c": c, "repeats": repeats,
+        "device": device.type, "threads": threads, "n": n, "c": c, "repeats": repeats,
         "stats": (stats_times["fused"], best_stats), "select": (select_times["fused"], best_select),
         "select_loop": select_times["torch_loop"], "both": (both_fused, both_torch, both_loop),
         "checks_ok": all(ok for ok, _ in checks.values()),
@@ -195,7 +198,7 @@ def run_case(n, c, device, args, rows, summary):
           f"vs per-class loop: {select_times['torch_loop'] / select_times['fused']:.1f}x")
     print(f"  both      fused vs best torch: {both_torch / both_fused:.2f}x, vs best stats + per-class loop: "
           f"{both_loop / both_fused:.1f}x")
-    del logits, fused, select_out
+    del fused, select_out
     return entry
 
 
@@ -203,21 +206,22 @@ def write_results(rows, summary, args):
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "pseudo_label_stats.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["device", "N", "C", "k", "num_bins", "task", "impl", "median_s", "min_s", "repeats"])
+        w.writerow(["device", "threads", "N", "C", "k", "num_bins", "task", "impl", "median_s", "min_s", "repeats"])
         w.writerows(rows)
     lines = [
         "# Pseudo-label stats and class-balanced selection: fused C++/CUDA ops vs pure torch",
         "",
-        f"Machine: {machine()}; torch threads {torch.get_num_threads()}; CPU kernel path "
+        f"Machine: {machine()}; CPU kernel path "
         f"{torch.ops.coft_fast._cpu_isa()}; {datetime.now(timezone.utc):%Y-%m-%d}.",
         f"Command: `python bench/bench_pseudo_label_stats.py --sizes {args.sizes} --repeats {args.repeats} "
-        f"--large-repeats {args.large_repeats} --k {args.k} --bins {args.bins} --devices {args.devices}`.",
+        f"--large-repeats {args.large_repeats} --k {args.k} --bins {args.bins} --devices {args.devices}"
+        f"{' --threads ' + args.threads if args.threads else ''}`.",
         "Medians in ms (raw numbers in pseudo_label_stats.csv). Best torch = the fastest pure-torch version of each task "
         "(stats: softmax, row-blocked softmax or logsumexp; selection: per-class topk loop, two argsorts or one "
         "composite-key sort). 'both' = stats + selection; its loop column = best torch stats + the per-class loop.",
         "",
-        "| device | N | C | task | fused | best torch (which) | per-class loop | vs best torch | vs loop | outputs identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| device | threads | N | C | task | fused | best torch (which) | per-class loop | vs best torch | vs loop | outputs identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
@@ -225,10 +229,11 @@ def write_results(rows, summary, args):
         fsel, (tsel, selname) = e["select"]
         bf, bt, bl = e["both"]
         same = "yes" if e["checks_ok"] else "NO (see log)"
-        lines.append(f"| {e['device']} | {e['n']} | {e['c']} | stats | {ms(fs)} | {ms(ts)} ({tname}) | - | {ts / fs:.2f}x | - | {same} |")
-        lines.append(f"| {e['device']} | {e['n']} | {e['c']} | selection | {ms(fsel)} | {ms(tsel)} ({selname}) | "
+        where = f"{e['device']} | {e['threads']}"
+        lines.append(f"| {where} | {e['n']} | {e['c']} | stats | {ms(fs)} | {ms(ts)} ({tname}) | - | {ts / fs:.2f}x | - | {same} |")
+        lines.append(f"| {where} | {e['n']} | {e['c']} | selection | {ms(fsel)} | {ms(tsel)} ({selname}) | "
                      f"{ms(e['select_loop'])} | {tsel / fsel:.2f}x | {e['select_loop'] / fsel:.1f}x | {same} |")
-        lines.append(f"| {e['device']} | {e['n']} | {e['c']} | both | {ms(bf)} | {ms(bt)} | {ms(bl)} | {bt / bf:.2f}x | "
+        lines.append(f"| {where} | {e['n']} | {e['c']} | both | {ms(bf)} | {ms(bt)} | {ms(bl)} | {bt / bf:.2f}x | "
                      f"{bl / bf:.1f}x | {same} |")
     (RESULTS / "pseudo_label_stats.md").write_text("\n".join(lines) + "\n")
 
@@ -241,6 +246,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--bins", type=int, default=10)
     parser.add_argument("--devices", default="cpu,cuda", help="cuda is skipped (and said so) without a GPU")
+    parser.add_argument("--threads", default="", help="comma-separated CPU thread counts (default: torch's)")
     args = parser.parse_args()
     _extension.require("pseudo_label_stats", torch.device("cpu"))
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
@@ -251,14 +257,21 @@ def main() -> None:
             continue
         devices.append(torch.device(name))
     print(machine(), f"| torch threads {torch.get_num_threads()} | CPU kernel path {torch.ops.coft_fast._cpu_isa()}")
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     rows, summary = [], []
-    for device in devices:
-        for n, c in sizes:
-            run_case(n, c, device, args, rows, summary)
+    for n, c in sizes:
+        logits = make_logits(n, c, torch.device("cpu"))
+        for device in devices:
+            data = logits.to(device)
+            for threads in (thread_counts if device.type == "cpu" else [torch.get_num_threads()]):
+                torch.set_num_threads(threads)
+                run_case(data, device, threads, args, rows, summary)
+            del data
+        del logits
     write_results(rows, summary, args)
     cpu = [e for e in summary if e["device"] == "cpu"]
     if cpu:
-        largest = max(cpu, key=lambda e: e["n"] * e["c"])
+        largest = max(cpu, key=lambda e: (e["n"] * e["c"], e["threads"]))
         fused, torch_best, _ = largest["both"]
         print(f"speedup_vs_torch={torch_best / fused:.2f}")
 
