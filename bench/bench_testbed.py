@@ -14,16 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import coft_fast
-from coft_fast.data import from_folder
-from coft_fast.models import load_clip
-from coft_fast.pseudo import encode_images
 from coft_fast.runtime.io import atomic_write_json
-from coft_fast.runtime.metrics import linear_probe_accuracy
 
-from common import RESULTS, data_root, machine
+from common import RESULTS, data_root, linear_probe_ceiling, machine
 
 
 def main() -> None:
@@ -41,12 +35,7 @@ def main() -> None:
 
     zs = coft_fast.zeroshot(root / "test", model=f"local-dir:{out}", templates="ensemble", out=out / "zeroshot_test",
                             overrides=["data.num_workers=0", "run.progress=false"])
-    clip = load_clip(f"local-dir:{out}")
-    device = torch.device("cpu")
-    pool = from_folder(root / "pool")
-    pool_features, pool_positions = encode_images(clip, pool, device, batch_size=512, progress=False)
-    pool_labels = torch.tensor(pool.labels)[pool_positions]
-    probe = linear_probe_accuracy(pool_features, pool_labels, zs.image_features, zs.labels, seed=args.seed)
+    probe = linear_probe_ceiling(out, root, seed=args.seed)
 
     result = {
         "seed": args.seed,

@@ -23,3 +23,21 @@ def data_root() -> Path:
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+def linear_probe_ceiling(model_dir, root: Path, seed: int = 0) -> float:
+    """Top-1 on cifar10/test of a linear probe on the frozen features of cifar10/pool with its TRUE
+    labels: an oracle ceiling for the tables, never used by any method."""
+    from coft_fast.data import from_folder
+    from coft_fast.models import load_clip
+    from coft_fast.pseudo import encode_images
+    from coft_fast.runtime.metrics import linear_probe_accuracy
+
+    clip = load_clip(f"local-dir:{model_dir}")
+    device = torch.device("cpu")
+    features = {}
+    for split in ("pool", "test"):
+        source = from_folder(root / split)
+        feats, positions = encode_images(clip, source, device, batch_size=512, progress=False)
+        features[split] = (feats, torch.tensor(source.labels)[positions])
+    return linear_probe_accuracy(*features["pool"], *features["test"], seed=seed)

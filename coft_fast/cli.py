@@ -120,9 +120,11 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
-        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress)
-        _print_metrics("demo zero-shot (digits, test-bed model)", metrics)
-        print(f"outputs: {args.out}/")
+        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides)
+        print("demo: CoFT on scikit-learn's digits with the offline test-bed model")
+        _print_train_summary(metrics)
+        print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "
+              f"(outputs in {args.out}/)")
     return 0
 
 

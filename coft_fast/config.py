@@ -107,7 +107,7 @@ class Phase2Config:
     batch_size: int = 64
     lr: float = 5e-4
     # The head learns this many times faster than the backbone.
-    head_lr_scale: float = 10.0
+    head_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0

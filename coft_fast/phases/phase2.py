@@ -23,10 +23,28 @@ from coft_fast.runtime.device import autocast
 log = logging.getLogger(__name__)
 
 
+class ScaledLinearHead(nn.Module):
+    """logits = scale * f @ weight.T + bias for normalised features f, with ``scale`` fixed.
+
+    Started from the zero-shot classifier (weight = class text embeddings, scale = CLIP's logit
+    scale), the head's weights have unit-sized rows, so its updates are on the scale of the weights
+    rather than 1/100 of it, as they would be for a plain Linear holding scale * embeddings.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone().float())
+        self.bias = nn.Parameter(torch.zeros(weight.shape[0], device=weight.device))
+        self.register_buffer("scale", torch.tensor(float(scale), device=weight.device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * (features @ self.weight.T) + self.bias
+
+
 class FineTunedClassifier(nn.Module):
     """logits = head(normalize(visual(x))): CLIP's image features with a linear head."""
 
-    def __init__(self, visual: nn.Module, head: nn.Linear):
+    def __init__(self, visual: nn.Module, head: ScaledLinearHead):
         super().__init__()
         self.visual = visual
         self.head = head
@@ -37,23 +55,19 @@ class FineTunedClassifier(nn.Module):
 
 def build_classifier(visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float, head_init: str,
                      seed: int) -> FineTunedClassifier:
-    """A trainable copy of ``visual`` and a (C x d) head: the zero-shot classifier (logit_scale times the
-    class text embeddings, so training starts at zero-shot accuracy) or a random one."""
+    """A trainable copy of ``visual`` and a (C x d) head: the zero-shot classifier (the class text
+    embeddings at CLIP's logit scale, so training starts at zero-shot accuracy) or a random one."""
     import copy
 
-    num_classes, dim = text_embeddings.shape
-    head = nn.Linear(dim, num_classes)
-    with torch.no_grad():
-        if head_init == "zeroshot":
-            head.weight.copy_(logit_scale * text_embeddings.float())
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            head.weight.copy_(torch.randn(num_classes, dim, generator=generator) * dim**-0.5)
-        head.bias.zero_()
+    if head_init == "zeroshot":
+        weight = text_embeddings.float()
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        weight = F.normalize(torch.randn(text_embeddings.shape, generator=generator), dim=-1).to(text_embeddings.device)
     visual = copy.deepcopy(visual)
     for parameter in visual.parameters():
         parameter.requires_grad_(True)
-    return FineTunedClassifier(visual, head.to(text_embeddings.device))
+    return FineTunedClassifier(visual, ScaledLinearHead(weight, logit_scale))
 
 
 def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,

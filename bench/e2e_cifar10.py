@@ -1,0 +1,112 @@
+"""End to end on CIFAR-10 with the test bed: zero-shot, self-train and CoFT over several seeds.
+
+    python bench/e2e_cifar10.py [--seeds 0 1 2] [--methods coft self-train] [--testbed DIR]
+                                [--work DIR] [--set key=value ...]
+
+The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one;
+cifar10/pool is the unlabelled pool (its labels are used only for the diagnostics columns),
+cifar10/test the evaluation set. A linear probe on the pool's TRUE labels gives the ceiling (an
+oracle for the table, never used by a method). Each run is a normal `coft_fast.train` run folder
+under --work and resumes if interrupted, so the script can be re-run until every run has finished.
+Writes bench/results/e2e_cifar10.csv and bench/results/e2e_cifar10.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import coft_fast
+from coft_fast.runtime.io import atomic_write_csv, atomic_write_text
+
+from common import RESULTS, data_root, linear_probe_ceiling, machine
+
+COLUMNS = [
+    ("zero-shot", lambda m: m["zero_shot"]["acc1"]),
+    ("S* precision", lambda m: m["selection"]["pseudo_label_accuracy"]),
+    ("phase I model 1", lambda m: m.get("phase1", {}).get("model1", {}).get("acc1")),
+    ("phase I model 2", lambda m: m.get("phase1", {}).get("model2", {}).get("acc1")),
+    ("clean set size", lambda m: m.get("filter", {}).get("s1", {}).get("size")),
+    ("filter precision", lambda m: m.get("filter", {}).get("s1", {}).get("precision")),
+    ("filter recall", lambda m: m.get("filter", {}).get("s1", {}).get("recall")),
+    ("final", lambda m: m["final"]["acc1"]),
+]
+
+
+def run_one(root: Path, testbed: Path, method: str, seed: int, work: Path, overrides) -> dict:
+    out = work / f"{method}_seed{seed}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    started = time.perf_counter()
+    result = coft_fast.train(root / "pool", model=f"local-dir:{testbed}", eval_images=root / "test", method=method,
+                             out=out, resume=True, overrides=[f"seed={seed}", "run.progress=false", *overrides])
+    print(f"{method} seed {seed}: final {100 * result.metrics['final']['acc1']:.2f} "
+          f"(zero-shot {100 * result.metrics['zero_shot']['acc1']:.2f}) in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    return result.metrics
+
+
+def fmt(value, percent=True):
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{100 * value:.2f}" if percent else f"{value:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["coft", "self-train"])
+    parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
+    parser.add_argument("--work", default=str(RESULTS / "tmp" / "e2e_cifar10"), help="folder for the run folders")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    root = data_root() / "cifar10"
+    work = Path(args.work)
+    testbed = Path(args.testbed) if args.testbed else work / "testbed"
+    if not (testbed / "open_clip_config.json").is_file():
+        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+    ceiling = linear_probe_ceiling(testbed, root)
+
+    runs = {(method, seed): run_one(root, testbed, method, seed, work, args.overrides)
+            for seed in args.seeds for method in args.methods}
+
+    header = ["method", "seed"] + [name for name, _ in COLUMNS] + ["linear probe (oracle)", "phase seconds"]
+    rows = []
+    for (method, seed), metrics in runs.items():
+        values = [get(metrics) for _, get in COLUMNS]
+        times = ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings"].items())
+        rows.append([method, seed] + values + [ceiling, times])
+    atomic_write_csv(RESULTS / "e2e_cifar10.csv", header, rows)
+
+    lines = [f"# End to end on CIFAR-10 with the test bed ({machine()})", "",
+             f"Test bed: {testbed}; pool: cifar10/pool (10,000 images, labels hidden); eval: cifar10/test. "
+             f"Top-1 and precisions in %. Overrides: {args.overrides or 'none (default config)'}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row[0], str(row[1])] + [fmt(v) for v in row[2:-1]] + [row[-1]]) + " |")
+    summary = []
+    for method in args.methods:
+        finals = [runs[(method, s)]["final"]["acc1"] for s in args.seeds]
+        zero = [runs[(method, s)]["zero_shot"]["acc1"] for s in args.seeds]
+        summary.append((method, statistics.mean(finals), statistics.mean(zero)))
+        lines.append(f"| **{method} mean** | - | {fmt(statistics.mean(zero))} | | | | | | | "
+                     f"{fmt(statistics.mean(finals))} | {fmt(ceiling)} | |")
+    lines.append("")
+    means = {method: final for method, final, _ in summary}
+    zero_mean = summary[0][2]
+    if "coft" in means:
+        gap_closed = (means["coft"] - zero_mean) / max(ceiling - zero_mean, 1e-9)
+        lines.append(f"CoFT closes {100 * gap_closed:.0f} % of the gap between zero-shot ({fmt(zero_mean)}) and the "
+                     f"ceiling ({fmt(ceiling)}).")
+        if "self-train" in means:
+            lines.append(f"CoFT minus self-train: {100 * (means['coft'] - means['self-train']):+.2f} points.")
+    atomic_write_text(RESULTS / "e2e_cifar10.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
