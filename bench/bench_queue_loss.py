@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from common import RESULTS, machine
 
 TEMPERATURE = 0.07
-CPU_CONFIGS = ["256,65536,512,float32", "64,16384,256,float32"]
+CPU_CONFIGS = ["256,65536,512,float32", "64,16384,256,float32", "256,65536,512,bfloat16"]
 GPU_CONFIGS = ["256,65536,512,bfloat16", "256,65536,512,float32", "64,16384,256,bfloat16", "256,16384,128,float16"]
 QUICK_CONFIGS = ["32,4096,128,float32"]
 PASSES = ("fwd", "fwd+bwd", "fwd_nograd")

@@ -106,6 +106,7 @@ class _ChunkedQueueInfoNCE(torch.autograd.Function):
             if with_o:
                 weighted.mul_(alpha[:, None]).addmm_(logits, block)
             m = m_new
+            del block  # (a converted copy must go before the next one is made)
         del logits
         lse = m + torch.log(total)
         loss = (lse - pos).mean()
