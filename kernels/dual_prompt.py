@@ -19,10 +19,11 @@ Backward:
   3. ``_dual_logit_grad_kernel``, grid (row blocks, column blocks): recomputes the logit tiles and
      writes dS (N x C; backward is allowed that one intermediate), then cuBLAS does
      dx = dS @ P and dP = dS.T @ x.
-  4. ``_dual_rows_kernel``: the two gathered negative rows: dQ by atomic adds (fp32), the negative
-     part of dx (unless ``detach_image_in_neg``), and the logit-scale gradient's share.
+  4. ``_dual_rows_kernel``: the two gathered negative rows: dQ by atomic adds (fp32; the summation
+     order, like torch's index_add_ on CUDA, is not deterministic) and the negative part of dx
+     (unless ``detach_image_in_neg``), to which one addmm_ adds dS @ P.
 The logit scale is read from device memory when it is a tensor (no host synchronisation) and gets
-a gradient when it requires one.
+a gradient when it requires one, from the GEMM results: (sum(dP * P) + sum(dQ * Q)) / s.
 """
 from __future__ import annotations
 
@@ -383,7 +384,7 @@ class _DualPromptLoss(torch.autograd.Function):
                 dpos = torch.mm(dlogits.T, x)
         need_dx_neg = need_x and not ctx.detach_image_in_neg
         if need_dx_neg or need_neg or need_scale:
-            if need_x:
+            if need_dx_neg:
                 dx = torch.empty(n, d, device=device, dtype=x.dtype)
             dneg32 = torch.zeros(c, d, **f32) if (need_neg or need_scale) else lse
             block_n, block_d = 16, _block_d(d)
