@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 from datetime import datetime, timezone
@@ -202,7 +203,7 @@ def run_case(logits, device, threads, args, rows, summary):
     return entry
 
 
-def write_results(rows, summary, args):
+def write_results(rows, summary, args, load_before):
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "pseudo_label_stats.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -216,6 +217,8 @@ def write_results(rows, summary, args):
         f"Command: `python bench/bench_pseudo_label_stats.py --sizes {args.sizes} --repeats {args.repeats} "
         f"--large-repeats {args.large_repeats} --k {args.k} --bins {args.bins} --devices {args.devices}"
         f"{' --threads ' + args.threads if args.threads else ''}`.",
+        f"1-minute load average of the machine (shared with other jobs): {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after the run; on a loaded machine the 2-thread figures suffer most.",
         "Medians in ms (raw numbers in pseudo_label_stats.csv). Best torch = the fastest pure-torch version of each task "
         "(stats: softmax, row-blocked softmax or logsumexp; selection: per-class topk loop, two argsorts or one "
         "composite-key sort). 'both' = stats + selection; its loop column = best torch stats + the per-class loop.",
@@ -257,6 +260,7 @@ def main() -> None:
             continue
         devices.append(torch.device(name))
     print(machine(), f"| torch threads {torch.get_num_threads()} | CPU kernel path {torch.ops.coft_fast._cpu_isa()}")
+    load_before = os.getloadavg()[0]
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     rows, summary = [], []
     for n, c in sizes:
@@ -268,7 +272,7 @@ def main() -> None:
                 run_case(data, device, threads, args, rows, summary)
             del data
         del logits
-    write_results(rows, summary, args)
+    write_results(rows, summary, args, load_before)
     cpu = [e for e in summary if e["device"] == "cpu"]
     if cpu:
         largest = max(cpu, key=lambda e: (e["n"] * e["c"], e["threads"]))
