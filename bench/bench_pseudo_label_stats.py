@@ -208,6 +208,11 @@ def run_case(logits, device, threads, args, rows, summary):
     return entry
 
 
+CONTENTION_NOTE = ("At 2 threads a CPU time close to the wall-clock time means only one core was actually free "
+                   "(the other was running other jobs): OpenMP threads then wait for each other, so those rows "
+                   "measure contention more than the ops.")
+
+
 def write_results(rows, summary, args, load_before):
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "pseudo_label_stats.csv", "w", newline="") as f:
@@ -246,7 +251,7 @@ def write_results(rows, summary, args, load_before):
     lines += [
         "",
         "The same 'both' ratios from process CPU time (all threads; with 1 thread this is the op's own cost and "
-        "does not suffer when other jobs take the cores):",
+        "does not suffer when other jobs take the cores). " + CONTENTION_NOTE,
         "",
         "| device | threads | N | C | fused CPU s | best torch CPU s | torch stats + loop CPU s | vs best torch | vs loop |",
         "|---|---|---|---|---|---|---|---|---|",
