@@ -46,10 +46,12 @@ def _pretrained_value(pretrained):
     return pretrained
 
 
-def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None) -> ImageSource:
-    """An ImageSource from a folder, CSV or CoOp split JSON, with the data settings of ``cfg``."""
+def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None, evaluation: bool = False) -> ImageSource:
+    """An ImageSource from a folder, CSV or CoOp split JSON, with the data settings of ``cfg``
+    (``data.eval_split`` instead of ``data.split`` for evaluation images)."""
     cfg = cfg or Config()
-    return load_source(images, classes, split=cfg.data.split, image_root=cfg.data.image_root)
+    split = cfg.data.eval_split if evaluation else cfg.data.split
+    return load_source(images, classes, split=split, image_root=cfg.data.image_root)
 
 
 def zeroshot(
@@ -293,7 +295,7 @@ def train(
     if out_dir:
         _check_resume(out_dir, cfg, resume)
     pool = load_images(images, classes, cfg)
-    eval_source = load_images(eval_images, pool.class_names, cfg) if eval_images is not None else None
+    eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
     if pool.num_classes < 2:
         raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
     handler = writer = None

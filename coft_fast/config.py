@@ -45,6 +45,8 @@ class DataConfig:
     num_workers: int = 2
     # For CoOp split JSON files: which split to read ("train", "val" or "test").
     split: Optional[str] = None
+    # For CoOp split JSON files given as evaluation images (train --eval-images): their split.
+    eval_split: str = "test"
     # For CoOp split JSON files: the folder the JSON paths are relative to (None: found next to it).
     image_root: Optional[str] = None
 
@@ -257,8 +259,9 @@ class Config:
             raise ConfigError(f"config key 'testbed.lookalike_share' must be in [0, 1), got {self.testbed.lookalike_share}")
         if self.testbed.longtail_ratio < 1.0:
             raise ConfigError(f"config key 'testbed.longtail_ratio' must be >= 1, got {self.testbed.longtail_ratio}")
-        if self.data.split not in (None, "train", "val", "test"):
-            raise ConfigError(f"config key 'data.split' must be train, val or test, got {self.data.split!r}")
+        for key, value in (("data.split", self.data.split), ("data.eval_split", self.data.eval_split)):
+            if value not in (None, "train", "val", "test"):
+                raise ConfigError(f"config key {key!r} must be train, val or test, got {value!r}")
         return self
 
     def override(self, assignments: Iterable[str]) -> "Config":
