@@ -20,7 +20,7 @@ from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
 from coft_fast.models.visual_prompts import VisualPrompts
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
-from coft_fast.runtime.checkpoint import load_state, save_state
+from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,8 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
     epochs = math.ceil(total / per_epoch)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
-    start_epoch, step, history = 0, 0, []
-    state = load_state(checkpoint) if checkpoint is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+    start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
+    if step:
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
     labels = labels.to(device)
     last_save = time.monotonic()
@@ -146,11 +141,7 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
                     writer.add_scalar(f"phase1/{tag}/lr", scheduler.get_last_lr()[0], step)
         done = step >= total
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
-            save_state(checkpoint, {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "step": step, "history": history,
-            })
+            save_training(checkpoint, model.state_dict(), optimizer, scheduler, epoch, step, history)
             last_save = time.monotonic()
         if done:
             break

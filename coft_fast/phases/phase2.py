@@ -17,7 +17,7 @@ from coft_fast.data import ImageSource, iterate_batches
 from coft_fast.data.resident import ResidentImages, epoch_batches
 from coft_fast.phases.phase1 import NonFiniteLossError
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
-from coft_fast.runtime.checkpoint import load_state, save_state
+from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,8 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
     )
     scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
-    start_epoch, step, history = 0, 0, []
-    state = load_state(checkpoint) if checkpoint is not None else None
-    if state is not None:
-        classifier.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+    start_epoch, step, history = restore_training(checkpoint, classifier, optimizer, scheduler)
+    if step:
         log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
     labels = labels.to(device)
     classifier.train()
@@ -125,10 +120,7 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
             writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
         done = epoch == cfg.epochs - 1
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
-            save_state(checkpoint, {
-                "model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "history": history,
-            })
+            save_training(checkpoint, classifier.state_dict(), optimizer, scheduler, epoch, step, history)
             last_save = time.monotonic()
     bar.close()
     classifier.eval()

@@ -55,3 +55,26 @@ class StageStore:
 
     def has_any(self) -> bool:
         return self.folder is not None and any(self.folder.glob("*.pt"))
+
+
+def restore_training(path: Optional[Path], model, optimizer, scheduler):
+    """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``.
+
+    Returns (first epoch to run, optimiser steps done, history); (0, 0, []) when there is none.
+    """
+    state = load_state(path) if path is not None else None
+    if state is None:
+        return 0, 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1, state["step"], state["history"]
+
+
+def save_training(path: Path, model_state, optimizer, scheduler, epoch: int, step: int, history) -> None:
+    """The state after ``epoch``: enough for :func:`restore_training` to continue exactly."""
+    save_state(path, {
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "step": step, "history": history,
+    })
