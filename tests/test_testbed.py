@@ -14,14 +14,14 @@ from coft_fast.testbed import (
 )
 
 
-def test_folder_is_an_open_clip_local_dir(tiny_testbed):
+def test_folder_is_an_open_clip_local_dir(tiny_testbed, digits):
     config = json.loads((tiny_testbed / "open_clip_config.json").read_text())
     assert config["model_cfg"]["text_cfg"]["vocab_size"] == 49408
     assert config["model_cfg"]["text_cfg"]["context_length"] >= 32
     assert config["preprocess_cfg"]["size"] == 16
     assert (tiny_testbed / "open_clip_model.safetensors").is_file()
     report = json.loads((tiny_testbed / "testbed_report.json").read_text())
-    assert report["num_images"] > 800 and set(report["lookalike"]) == set(report["captions_per_class"])
+    assert report["num_images"] == len(list(digits["pretrain"].rglob("*.png"))) and set(report["lookalike"]) == set(report["captions_per_class"])
 
 
 def test_same_seed_same_weights(digits, tmp_path, tiny_testbed):
