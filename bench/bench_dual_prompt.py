@@ -20,14 +20,12 @@ Writes bench/results/dual_prompt_<cpu|cuda>.csv and .md; prints one line per con
 """
 from __future__ import annotations
 
-import argparse
-import json
 
 import torch
 import torch.nn.functional as F
 
 from bench_queue_loss import child_measure, measure, pick_device, report, results_header, write_results
-from common import machine
+from common import machine, op_bench_parser, start_op_bench
 
 SCALE = 100.0
 CPU_CONFIGS = ["256,1000,512,float32", "64,100,512,float32"]
@@ -80,20 +78,8 @@ def _child_setup(spec):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", help="N,C,d,dtype (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=7, help="CPU timing repeats (GPU uses do_bench)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
-                        "machine 1 avoids stalls of multi-threaded kernels waiting on a busy core")
-    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 2threads)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        child_measure(json.loads(args.child), _child_setup)
+    args = op_bench_parser(__doc__.splitlines()[0], "N,C,d,dtype", repeats=7).parse_args()
+    if start_op_bench(args, child_measure, _child_setup):
         return
 
     device = pick_device(args.device)

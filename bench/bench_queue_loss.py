@@ -32,7 +32,6 @@ Writes bench/results/queue_loss_<cpu|cuda>.csv and .md; prints one line per conf
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import json
@@ -48,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, machine
+from common import RESULTS, machine, op_bench_parser, start_op_bench
 
 TEMPERATURE = 0.07
 CPU_CONFIGS = ["256,65536,512,float32", "64,16384,256,float32", "256,65536,512,bfloat16"]
@@ -299,20 +298,8 @@ def results_header(title: str, device, repeats: int, extra: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", help="N,K,d,dtype (repeatable)")
-    parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=5, help="CPU timing repeats (GPU uses do_bench)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
-                        "machine 1 avoids stalls of multi-threaded kernels waiting on a busy core")
-    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 2threads)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        child_measure(json.loads(args.child), _child_setup)
+    args = op_bench_parser(__doc__.splitlines()[0], "N,K,d,dtype", repeats=5).parse_args()
+    if start_op_bench(args, child_measure, _child_setup):
         return
 
     device = pick_device(args.device)

@@ -1,6 +1,8 @@
 """Shared helpers of the benchmark scripts: where the shared data is, and writing results."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import sys
@@ -41,3 +43,27 @@ def linear_probe_ceiling(model_dir, root: Path, seed: int = 0) -> float:
         feats, positions = encode_images(clip, source, device, batch_size=512, progress=False)
         features[split] = (feats, torch.tensor(source.labels)[positions])
     return linear_probe_accuracy(*features["pool"], *features["test"], seed=seed)
+
+
+def op_bench_parser(description: str, config_help: str, repeats: int) -> argparse.ArgumentParser:
+    """The command line shared by the per-op benchmarks."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", action="append", help=f"{config_help} (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="one small configuration (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="CPU timing repeats (GPU uses do_bench)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a shared "
+                        "machine 1 avoids stalls of multi-threaded kernels waiting on a busy core")
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. 2threads)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def start_op_bench(args, child_measure, child_setup) -> bool:
+    """Apply --threads; in a --child process run its one measurement and return True."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        child_measure(json.loads(args.child), child_setup)
+        return True
+    return False
