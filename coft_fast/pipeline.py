@@ -46,7 +46,6 @@ class RunState:
     filter: Optional[FilterResult] = None
     prompt_models: List[PromptModel] = field(default_factory=list)
     classifiers: Dict[str, FineTunedClassifier] = field(default_factory=dict)
-    train_sets: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
     metrics: Dict = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
 

@@ -20,7 +20,6 @@ The result is written as an open_clip ``local-dir`` folder and loaded back only 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path

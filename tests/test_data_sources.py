@@ -148,7 +148,8 @@ def _moved(json_path, tmp_path):
 
 def test_corrupt_and_non_image_files_are_skipped_and_reported(tmp_path):
     root = tmp_path / "imgs"
-    good = [make_image(root / "cat" / f"{i}.png") for i in range(3)]
+    for i in range(3):
+        make_image(root / "cat" / f"{i}.png")
     (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "cat" / "empty.png").write_bytes(b"")
     make_image(root / "cat" / "gray.png", mode="L")

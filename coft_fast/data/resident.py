@@ -8,7 +8,7 @@ resized crops), flipped and normalised: no per-epoch decoding.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torchvision.transforms as T

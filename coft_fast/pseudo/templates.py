@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, List, Sequence, Union
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
