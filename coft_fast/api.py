@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-from coft_fast.config import Config, ConfigError
+from coft_fast.config import Config, ConfigError, set_value
 from coft_fast.data import ImageSource, load_source
 from coft_fast.models import load_clip
 from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
@@ -32,8 +32,6 @@ def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iter
     else:
         cfg = Config.load(config)
     cfg.override(list(overrides))
-    from coft_fast.config import set_value
-
     for key, value in fields.items():
         if value is not UNSET:
             set_value(cfg, key.replace("__", "."), value)
@@ -351,19 +349,16 @@ def write_train_outputs(run, out_dir: Path) -> None:
     confidence, zs_labels = probabilities.max(1)
     result = state.filter
     paths = [run.pool.paths[i] for i in state.positions.tolist()]
-
-    def column(values, index, fmt=str):
-        return "" if values is None else fmt(values[index])
-
-    rows = []
-    for i, path in enumerate(paths):
-        rows.append((
-            path, names[int(zs_labels[i])], f"{float(confidence[i]):.6f}",
-            column(None if result is None else result.labels1, i, lambda v: names[int(v)]),
-            column(None if result is None else result.labels2, i, lambda v: names[int(v)]),
-            column(None if result is None else result.keep1, i, lambda v: int(bool(v))),
-            column(None if result is None else result.keep2, i, lambda v: int(bool(v))),
-        ))
+    empty = [""] * len(paths)  # the columns a method does not produce stay empty
+    if result is None:
+        model1 = model2 = kept1 = kept2 = empty
+    else:
+        model1 = [names[i] for i in result.labels1.tolist()]
+        model2 = [names[i] for i in result.labels2.tolist()]
+        kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
+    zs_names = [names[i] for i in zs_labels.tolist()]
+    confidences = [f"{c:.6f}" for c in confidence.tolist()]
+    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2)
     atomic_write_csv(out_dir / "pseudo_labels.csv",
                      ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2"],
                      rows)

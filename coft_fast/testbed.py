@@ -85,7 +85,7 @@ def model_config(cfg: TestbedConfig) -> Dict:
     }
 
 
-def load_images(source: ImageSource, image_size: int, progress: bool = True):
+def decode_labelled_images(source: ImageSource, image_size: int, progress: bool = True):
     """Decode a labelled source into a uint8 (N, 3, S, S) tensor and int64 labels; broken files are skipped."""
     from PIL import Image
 
@@ -254,7 +254,7 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     model = CLIP(**model_config(cfg))
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
 
-    images, labels = load_images(source, cfg.image_size, progress)
+    images, labels = decode_labelled_images(source, cfg.image_size, progress)
     num_classes = source.num_classes
     t0 = time.perf_counter()
     stage1 = train_image_tower(model, images, labels, num_classes, cfg, generator, progress)
