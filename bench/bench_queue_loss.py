@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, machine, op_bench_parser, start_op_bench
+from common import RESULTS, machine, op_bench_parser, results_stem, start_op_bench
 
 TEMPERATURE = 0.07
 CPU_CONFIGS = ["256,65536,512,float32", "64,16384,256,float32", "256,65536,512,bfloat16"]
@@ -316,7 +316,7 @@ def main() -> None:
         del tensors
         report(f"queue N={n} K={size} d={d} {dtype_name}", {"device": device.type, "N": n, "K": size, "d": d,
                                                              "dtype": dtype_name}, found, fast, rows)
-    stem = f"queue_loss_{device.type}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    stem = results_stem("queue_loss", device, args)
     path = write_results(stem, rows, results_header("queue_info_nce", device, args.repeats,
                                                     f"Temperature {TEMPERATURE}."))
     print(f"wrote {path}")

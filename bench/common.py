@@ -67,3 +67,8 @@ def start_op_bench(args, child_measure, child_setup) -> bool:
         child_measure(json.loads(args.child), child_setup)
         return True
     return False
+
+
+def results_stem(op: str, device: torch.device, args) -> str:
+    """The results file name of a per-op benchmark run: op, device, then --quick and --tag."""
+    return f"{op}_{device.type}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")

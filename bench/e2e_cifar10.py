@@ -8,7 +8,7 @@ cifar10/pool is the unlabelled pool (its labels are used only for the diagnostic
 cifar10/test the evaluation set. A linear probe on the pool's TRUE labels gives the ceiling (an
 oracle for the table, never used by a method). Each run is a normal `coft_fast.train` run folder
 under --work and resumes if interrupted, so the script can be re-run until every run has finished.
-Writes bench/results/e2e_cifar10.csv and bench/results/e2e_cifar10.md.
+Writes bench/results/e2e_cifar10[_TAG].csv and .md.
 """
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def main() -> None:
     parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "e2e_cifar10"), help="folder for the run folders")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. k64 for a variant)")
     args = parser.parse_args()
+    stem = "e2e_cifar10" + (f"_{args.tag}" if args.tag else "")
     root = data_root() / "cifar10"
     work = Path(args.work)
     testbed = Path(args.testbed) if args.testbed else work / "testbed"
@@ -80,7 +82,7 @@ def main() -> None:
         values = [get(metrics) for _, get in COLUMNS]
         times = ", ".join(f"{k} {v:.0f}" for k, v in metrics["timings"].items())
         rows.append([method, seed] + values + [ceiling, times])
-    atomic_write_csv(RESULTS / "e2e_cifar10.csv", header, rows)
+    atomic_write_csv(RESULTS / f"{stem}.csv", header, rows)
 
     lines = [f"# End to end on CIFAR-10 with the test bed ({machine()})", "",
              f"Test bed: {testbed}; pool: cifar10/pool (10,000 images, labels hidden); eval: cifar10/test. "
@@ -104,7 +106,7 @@ def main() -> None:
                      f"ceiling ({fmt(ceiling)}).")
         if "self-train" in means:
             lines.append(f"CoFT minus self-train: {100 * (means['coft'] - means['self-train']):+.2f} points.")
-    atomic_write_text(RESULTS / "e2e_cifar10.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
