@@ -32,6 +32,8 @@ def test_overrides_parse_types():
     # an int is accepted where a float is expected, and numbers where a string is
     assert Config().override(["testbed.image_lr=1"]).testbed.image_lr == 1.0
     assert Config().override(["model.pretrained=123"]).model.pretrained == "123"
+    # YAML 1.1 reads 2e-3 (no dot) as a string; a float field still takes it
+    assert Config().override(["phase2.lr=2e-3"]).phase2.lr == 0.002
 
 
 @pytest.mark.parametrize(
@@ -45,6 +47,8 @@ def test_overrides_parse_types():
         ("data=3", "data"),
         ("batchsize", "key=value"),
         ("seed.inner=1", "seed"),
+        ("phase2.lr=nan", "phase2.lr"),
+        ("phase2.lr=fast", "phase2.lr"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -79,6 +83,7 @@ def test_bad_files(tmp_path):
         ("data.num_workers=-1", "data.num_workers"),
         ("testbed.lookalike_share=1.5", "testbed.lookalike_share"),
         ("data.split=training", "data.split"),
+        ("phase1.vpt_lr_scale=-1", "phase1.vpt_lr_scale"),
     ],
 )
 def test_validate_names_the_key(override, key):

@@ -100,7 +100,13 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
     total = phase1_steps(len(rows), cfg)
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     epochs = math.ceil(total / per_epoch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": list(model.prompts.parameters()), "lr": cfg.lr},
+            {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale},
+        ],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
     if step:
