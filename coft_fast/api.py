@@ -11,7 +11,9 @@ from typing import Iterable, Optional, Sequence, Union
 from coft_fast.config import Config, ConfigError, set_value
 from coft_fast.data import ImageSource, load_source
 from coft_fast.models import load_clip
+from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo.templates import check_prompts_fit
 from coft_fast.runtime.device import resolve_device, seed_everything
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
 from coft_fast.runtime.logs import log_to_file
@@ -310,6 +312,7 @@ def train(
         log.info("train (%s): %d pool images, %d classes, model %s on %s", cfg.method, len(pool), pool.num_classes,
                  cfg.model.name, device)
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
+        check_inputs_fit(clip, pool.class_names, cfg)
         run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
         run.zero_shot()
         selection = run.select()
@@ -332,6 +335,14 @@ def train(
         if handler:
             handler.close()
             logging.getLogger("coft_fast").removeHandler(handler)
+
+
+def check_inputs_fit(clip, class_names, cfg: Config) -> None:
+    """Every prompt the run will build fits the text context: fail before any image is scored."""
+    check_prompts_fit(clip.tokenizer, class_prompts(cfg.zeroshot.templates, class_names), class_names,
+                      clip.context_length)
+    if cfg.method == "coft":
+        check_dual_prompts_fit(clip.tokenizer, class_names, cfg.phase1.n_ctx, clip.context_length)
 
 
 def _log_summary(metrics: dict) -> None:

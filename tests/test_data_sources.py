@@ -83,8 +83,9 @@ def test_class_names_from_file(tmp_path):
 
 def test_csv_with_header_names_and_indices(tmp_path):
     make_image(tmp_path / "a.png")
+    make_image(tmp_path / "c.png")
     make_image(tmp_path / "sub" / "b.png")
-    (tmp_path / "list.csv").write_text("path,label\na.png,dog\nsub/b.png,0\n" + f"{tmp_path / 'a.png'},\n")
+    (tmp_path / "list.csv").write_text("path,label\na.png,dog\nsub/b.png,0\n" + f"{tmp_path / 'c.png'},\n")
     source = from_csv(tmp_path / "list.csv", ["cat", "dog"])
     assert source.labels == [1, 0, UNLABELLED]
     assert source.paths[1] == str(tmp_path / "sub" / "b.png")

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -19,10 +20,39 @@ from coft_fast.data.sources import ImageSource
 log = logging.getLogger(__name__)
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale scaled into 0..255 (PIL's convert would clip them)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.size == 0 or np.nanmax(values) <= 1.0 else 255.0
+    elif image.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # "I": 16-bit PNGs often open in this mode; the bit depth is not recorded
+        peak = float(values.max()) if values.size else 0.0
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    scaled = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
 def decode_rgb(path: str) -> Image.Image:
-    """Open an image and convert it to 8-bit RGB (grayscale, palette, RGBA and CMYK included)."""
+    """Open an image and convert it to 8-bit RGB.
+
+    Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled, not clipped);
+    transparent pixels (RGBA, LA, palette transparency) are composited onto white.
+    """
     with Image.open(path) as image:
         image.load()
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            image = _to_8bit(image)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
 
 

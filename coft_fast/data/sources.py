@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Dict, List, Optional, Sequence, Union
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 UNLABELLED = -1
 PathLike = Union[str, os.PathLike]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -158,6 +161,8 @@ def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
     lookup = _class_index(names)
     paths: List[str] = []
     labels: List[int] = []
+    first_seen: Dict[str, tuple] = {}  # resolved path -> (row number, position in paths)
+    duplicates = 0
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     first_row = 1
@@ -182,10 +187,23 @@ def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
                     raise DataError(f"{csv_path}, row {line_no}: label index {label} is outside 0..{len(names) - 1}")
             if label is None:
                 raise DataError(f"{csv_path}, row {line_no}: label {raw!r} is not one of the {len(names)} class names")
+        key = os.path.normpath(str(image))
+        if key in first_seen:
+            earlier_row, position = first_seen[key]
+            earlier_label = labels[position]
+            if UNLABELLED not in (earlier_label, label) and earlier_label != label:
+                raise DataError(f"{csv_path}, rows {earlier_row} and {line_no}: {row[0].strip()!r} is listed twice "
+                                f"with different labels; keep one row per image")
+            labels[position] = max(earlier_label, label)  # a label wins over "unlabelled"
+            duplicates += 1
+            continue
+        first_seen[key] = (line_no, len(paths))
         paths.append(str(image))
         labels.append(label)
     if not paths:
         raise DataError(f"{csv_path}: no image rows")
+    if duplicates:
+        log.warning("%s: %d repeated rows of images already listed were ignored", csv_path, duplicates)
     return ImageSource(paths, labels, names, str(csv_path))
 
 

@@ -17,6 +17,22 @@ from coft_fast.pseudo.templates import TemplateError, prompt_token_count
 PLACEHOLDER = "X"
 
 
+def prompt_texts(class_names: Sequence[str], n_ctx: int) -> list:
+    """Per class, the text whose first ``n_ctx`` word tokens become the learned context."""
+    return [" ".join([PLACEHOLDER] * n_ctx) + f" {name}." for name in class_names]
+
+
+def check_dual_prompts_fit(tokenizer: Callable, class_names: Sequence[str], n_ctx: int, context_length: int) -> None:
+    """Raise TemplateError naming the first class whose phase-I prompt exceeds the text context."""
+    for name, text in zip(class_names, prompt_texts(class_names, n_ctx)):
+        count = prompt_token_count(tokenizer, text)
+        if count > context_length:
+            raise TemplateError(
+                f"class {name!r}: its prompt needs {count} tokens ({n_ctx} context + start/end + name), "
+                f"more than the model's text context of {context_length}; shorten the name or lower phase1.n_ctx"
+            )
+
+
 class DualPromptLearner(nn.Module):
     """Learned positive and negative contexts; ``forward()`` -> (pos_text, neg_text), each (C, d), unnormalised."""
 
@@ -28,15 +44,8 @@ class DualPromptLearner(nn.Module):
             raise ValueError(f"dual prompts need a CLIP text tower that pools at the end-of-text token "
                              f"(text_pool_type 'argmax'), this model uses {pool_type!r}")
         context_length = int(clip_model.context_length)
-        texts = [" ".join([PLACEHOLDER] * n_ctx) + f" {name}." for name in class_names]
-        for name, text in zip(class_names, texts):
-            count = prompt_token_count(tokenizer, text)
-            if count > context_length:
-                raise TemplateError(
-                    f"class {name!r}: its prompt needs {count} tokens ({n_ctx} context + start/end + name), "
-                    f"more than the model's text context of {context_length}; shorten the name or lower phase1.n_ctx"
-                )
-        tokens = tokenizer(texts)  # (C, L)
+        check_dual_prompts_fit(tokenizer, class_names, n_ctx, context_length)
+        tokens = tokenizer(prompt_texts(class_names, n_ctx))  # (C, L)
         eot = tokens.argmax(dim=-1)  # EOT has the highest token id
         cut = int(eot.max()) + 1
         with torch.no_grad():
