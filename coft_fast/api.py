@@ -314,18 +314,24 @@ def train(
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
         check_inputs_fit(clip, pool.class_names, cfg)
         run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
-        run.zero_shot()
-        selection = run.select()
-        if cfg.method == "coft":
-            run.phase1(selection)
-            run.filter()
-        sets = run.training_sets(selection)
-        clip2 = run.phase2(sets)
-        run.evaluate(clip2)
+        try:
+            run.zero_shot()
+            selection = run.select()
+            if cfg.method == "coft":
+                run.phase1(selection)
+                run.filter()
+            sets = run.training_sets(selection)
+            clip2 = run.phase2(sets)
+            run.evaluate(clip2)
+        except Exception as exc:
+            if out_dir:
+                _write_partial_metrics(run, out_dir, exc)
+            raise
         metrics = {"method": cfg.method, **run.state.metrics, "timings": run.state.timings}
         if out_dir:
             write_train_outputs(run, out_dir)
             atomic_write_json(out_dir / "metrics.json", metrics)
+            (out_dir / "metrics_partial.json").unlink(missing_ok=True)
         _log_summary(metrics)
         return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                            clip2.preprocess_eval, device, cfg, out_dir)
@@ -335,6 +341,18 @@ def train(
         if handler:
             handler.close()
             logging.getLogger("coft_fast").removeHandler(handler)
+
+
+def _write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
+    """What a failed run had measured, and why it stopped (metrics_partial.json); resume continues it."""
+    partial = {"method": run.cfg.method, **run.state.metrics, "timings": run.state.timings,
+               "error": {"type": type(exc).__name__, "message": str(exc)}}
+    try:
+        atomic_write_json(out_dir / "metrics_partial.json", partial)
+    except Exception:  # never hide the original error behind a failed write
+        log.exception("could not write %s", out_dir / "metrics_partial.json")
+    log.error("the run stopped: %s; what it measured is in %s, finished stages resume with --resume",
+              exc, out_dir / "metrics_partial.json")
 
 
 def check_inputs_fit(clip, class_names, cfg: Config) -> None:

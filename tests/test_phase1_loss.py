@@ -1,4 +1,5 @@
 """The phase-I loss at the logit level: the intended direction of L2, and the detach flags."""
+import pytest
 import torch
 
 from coft_fast import ops
@@ -64,3 +65,16 @@ def test_detach_flags():
     _, l1, l2 = ops.dual_prompt_loss(x.detach(), pos, neg, labels, complement, 10.0, detach_pos_in_l2=False)
     l2.backward()
     assert torch.count_nonzero(pos.grad) > 0
+
+
+def test_finite_guard_names_the_phase_step_and_batch_for_a_bad_gradient():
+    from coft_fast.phases.guard import FiniteGuard, NonFiniteLossError
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    guard = FiniteGuard("phase II s1")
+    loss = (weight * 2).sum()
+    loss.backward()
+    guard.observe(loss, [weight], step=1, epoch=0, rows=torch.arange(4))  # healthy: no error
+    weight.grad[1] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"phase II s1: non-finite loss or gradient at step 2 \(epoch 0\), batch rows \[0, 1, 2, 3\]"):
+        guard.observe(loss, [weight], step=2, epoch=0, rows=torch.arange(4))

@@ -129,6 +129,34 @@ def test_a_prompt_too_long_for_the_text_context_stops_the_run_before_scoring(tin
                         overrides=TINY + [f"phase1.n_ctx={context - 2}"])
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_testbed, digits, tmp_path,
+                                                                           monkeypatch):
+    from coft_fast import ops
+    from coft_fast.phases.guard import NonFiniteLossError
+    from coft_fast.runtime.checkpoint import load_state
+
+    real_loss, calls = ops.dual_prompt_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, l1, l2 = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), l1, l2) if len(calls) == 12 else (loss, l1, l2)
+
+    monkeypatch.setattr(ops, "dual_prompt_loss", poisoned)
+    overrides = TINY + ["run.checkpoint_seconds=0"]
+    with pytest.raises(NonFiniteLossError, match=r"phase I model1: non-finite loss nan at step 12 .*batch rows \["):
+        coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=tmp_path, overrides=overrides)
+    partial = json.loads((tmp_path / "metrics_partial.json").read_text())
+    assert partial["error"]["type"] == "NonFiniteLossError" and "zero_shot" in partial["timings"]
+    saved = load_state(tmp_path / "checkpoints" / "phase1_model1_progress.pt")
+    assert 0 < saved["step"] < 12 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+    monkeypatch.setattr(ops, "dual_prompt_loss", real_loss)
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=tmp_path, overrides=overrides,
+                             resume=True)
+    assert "final" in result.metrics and not (tmp_path / "metrics_partial.json").exists()
+
+
 def _wait_for(path, process, timeout=300):
     deadline = time.monotonic() + timeout
     while not path.exists():

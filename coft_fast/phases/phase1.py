@@ -19,15 +19,12 @@ from coft_fast.data.resident import ResidentImages, epoch_batches
 from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
 from coft_fast.models.visual_prompts import VisualPrompts
+from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the message names the phase and step."""
 
 
 @dataclass
@@ -113,6 +110,8 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
     labels = labels.to(device)
     last_save = time.monotonic()
+    guard = FiniteGuard(f"phase I {tag}")
+    parameters = model.parameters()
     bar = tqdm(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
@@ -130,14 +129,14 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            guard.observe(loss, parameters, step + 1, epoch, rows[picked.cpu()])
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:
+                guard.check()
                 values = (float(loss.detach()), float(l1.detach()), float(l2.detach()))
-                if not all(math.isfinite(v) for v in values):
-                    raise NonFiniteLossError(f"phase I {tag}: non-finite loss {values[0]} at step {step} (epoch {epoch})")
                 history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
                 bar.set_postfix(loss=f"{values[0]:.3f}")
                 if writer is not None:
@@ -146,6 +145,7 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
                     writer.add_scalar(f"phase1/{tag}/l2", values[2], step)
                     writer.add_scalar(f"phase1/{tag}/lr", scheduler.get_last_lr()[0], step)
         done = step >= total
+        guard.check()
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
             save_training(checkpoint, model.state_dict(), optimizer, scheduler, epoch, step, history)
             last_save = time.monotonic()

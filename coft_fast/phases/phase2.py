@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from coft_fast.config import Phase2Config
 from coft_fast.data import ImageSource, iterate_batches
 from coft_fast.data.resident import ResidentImages, epoch_batches
-from coft_fast.phases.phase1 import NonFiniteLossError
+from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
@@ -93,6 +93,8 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
     labels = labels.to(device)
     classifier.train()
     last_save = time.monotonic()
+    guard = FiniteGuard(f"phase II {tag}")
+    parameters = list(classifier.parameters())
     bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
@@ -104,15 +106,15 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
             loss = F.cross_entropy(logits.float(), labels[picked])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            guard.observe(loss, parameters, step + 1, epoch, rows[picked.cpu()])
             optimizer.step()
             scheduler.step()
             step += 1
             running += float(loss.detach()) * len(picked)
             seen += len(picked)
             bar.update(1)
+        guard.check()
         mean_loss = running / max(seen, 1)
-        if not math.isfinite(mean_loss):
-            raise NonFiniteLossError(f"phase II {tag}: non-finite loss in epoch {epoch} (step {step})")
         history.append({"epoch": epoch, "step": step, "loss": mean_loss})
         bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
         if writer is not None:

@@ -1,0 +1,59 @@
+"""Stop training on a non-finite loss or gradient before the damage reaches an optimiser step or a checkpoint.
+
+On CPU every step is checked before the optimiser step, so the parameters stay good. On CUDA the
+checks are queued as device tensors and read every ``check_every`` steps (one synchronisation
+instead of one per step) and always before a checkpoint is written, so a bad state is never saved.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; the message names the phase, step and batch."""
+
+
+class FiniteGuard:
+    def __init__(self, phase: str, check_every: int = 20):
+        self.phase = phase
+        self.check_every = check_every
+        self._pending: List[Tuple[torch.Tensor, int, int, torch.Tensor]] = []
+
+    def observe(self, loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter], step: int, epoch: int,
+                rows: torch.Tensor) -> None:
+        """Record this step's health (call after backward, before the optimiser step). Raises at
+        once on CPU; on CUDA the check is queued (see the module docstring)."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        bad = ~torch.isfinite(loss.detach().float())
+        if grads:
+            norms = torch._foreach_norm(grads)
+            bad = bad | ~torch.isfinite(torch.stack(norms).sum())
+        if bad.device.type == "cpu":
+            if bool(bad):
+                self._raise(loss, step, epoch, rows)
+            return
+        self._pending.append((bad, step, epoch, rows.detach().cpu()))
+        if len(self._pending) >= self.check_every:
+            self.check()
+
+    def check(self) -> None:
+        """Read the queued checks (before a checkpoint); raises on the first bad step."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flags = torch.stack([bad for bad, *_ in pending]).cpu()
+        for flag, (_, step, epoch, rows) in zip(flags.tolist(), pending):
+            if flag:
+                self._raise(None, step, epoch, rows)
+
+    def _raise(self, loss, step: int, epoch: int, rows: torch.Tensor) -> None:
+        shown = rows[:8].tolist()
+        more = "..." if len(rows) > 8 else ""
+        what = f"loss {float(loss.detach())}" if loss is not None and not torch.isfinite(loss.detach()).all() else "loss or gradient"
+        raise NonFiniteLossError(
+            f"{self.phase}: non-finite {what} at step {step} (epoch {epoch}), batch rows {shown}{more}; "
+            f"nothing from this step on was saved, so the last checkpoint is good. "
+            f"Lower the learning rate, or set model.precision=fp32, and resume"
+        )
