@@ -15,7 +15,7 @@ from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.templates import check_prompts_fit
 from coft_fast.runtime.device import resolve_device, seed_everything
-from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
+from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from coft_fast.runtime.logs import log_to_file
 from coft_fast.runtime.metrics import classification_metrics
 
@@ -294,6 +294,8 @@ def train(
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     if out_dir:
         _check_resume(out_dir, cfg, resume)
+        if resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
+            log.info("removed temporary files left by an interrupted write in %s", out_dir)
     pool = load_images(images, classes, cfg)
     eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
     if pool.num_classes < 2:

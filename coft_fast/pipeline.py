@@ -73,10 +73,14 @@ class CoftRun:
         """Load stage ``name`` if a previous run finished it, else compute and save it; time it under ``phase``."""
         state = self.store.load(name)
         if state is None:
+            log.info("stage %s: started", name)
             started = time.perf_counter()
             state = compute()
             state["seconds"] = time.perf_counter() - started
             self.store.save(name, state)
+            log.info("stage %s: done in %.1f s", name, state["seconds"])
+        else:
+            log.info("stage %s: finished by an earlier run, loaded", name)
         self._timed(phase, state["seconds"])
         return state
 

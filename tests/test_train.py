@@ -167,31 +167,137 @@ def _wait_for(path, process, timeout=300):
         time.sleep(0.05)
 
 
-def test_kill_and_resume_gives_the_same_metrics(tiny_testbed, digits, tmp_path):
-    """SIGKILL a real `coft-fast train` in phase I and again in phase II; the resumed run ends
-    with exactly the metrics of an uninterrupted one."""
-    settings = TINY + ["phase1.steps=80", "phase2.epochs=6", "run.checkpoint_seconds=0"]
+KILL_SETTINGS = TINY + ["phase1.steps=80", "phase2.epochs=6", "run.checkpoint_seconds=0"]
+
+
+def _train_command(tiny_testbed, digits, settings=KILL_SETTINGS):
     command = [sys.executable, "-m", "coft_fast", "train", "--images", str(digits["pool"]), "--eval-images",
                str(digits["test"]), "--model", f"local-dir:{tiny_testbed}", "--no-progress"]
     for item in settings:
         command += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
-                               timeout=600)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    return command
 
-    out = tmp_path / "killed"
-    for marker in ("phase1_model1_progress.pt", "phase2_s1_progress.pt"):
-        process = subprocess.Popen(command + ["--out", str(out)] + (["--resume"] if out.exists() else []), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for(out / "checkpoints" / marker, process)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert not (out / "metrics.json").exists()
-    resumed = subprocess.run(command + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True,
+
+KILL_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _assert_outputs_whole(out):
+    """Every output file that exists parses completely (atomic writes: old version or new, never half)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from coft_fast.runtime.checkpoint import load_state
+
+    for path in out.rglob("*"):
+        if not path.is_file() or path.name.endswith(".tmp") or "tensorboard" in path.parts:
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".pt":
+            assert load_state(path) is not None
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix == ".png":
+            with Image.open(path) as image:
+                image.verify()
+        elif path.suffix == ".csv":
+            with open(path, newline="") as handle:
+                rows = list(csv.reader(handle))
+            assert rows and all(len(row) == len(rows[0]) for row in rows), path
+
+
+def _kill_and_resume(command, out, wait_for_kill):
+    """Start (or resume) the run, let ``wait_for_kill(process)`` decide when to SIGKILL it, check the
+    outputs; returns the newest checkpoint at the kill (None when the run had already finished)."""
+    process = subprocess.Popen(command + ["--out", str(out)] + (["--resume"] if out.exists() else []), env=KILL_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_kill(process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _assert_outputs_whole(out)
+    if (out / "metrics.json").exists():  # finished (perhaps killed while closing its logs)
+        return None
+    checkpoints = sorted((out / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime) if out.exists() else []
+    return checkpoints[-1].stem if checkpoints else "start-up"
+
+
+def _finish_and_compare(command, out, reference_metrics):
+    resumed = subprocess.run(command + ["--out", str(out), "--resume"], env=KILL_ENV, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    after = json.loads((out / "metrics.json").read_text())
-    assert _strip_times(after) == _strip_times(whole)
-    assert not list(out.rglob("*.tmp")), "a half-written file was left behind"
+    assert _strip_times(json.loads((out / "metrics.json").read_text())) == _strip_times(reference_metrics)
+    assert not list(out.rglob(".*.tmp")), "a temporary file of an interrupted write was left behind"
+    _assert_outputs_whole(out)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_testbed, digits, tmp_path_factory):
+    """The reference: the kill tests' settings run once without interruption (metrics, seconds)."""
+    out = tmp_path_factory.mktemp("whole")
+    started = time.monotonic()
+    reference = subprocess.run(_train_command(tiny_testbed, digits) + ["--out", str(out)], env=KILL_ENV,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    import re
+
+    stage_seconds = {name: float(sec) for name, sec in
+                     re.findall(r"stage (\w+): done in ([0-9.]+) s", (out / "run.log").read_text())}
+    return json.loads((out / "metrics.json").read_text()), time.monotonic() - started, stage_seconds
+
+
+def test_kill_and_resume_gives_the_same_metrics(tiny_testbed, digits, tmp_path, uninterrupted_run):
+    """SIGKILL a real `coft-fast train` in phase I and again in phase II; the resumed run ends
+    with exactly the metrics of an uninterrupted one."""
+    command, out = _train_command(tiny_testbed, digits), tmp_path / "killed"
+    for marker in ("phase1_model1_progress.pt", "phase2_s1_progress.pt"):
+        stage = _kill_and_resume(command, out, lambda process: _wait_for(out / "checkpoints" / marker, process))
+        assert stage is not None
+    _finish_and_compare(command, out, uninterrupted_run[0])
+
+
+STAGES = ["zero_shot", "phase1_model1", "phase1_model2", "filter", "phase2_s1"]
+
+
+def _started_lines(out, stage):
+    log_file = out / "run.log"
+    text = log_file.read_text() if log_file.exists() else ""
+    return text.count(f"stage {stage}: started")
+
+
+def _random_kill_sweep(out, command, reference, stages, seed):
+    """One run killed once inside each of ``stages`` (at a random moment of the stage, drawn from its
+    length in the uninterrupted run), resumed after each kill; returns where each kill landed."""
+    import random
+
+    metrics, _, stage_seconds = reference
+    rng, landed = random.Random(seed), []
+    for stage in stages:
+        before = _started_lines(out, stage)
+        delay = rng.uniform(0.0, 0.7) * stage_seconds[stage]
+
+        def wait(process, stage=stage, before=before, delay=delay):
+            deadline = time.monotonic() + 300
+            while _started_lines(out, stage) == before and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(delay)
+
+        landed.append((stage, round(delay, 2), _kill_and_resume(command, out, wait)))
+    _finish_and_compare(command, out, metrics)
+    print(f"kills (stage, seconds after its start, newest checkpoint): {landed}")
+    return landed
+
+
+def test_kills_at_random_points_resume_to_the_same_metrics(tiny_testbed, digits, tmp_path, uninterrupted_run):
+    """CI's sample of the fault-injection sweep: one run killed in zero-shot scoring, phase I model 2
+    and the filter, at random moments."""
+    _random_kill_sweep(tmp_path / "run", _train_command(tiny_testbed, digits), uninterrupted_run,
+                       ["zero_shot", "phase1_model2", "filter"], seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(int(os.environ.get("COFT_FAULT_SEEDS", "4"))))
+def test_fault_injection_sweep(tiny_testbed, digits, tmp_path, uninterrupted_run, seed):
+    """The whole sweep (pytest -m slow -k fault_injection -s): COFT_FAULT_SEEDS runs (default 4),
+    each killed at a random moment of every stage."""
+    _random_kill_sweep(tmp_path / "coft", _train_command(tiny_testbed, digits), uninterrupted_run, STAGES,
+                       seed=100 + seed)

@@ -29,6 +29,16 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: PathLike) -> int:
+    """Delete the temporary files that killed atomic writes left under ``folder``; returns how many."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
