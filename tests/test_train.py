@@ -129,6 +129,28 @@ def test_a_prompt_too_long_for_the_text_context_stops_the_run_before_scoring(tin
                         overrides=TINY + [f"phase1.n_ctx={context - 2}"])
 
 
+def test_more_classes_than_images_runs_and_reports_the_empty_classes(tiny_testbed, digits, tmp_path):
+    import shutil
+
+    names = sorted(p.name for p in digits["pool"].iterdir() if p.is_dir())
+    pool = tmp_path / "three"
+    pool.mkdir()
+    for name in names[:3]:
+        first = sorted((digits["pool"] / name).iterdir())[0]
+        shutil.copy(first, pool / f"{name}_{first.name}")
+    result = coft_fast.train(pool, names, model=f"local-dir:{tiny_testbed}", out=tmp_path / "run", overrides=TINY)
+    selection = result.metrics["selection"]
+    assert selection["size"] == 3 and len(selection["classes_empty"]) >= len(names) - 3
+    assert len(result.predict(pool).predictions) == 3
+
+
+def test_a_single_class_is_an_input_error_before_any_work(tiny_testbed, digits, tmp_path):
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        coft_fast.train(digits["pool"] / "zero", ["zero"], model=f"local-dir:{tiny_testbed}", out=tmp_path,
+                        overrides=TINY)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_testbed, digits, tmp_path,
                                                                            monkeypatch):
     from coft_fast import ops
