@@ -42,6 +42,17 @@ def test_prompt_that_does_not_fit_names_the_class(clip):
         DualPromptLearner(clip.model, clip.tokenizer, ["one", long_name], n_ctx=16)
 
 
+def test_class_names_with_unusual_characters_make_prompts(clip):
+    from coft_fast.pseudo import class_prompts, class_text_embeddings
+
+    names = ["Crème brûlée", "AT&T logo (old)", "C++ book", "naïve \"quoted\" name", "日本の犬", "x/y 50%"]
+    learner = DualPromptLearner(clip.model, clip.tokenizer, names, n_ctx=8, generator=torch.Generator().manual_seed(0))
+    pos, neg = learner()
+    assert torch.isfinite(pos).all() and torch.isfinite(neg).all() and pos.shape[0] == len(names)
+    text = class_text_embeddings(clip, class_prompts("ensemble", names), names, torch.device("cpu"))
+    assert text.shape[0] == len(names) and torch.isfinite(text).all()
+
+
 def test_zero_visual_prompts_is_the_plain_tower(clip):
     images = torch.randn(3, 3, clip.image_size, clip.image_size)
     prompts = VisualPrompts(clip.model.visual, num_tokens=0)
