@@ -27,21 +27,27 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
-def linear_probe_ceiling(model_dir, root: Path, seed: int = 0) -> float:
-    """Top-1 on cifar10/test of a linear probe on the frozen features of cifar10/pool with its TRUE
-    labels: an oracle ceiling for the tables, never used by any method."""
+def frozen_features(model_dir, root: Path) -> dict:
+    """{split: (normalised image features, true labels)} of cifar10/pool and cifar10/test."""
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
     from coft_fast.pseudo import encode_images
-    from coft_fast.runtime.metrics import linear_probe_accuracy
 
     clip = load_clip(f"local-dir:{model_dir}")
-    device = torch.device("cpu")
     features = {}
     for split in ("pool", "test"):
         source = from_folder(root / split)
-        feats, positions = encode_images(clip, source, device, batch_size=512, progress=False)
+        feats, positions = encode_images(clip, source, torch.device("cpu"), batch_size=512, progress=False)
         features[split] = (feats, torch.tensor(source.labels)[positions])
+    return features
+
+
+def linear_probe_ceiling(model_dir, root: Path, seed: int = 0) -> float:
+    """Top-1 on cifar10/test of a linear probe on the frozen features of cifar10/pool with its TRUE
+    labels: an oracle ceiling for the tables, never used by any method."""
+    from coft_fast.runtime.metrics import linear_probe_accuracy
+
+    features = frozen_features(model_dir, root)
     return linear_probe_accuracy(*features["pool"], *features["test"], seed=seed)
 
 
