@@ -27,9 +27,8 @@ class FiniteGuard:
         once on CPU; on CUDA the check is queued (see the module docstring)."""
         grads = [p.grad for p in parameters if p.grad is not None]
         bad = ~torch.isfinite(loss.detach().float())
-        if grads:
-            norms = torch._foreach_norm(grads)
-            bad = bad | ~torch.isfinite(torch.stack(norms).sum())
+        if grads:  # a NaN or infinite entry (or a norm overflowing float32) makes the total non-finite
+            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads).to(bad.device))
         if bad.device.type == "cpu":
             if bool(bad):
                 self._raise(loss, step, epoch, rows)
