@@ -21,10 +21,19 @@ class FiniteGuard:
         self.check_every = check_every
         self._pending: List[Tuple[torch.Tensor, int, int, torch.Tensor]] = []
 
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, epoch: int,
+             rows: torch.Tensor) -> None:
+        """One optimiser step on ``loss``, checked first: zero_grad, backward, the check (raises at
+        once on CPU, queued on CUDA; see the module docstring), then the optimiser and schedule steps."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.observe(loss, [p for group in optimizer.param_groups for p in group["params"]], step, epoch, rows)
+        optimizer.step()
+        scheduler.step()
+
     def observe(self, loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter], step: int, epoch: int,
                 rows: torch.Tensor) -> None:
-        """Record this step's health (call after backward, before the optimiser step). Raises at
-        once on CPU; on CUDA the check is queued (see the module docstring)."""
+        """Record the health of a step whose gradients are in ``parameters``."""
         grads = [p.grad for p in parameters if p.grad is not None]
         bad = ~torch.isfinite(loss.detach().float())
         if grads:  # a NaN or infinite entry (or a norm overflowing float32) makes the total non-finite

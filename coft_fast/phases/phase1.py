@@ -111,7 +111,6 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
     labels = labels.to(device)
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
-    parameters = model.parameters()
     bar = tqdm(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
@@ -127,11 +126,7 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
                 image_feats, pos, neg, labels[picked], complements[picked], logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2,
             )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            guard.observe(loss, parameters, step + 1, epoch, rows[picked.cpu()])
-            optimizer.step()
-            scheduler.step()
+            guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:

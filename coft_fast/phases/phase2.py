@@ -94,27 +94,22 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
     classifier.train()
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase II {tag}")
-    parameters = list(classifier.parameters())
     bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
-        running, seen = 0.0, 0
+        running, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
             picked = picked.to(device)
             with autocast(precision, device):
                 logits = classifier(batch_images.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float(), labels[picked])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            guard.observe(loss, parameters, step + 1, epoch, rows[picked.cpu()])
-            optimizer.step()
-            scheduler.step()
+            guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
-            running += float(loss.detach()) * len(picked)
+            running += loss.detach() * len(picked)
             seen += len(picked)
             bar.update(1)
         guard.check()
-        mean_loss = running / max(seen, 1)
+        mean_loss = float(running) / max(seen, 1)
         history.append({"epoch": epoch, "step": step, "loss": mean_loss})
         bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
         if writer is not None:
