@@ -1,6 +1,7 @@
 """The public entry points: compose data, models and pseudo-labelling; own the run folder."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -13,12 +14,12 @@ from coft_fast.data import ImageSource, load_source
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
-from coft_fast.pseudo.templates import check_prompts_fit
 from coft_fast.runtime.device import resolve_device, seed_everything
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from coft_fast.runtime.logs import log_to_file
 from coft_fast.runtime.metrics import classification_metrics
 
+PARTIAL_METRICS = "metrics_partial.json"  # what a failed run had measured, and its error
 log = logging.getLogger("coft_fast")
 PathLike = Union[str, os.PathLike]
 UNSET = object()
@@ -75,13 +76,8 @@ def zeroshot(
         zeroshot__templates=templates, run__out_dir=UNSET if out is UNSET else (out and str(out)),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
-    handler = log_to_file(out_dir / "run.log") if out_dir else None
-    try:
+    with log_to_file(out_dir / "run.log" if out_dir else None):
         return _zeroshot(images, classes, cfg, out_dir)
-    finally:
-        if handler:
-            handler.close()
-            logging.getLogger("coft_fast").removeHandler(handler)
 
 
 def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShotResult:
@@ -300,31 +296,26 @@ def train(
     eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
     if pool.num_classes < 2:
         raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
-    handler = writer = None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
-        handler = log_to_file(out_dir / "run.log")
-        from torch.utils.tensorboard import SummaryWriter
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(log_to_file(out_dir / "run.log" if out_dir else None))
+        writer = None
+        if out_dir:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
-    try:
+            writer = cleanup.enter_context(SummaryWriter(str(out_dir / "tensorboard")))
         seed_everything(cfg.seed)
         device = resolve_device(cfg.model.device)
         log.info("train (%s): %d pool images, %d classes, model %s on %s", cfg.method, len(pool), pool.num_classes,
                  cfg.model.name, device)
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
-        check_inputs_fit(clip, pool.class_names, cfg)
+        if cfg.method == "coft":  # fail before any image is scored (zero-shot templates are checked first thing)
+            check_dual_prompts_fit(clip.tokenizer, pool.class_names, cfg.phase1.n_ctx, clip.context_length)
         run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
         try:
-            run.zero_shot()
-            selection = run.select()
-            if cfg.method == "coft":
-                run.phase1(selection)
-                run.filter()
-            sets = run.training_sets(selection)
-            clip2 = run.phase2(sets)
-            run.evaluate(clip2)
+            sets, clip2 = run.execute()
         except Exception as exc:
             if out_dir:
                 _write_partial_metrics(run, out_dir, exc)
@@ -333,16 +324,10 @@ def train(
         if out_dir:
             write_train_outputs(run, out_dir)
             atomic_write_json(out_dir / "metrics.json", metrics)
-            (out_dir / "metrics_partial.json").unlink(missing_ok=True)
+            (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
         _log_summary(metrics)
         return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                            clip2.preprocess_eval, device, cfg, out_dir)
-    finally:
-        if writer is not None:
-            writer.close()
-        if handler:
-            handler.close()
-            logging.getLogger("coft_fast").removeHandler(handler)
 
 
 def _write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
@@ -350,19 +335,11 @@ def _write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
     partial = {"method": run.cfg.method, **run.state.metrics, "timings": run.state.timings,
                "error": {"type": type(exc).__name__, "message": str(exc)}}
     try:
-        atomic_write_json(out_dir / "metrics_partial.json", partial)
+        atomic_write_json(out_dir / PARTIAL_METRICS, partial)
     except Exception:  # never hide the original error behind a failed write
-        log.exception("could not write %s", out_dir / "metrics_partial.json")
+        log.exception("could not write %s", out_dir / PARTIAL_METRICS)
     log.error("the run stopped: %s; what it measured is in %s, finished stages resume with --resume",
-              exc, out_dir / "metrics_partial.json")
-
-
-def check_inputs_fit(clip, class_names, cfg: Config) -> None:
-    """Every prompt the run will build fits the text context: fail before any image is scored."""
-    check_prompts_fit(clip.tokenizer, class_prompts(cfg.zeroshot.templates, class_names), class_names,
-                      clip.context_length)
-    if cfg.method == "coft":
-        check_dual_prompts_fit(clip.tokenizer, class_names, cfg.phase1.n_ctx, clip.context_length)
+              exc, out_dir / PARTIAL_METRICS)
 
 
 def _log_summary(metrics: dict) -> None:

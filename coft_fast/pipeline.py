@@ -65,6 +65,18 @@ class CoftRun:
         for parameter in clip.model.parameters():
             parameter.requires_grad_(False)
 
+    def execute(self):
+        """Every stage in order; returns (the phase II training sets, the phase II CLIP)."""
+        self.zero_shot()
+        selection = self.select()
+        if self.cfg.method == "coft":
+            self.phase1(selection)
+            self.filter()
+        sets = self.training_sets(selection)
+        clip2 = self.phase2(sets)
+        self.evaluate(clip2)
+        return sets, clip2
+
     # ------------------------------------------------------------------ helpers
     def _timed(self, name: str, seconds: float) -> None:
         self.state.timings[name] = self.state.timings.get(name, 0.0) + seconds

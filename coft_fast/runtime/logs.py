@@ -1,14 +1,20 @@
 """Logging set-up: a console handler for the CLI and a log file in each run folder."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator, Optional
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def log_to_file(path: Path) -> logging.Handler:
-    """Append the library's log records to ``path``; the caller removes the handler when done."""
+@contextlib.contextmanager
+def log_to_file(path: Optional[Path]) -> Iterator[None]:
+    """Append the library's log records to ``path`` (nothing when None) until the block ends."""
+    if path is None:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -16,7 +22,11 @@ def log_to_file(path: Path) -> logging.Handler:
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
-    return handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def log_to_console(verbose: bool = False) -> None:
