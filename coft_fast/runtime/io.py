@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
+# atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
+TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -32,7 +34,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 def remove_stale_temporaries(folder: PathLike) -> int:
     """Delete the temporary files that killed atomic writes left under ``folder``; returns how many."""
     removed = 0
-    for tmp in Path(folder).rglob(".*.tmp"):
+    for tmp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
         if tmp.is_file():
             tmp.unlink()
             removed += 1
