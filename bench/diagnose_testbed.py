@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from coft_fast.models import load_clip
-from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of
+from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.io import atomic_write_text
 
 from common import RESULTS, data_root, frozen_features, machine
@@ -38,15 +39,6 @@ def head_accuracy(train_x, train_y, text, scale, test_x, test_y, steps=300, lr=1
         return ((test_x @ F.normalize(weight, dim=1).T).argmax(1) == test_y).double().mean().item()
 
 
-def top_k_rows(probabilities, k):
-    labels, confidence = probabilities.argmax(1), probabilities.max(1).values
-    rows = []
-    for c in range(probabilities.shape[1]):
-        members = (labels == c).nonzero().flatten()
-        rows.append(members[confidence[members].argsort(descending=True)[:k]])
-    return torch.cat(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", required=True, help="a built test-bed folder")
@@ -61,7 +53,7 @@ def main() -> None:
     names = [line for line in (Path(args.testbed) / "classes.txt").read_text().splitlines() if line]
     text = class_text_embeddings(clip, class_prompts("ensemble", names), names, torch.device("cpu"))
     scale = logit_scale_of(clip)
-    probabilities = (scale * pool_x @ text.T).softmax(1)
+    confidence, pseudo_labels = zeroshot_probabilities(pool_x, text, scale).max(1)
     generator = torch.Generator().manual_seed(args.seed)
 
     def accuracy(rows, labels):
@@ -69,8 +61,8 @@ def main() -> None:
 
     rows_out = [("zero-shot (no training)", "-", "-", ((test_x @ text.T).argmax(1) == test_y).double().mean().item())]
     for k in (16, 64, 200):
-        rows = top_k_rows(probabilities, k)
-        pseudo = probabilities.argmax(1)[rows]
+        selection = select_top_k(pseudo_labels, confidence, k, names)
+        rows, pseudo = selection.rows, selection.labels
         precision = (pseudo == pool_y[rows]).double().mean().item()
         rows_out.append((f"top-{k} zero-shot pseudo-labels (S*)", len(rows), f"{100 * precision:.1f} %", accuracy(rows, pseudo)))
     for k in (16, 64):
