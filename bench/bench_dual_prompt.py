@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench_queue_loss import child_measure, measure, pick_device, report, results_header, write_results
-from common import machine, op_bench_parser, results_stem, start_op_bench
+from op_bench import child_measure, measure, pick_device, report, write_op_results
+from common import machine, op_bench_parser, start_op_bench
 
 SCALE = 100.0
 CPU_CONFIGS = ["256,1000,512,float32", "64,100,512,float32"]
@@ -96,10 +96,7 @@ def main() -> None:
         del tensors, labels, complement
         report(f"dual N={n} C={c} d={d} {dtype_name}", {"device": device.type, "N": n, "C": c, "d": d,
                                                          "dtype": dtype_name}, found, fast, rows)
-    stem = results_stem("dual_prompt", device, args)
-    path = write_results(stem, rows, results_header("dual_prompt_loss", device, args.repeats,
-                                                    f"logit_scale {SCALE}, lambda 1."))
-    print(f"wrote {path}")
+    write_op_results("dual_prompt", "dual_prompt_loss", device, args, rows, f"logit_scale {SCALE}, lambda 1.")
 
 
 if __name__ == "__main__":
