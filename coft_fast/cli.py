@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -69,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
     _common(dm)
 
+    tp = commands.add_parser("templates", help="write an LLM prompt and a JSON skeleton for per-class sentences "
+                                               "(or ask an OpenAI-compatible endpoint with --llm-url)")
+    tp.add_argument("--classes", required=True, help="class names: a text file with one per line")
+    tp.add_argument("--out", required=True, help="JSON file for --templates; the prompt goes beside it (.prompt.txt)")
+    tp.add_argument("--per-class", type=int, default=10, help="sentences to ask for per class (default 10)")
+    tp.add_argument("--dataset-hint", help="what the classes are, e.g. 'types of aircraft' (added to the prompt)")
+    tp.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (off by default)")
+    tp.add_argument("--llm-model", help="model name for --llm-url")
+    tp.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the API key for --llm-url (default OPENAI_API_KEY)")
+    tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
+    tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
     cf = commands.add_parser("config", help="print the default config as YAML (with --config/--set applied)")
     _common(cf)
     return parser
@@ -95,6 +109,8 @@ def _overrides(args) -> List[str]:
 
 def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "templates":
+        return _templates_command(args)
     from coft_fast import api
     from coft_fast.runtime.logs import log_to_console
 
@@ -125,6 +141,45 @@ def run(argv: Optional[List[str]] = None) -> int:
         _print_train_summary(metrics)
         print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "
               f"(outputs in {args.out}/)")
+    return 0
+
+
+def _templates_command(args) -> int:
+    """`coft-fast templates`: prompt + skeleton to fill in by hand, or the answer of --llm-url."""
+    from pathlib import Path
+
+    from coft_fast.data.sources import read_class_names
+    from coft_fast.pseudo import llm_templates
+    from coft_fast.runtime.io import atomic_write_text
+
+    if bool(args.llm_url) != bool(args.llm_model):
+        raise ValueError("--llm-url and --llm-model go together: give the endpoint and the model name to ask")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {args.per_class}")
+    names = read_class_names(args.classes)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; use --force to overwrite it")
+    stem = out.name[:-len(".json")] if out.name.lower().endswith(".json") else out.name
+    prompt_path = out.with_name(f"{stem}.prompt.txt")
+    atomic_write_text(prompt_path, llm_templates.llm_prompt(names, args.per_class, args.dataset_hint))
+    if not args.llm_url:
+        llm_templates.write_templates(out, llm_templates.template_skeleton(names))
+        print(f"prompt:   {prompt_path}")
+        print(f"skeleton: {out} ({len(names)} classes, empty lists)")
+        print(f"next: paste the prompt into an LLM, save its JSON answer to {out}, "
+              f"then run coft-fast train --templates {out} ...")
+        return 0
+    api_key = os.environ.get(args.api_key_env) or None
+    print(f"asking {args.llm_model} at {llm_templates.chat_completions_url(args.llm_url)} for {args.per_class} "
+          f"sentences for each of {len(names)} classes{'' if api_key else f' (no API key: ${args.api_key_env} unset)'}")
+    sentences = llm_templates.ask_llm(args.llm_url, args.llm_model, names, args.per_class, args.dataset_hint,
+                                      api_key=api_key, timeout=args.timeout)
+    llm_templates.write_templates(out, sentences)
+    counts = [len(v) for v in sentences.values()]
+    spread = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
+    print(f"templates: {out} ({len(names)} classes, {spread} sentences per class); prompt: {prompt_path}")
+    print(f"next: coft-fast train --templates {out} ...")
     return 0
 
 

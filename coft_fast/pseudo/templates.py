@@ -57,16 +57,10 @@ def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]
         return [[_format(t, name, str(path)) for t in data] for name in class_names]
     if not isinstance(data, dict):
         raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
-    unknown = [key for key in data if key not in class_names]
-    if unknown:
-        raise TemplateError(f"template file {path}: {unknown[:5]} are not class names of this task")
-    prompts = []
-    for name in class_names:
-        sentences = data.get(name)
-        if not sentences or not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-            raise TemplateError(f"template file {path}: class {name!r} needs a non-empty list of sentences")
-        prompts.append([s.replace("{}", name) for s in sentences])
-    return prompts
+    from coft_fast.pseudo.llm_templates import validate_class_sentences  # here: that module imports this one
+
+    sentences = validate_class_sentences(data, class_names, f"template file {path}")
+    return [[s.replace("{}", name) for s in sentences[name]] for name in class_names]
 
 
 def prompt_token_count(tokenizer: Callable, text: str) -> int:
