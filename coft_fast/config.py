@@ -95,6 +95,10 @@ class Phase1Config:
     crop_scale_min: float = 0.5
     # Seeds of the two models (they differ only in initialisation and data order).
     seeds: List[int] = field(default_factory=lambda: [1, 2])
+    # CoFT+ only: rounds of phase I (the method doc's R, default 3). In round r > 1 each model of
+    # round r - 1 labels the pool, takes its own class-balanced top-K, and is re-initialised and
+    # trained on it. CoFT runs one round.
+    rounds: int = 3
 
 
 @dataclass
@@ -125,6 +129,27 @@ class Phase2Config:
     # Distillation: another open_clip backbone for phase II (None: the phase I model).
     model: Optional[str] = None
     pretrained: Optional[str] = None
+
+
+@dataclass
+class ContrastiveConfig:
+    """CoFT+ phase II: InfoNCE of the fine-tuned encoder against a momentum encoder's key queue.
+
+    Not given by the paper; defaults from MoCo (momentum, queue, temperature) and the method doc.
+    """
+
+    # Weight of the contrastive loss: L_FFT + gamma * L_cont (0 turns it off).
+    gamma: float = 1.0
+    # EMA momentum mu of the key encoder.
+    momentum: float = 0.999
+    # InfoNCE temperature tau'.
+    temperature: float = 0.07
+    # FIFO queue length, capped at queue_pool_fraction of the pool (so that a sample's own stale
+    # key is rarely a negative), and never below one batch.
+    queue_size: int = 65536
+    queue_pool_fraction: float = 0.25
+    # Output size of a projection MLP on queries and keys; 0: none (as in the paper).
+    projection_dim: int = 0
 
 
 @dataclass
@@ -188,6 +213,7 @@ class Config:
     phase1: Phase1Config = field(default_factory=Phase1Config)
     filter: FilterConfig = field(default_factory=FilterConfig)
     phase2: Phase2Config = field(default_factory=Phase2Config)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -227,8 +253,6 @@ class Config:
         """Check values that types alone cannot; returns self."""
         if self.method not in METHODS:
             raise ConfigError(f"config key 'method' must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "coft+":
-            raise ConfigError("method 'coft+' is not available yet in this version; use 'coft' or 'self-train'")
         if self.phase2.train_on not in ("s1", "s2", "both"):
             raise ConfigError(f"config key 'phase2.train_on' must be s1, s2 or both, got {self.phase2.train_on!r}")
         if self.phase2.head_init not in ("zeroshot", "random"):
@@ -251,6 +275,8 @@ class Config:
             "phase1.steps": self.phase1.steps,
             "phase2.batch_size": self.phase2.batch_size,
             "phase2.epochs": self.phase2.epochs,
+            "phase1.rounds": self.phase1.rounds,
+            "contrastive.queue_size": self.contrastive.queue_size,
             "testbed.image_epochs": self.testbed.image_epochs,
             "testbed.text_steps": self.testbed.text_steps,
             "testbed.context_length": self.testbed.context_length,
@@ -260,6 +286,17 @@ class Config:
                 raise ConfigError(f"config key {key!r} must be at least 1, got {value}")
         if self.phase1.vpt_lr_scale < 0:
             raise ConfigError(f"config key 'phase1.vpt_lr_scale' must be >= 0, got {self.phase1.vpt_lr_scale}")
+        contrastive = self.contrastive
+        if not 0.0 <= contrastive.momentum < 1.0:
+            raise ConfigError(f"config key 'contrastive.momentum' must be in [0, 1), got {contrastive.momentum}")
+        if not 0.0 < contrastive.queue_pool_fraction <= 1.0:
+            raise ConfigError(f"config key 'contrastive.queue_pool_fraction' must be in (0, 1], got {contrastive.queue_pool_fraction}")
+        if not contrastive.temperature > 0:
+            raise ConfigError(f"config key 'contrastive.temperature' must be > 0, got {contrastive.temperature}")
+        if not contrastive.gamma >= 0:
+            raise ConfigError(f"config key 'contrastive.gamma' must be >= 0, got {contrastive.gamma}")
+        if contrastive.projection_dim < 0:
+            raise ConfigError(f"config key 'contrastive.projection_dim' must be >= 0, got {contrastive.projection_dim}")
         if self.data.num_workers < 0:
             raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}")
         if not 0.0 <= self.testbed.lookalike_share < 1.0:

@@ -9,6 +9,11 @@ def test_defaults_follow_the_docs():
     assert cfg.zeroshot.templates == "ensemble"
     assert cfg.testbed.context_length >= 32
     assert cfg.validate() is cfg
+    # CoFT+ (method doc): R = 3 rounds; MoCo's momentum and queue; gamma 1; no projection head
+    assert cfg.phase1.rounds == 3 and cfg.contrastive.momentum == 0.999 and cfg.contrastive.queue_size == 65536
+    assert cfg.contrastive.gamma == 1.0 and cfg.contrastive.projection_dim == 0
+    assert cfg.contrastive.queue_pool_fraction == 0.25 and 0.07 <= cfg.contrastive.temperature <= 0.2
+    assert Config().override(["method=coft+"]).validate().method == "coft+"
 
 
 def test_yaml_round_trip(tmp_path):
@@ -84,6 +89,13 @@ def test_bad_files(tmp_path):
         ("testbed.lookalike_share=1.5", "testbed.lookalike_share"),
         ("data.split=training", "data.split"),
         ("phase1.vpt_lr_scale=-1", "phase1.vpt_lr_scale"),
+        ("phase1.rounds=0", "phase1.rounds"),
+        ("contrastive.momentum=1.0", "contrastive.momentum"),
+        ("contrastive.temperature=0", "contrastive.temperature"),
+        ("contrastive.gamma=-0.5", "contrastive.gamma"),
+        ("contrastive.queue_size=0", "contrastive.queue_size"),
+        ("contrastive.queue_pool_fraction=0", "contrastive.queue_pool_fraction"),
+        ("contrastive.projection_dim=-1", "contrastive.projection_dim"),
     ],
 )
 def test_validate_names_the_key(override, key):

@@ -1,0 +1,86 @@
+"""CoFT+'s momentum contrast: an EMA copy of the visual encoder, an optional projection, a key queue.
+
+Queries come from the trained encoder (plus the projection), keys from the momentum copy, updated
+as theta_m <- mu * theta_m + (1 - mu) * theta with one fused ``torch._foreach_lerp_`` call. The
+queue and its pointer are buffers, so they are part of ``state_dict()`` and resume from checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from coft_fast import ops
+
+
+@torch.no_grad()
+def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: float) -> None:
+    """targets <- momentum * targets + (1 - momentum) * sources, in place, as one foreach op."""
+    if len(targets) != len(sources):
+        raise ValueError(f"ema_update_: {len(targets)} target tensors but {len(sources)} source tensors")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"ema_update_: momentum must be in [0, 1], got {momentum}")
+    if targets:
+        torch._foreach_lerp_(targets, [s.detach() for s in sources], 1.0 - momentum)
+
+
+def projection_head(dim: int, out_dim: int) -> nn.Module:
+    """MoCo v2's MLP (d -> d -> out_dim); ``out_dim`` 0 means none (the identity)."""
+    if out_dim <= 0:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+
+
+class MomentumContrast(nn.Module):
+    """The momentum key encoder (+ projection) of ``encoder``, and a FIFO queue of past keys.
+
+    ``gather`` collects the keys of all ranks before they are queued (the identity in one process).
+    """
+
+    def __init__(self, encoder: nn.Module, dim: int, queue_size: int, momentum: float, projection_dim: int = 0,
+                 seed: int = 0, gather: Callable[[torch.Tensor], torch.Tensor] = lambda keys: keys):
+        super().__init__()
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        self.momentum = float(momentum)
+        self.gather = gather
+        self.projection = projection_head(dim, projection_dim)
+        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.key_projection = copy.deepcopy(self.projection).requires_grad_(False)
+        out_dim = projection_dim if projection_dim > 0 else dim
+        generator = torch.Generator().manual_seed(seed)
+        queue = F.normalize(torch.randn(queue_size, out_dim, generator=generator), dim=1)  # MoCo: random unit keys
+        device = next(encoder.parameters()).device
+        self.register_buffer("queue", queue.to(device))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+
+    def online_pairs(self, encoder: nn.Module):
+        """(momentum tensors, trained tensors) in matching order."""
+        targets = list(self.key_encoder.parameters()) + list(self.key_projection.parameters())
+        sources = list(encoder.parameters()) + list(self.projection.parameters())
+        return targets, sources
+
+    @torch.no_grad()
+    def update_(self, encoder: nn.Module) -> None:
+        """One EMA step of the key encoder and key projection towards the trained ones."""
+        ema_update_(*self.online_pairs(encoder), self.momentum)
+
+    def queries(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(features.float()), dim=-1)
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor) -> torch.Tensor:
+        self.key_encoder.eval()
+        return F.normalize(self.key_projection(self.key_encoder(images).float()), dim=-1)
+
+    def loss(self, queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+        return ops.queue_info_nce(queries, keys, self.queue, temperature)
+
+    @torch.no_grad()
+    def push_(self, keys: torch.Tensor) -> None:
+        """Queue the keys of this step (from every rank), overwriting the oldest."""
+        keys = self.gather(keys)
+        self.ptr.fill_(ops.enqueue(self.queue, keys.to(self.queue.dtype), self.ptr))
