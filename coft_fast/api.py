@@ -311,7 +311,7 @@ def train(
         log.info("train (%s): %d pool images, %d classes, model %s on %s", cfg.method, len(pool), pool.num_classes,
                  cfg.model.name, device)
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
-        if cfg.method == "coft":  # fail before any image is scored (zero-shot templates are checked first thing)
+        if cfg.method in ("coft", "coft+"):  # fail before any image is scored (zero-shot templates are checked first thing)
             check_dual_prompts_fit(clip.tokenizer, pool.class_names, cfg.phase1.n_ctx, clip.context_length)
         run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
         try:
@@ -350,7 +350,7 @@ def _log_summary(metrics: dict) -> None:
 
 def write_train_outputs(run, out_dir: Path) -> None:
     """pseudo_labels.csv and the plots."""
-    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy
+    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
 
     state, names = run.state, run.names
     probabilities = state.zs_probabilities
@@ -373,6 +373,8 @@ def write_train_outputs(run, out_dir: Path) -> None:
     if run.pool.skipped:
         atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
     truth = run.truth
+    if state.metrics.get("rounds"):
+        plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
     if result is not None:
         plot_clean_probability(out_dir / "clean_probability.png", result.p_clean1, result.keep1, run.cfg.filter.threshold)
     if bool((truth >= 0).any()):

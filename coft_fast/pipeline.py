@@ -19,11 +19,13 @@ from coft_fast.data import ImageSource
 from coft_fast.data.resident import ResidentImages, preprocess_stats
 from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
-from coft_fast.phases.phase2 import FineTunedClassifier, build_classifier, classifier_logits, train_phase2
+from coft_fast.models.momentum import MomentumContrast
+from coft_fast.phases.phase2 import ContrastiveTerm, FineTunedClassifier, build_classifier, classifier_logits, train_phase2
 from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
+from coft_fast.runtime.distributed import all_gather_rows, world_size
 from coft_fast.runtime.metrics import classification_metrics
 
 log = logging.getLogger("coft_fast")
@@ -58,6 +60,7 @@ class CoftRun:
         self.store = StageStore(out_dir / "checkpoints" if out_dir else None)
         self.writer = writer
         self.state = RunState()
+        self._pool_resident: Optional[ResidentImages] = None
         self.names = pool.class_names
         self.truth_all = torch.tensor(pool.labels, dtype=torch.long)
         self.logit_scale = logit_scale_of(clip)
@@ -69,7 +72,7 @@ class CoftRun:
         """Every stage in order; returns (the phase II training sets, the phase II CLIP)."""
         self.zero_shot()
         selection = self.select()
-        if self.cfg.method == "coft":
+        if self.cfg.method in ("coft", "coft+"):
             self.phase1(selection)
             self.filter()
         sets = self.training_sets(selection)
@@ -149,34 +152,99 @@ class CoftRun:
         }
         return selection
 
+    def _pool_images(self) -> ResidentImages:
+        """Every scored pool image, decoded once: CoFT+ draws each round's subset and phase II's
+        contrastive batches from it."""
+        if self._pool_resident is None:
+            self._pool_resident = self._resident(self.state.positions, self.clip.model)
+        return self._pool_resident
+
     def phase1(self, selection) -> None:
+        """Phase I: one round for CoFT; ``phase1.rounds`` for CoFT+, each on the previous round's labels."""
         cfg = self.cfg
-        positions = self.state.positions[selection.rows]
-        images = self._resident(positions, self.clip.model)
-        rows = torch.arange(len(positions))
-        for index, seed in enumerate(cfg.phase1.seeds, start=1):
-            model_seed = cfg.seed * 1000 + seed
-            model = make_prompt_model(self.clip, self.names, cfg.phase1, model_seed, self.device)
+        rounds = cfg.phase1.rounds if cfg.method == "coft+" else 1
+        subsets = [(selection.rows, selection.labels)] * len(cfg.phase1.seeds)
+        history = self.state.metrics.setdefault("rounds", []) if cfg.method == "coft+" else []
+        for round_ in range(1, rounds + 1):
+            if cfg.method == "coft+":
+                images = self._pool_images()
+            else:  # S* alone is decoded; its rows are 0..S-1
+                images = self._resident(self.state.positions[selection.rows], self.clip.model)
+                subsets = [(torch.arange(len(selection.rows)), selection.labels)] * len(cfg.phase1.seeds)
+            entry = {"round": round_, "seconds": 0.0}
+            models = []
+            for index, (seed, (rows, labels)) in enumerate(zip(cfg.phase1.seeds, subsets), start=1):
+                model, seconds = self._train_prompt_model(round_, index, seed, images, rows, labels)
+                models.append(model)
+                pool_rows = rows if cfg.method == "coft+" else selection.rows
+                entry[f"model{index}"] = {"subset_size": int(len(rows)),
+                                          "subset_label_accuracy": label_accuracy(labels, self.truth[pool_rows])}
+                entry["seconds"] += seconds
+            if round_ < rounds:
+                subsets = self._relabel(round_, models, entry)
+            history.append(entry)
+        self.state.prompt_models = models
 
-            def compute(model=model, index=index, model_seed=model_seed):
-                report = train_phase1(
-                    model, images, rows, selection.labels, cfg.phase1, model_seed, self.device, cfg.model.precision,
-                    checkpoint=self.store.path(f"phase1_model{index}_progress"),
-                    checkpoint_seconds=cfg.run.checkpoint_seconds, progress=self.progress, writer=self.writer,
-                    tag=f"model{index}",
-                )
-                return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "report": report}
+    @staticmethod
+    def round_seed(model_seed: int, round_: int) -> int:
+        """Round 1 uses the model's seed (so CoFT+'s first round is CoFT's phase I); later rounds new ones."""
+        return model_seed + 1_000_003 * (round_ - 1)
 
-            state = self._stage(f"phase1_model{index}", "phase1", compute)
-            model.load_state_dict(state["model"])
-            if self.out_dir:
-                save_tensors(self.out_dir / f"prompts_model{index}.safetensors", state["model"],
-                             {"class_names": "\n".join(self.names), "seed": str(model_seed)})
-            self.state.prompt_models.append(model)
-            self.state.metrics.setdefault("phase1", {})[f"model{index}"] = {
-                "seed": model_seed, "steps": state["report"]["steps"], "seconds": state["seconds"],
-                "final_loss": state["report"]["history"][-1]["loss"] if state["report"]["history"] else None,
-            }
+    def _train_prompt_model(self, round_: int, index: int, seed: int, images: ResidentImages, rows: torch.Tensor,
+                            labels: torch.Tensor):
+        """A freshly initialised phase-I model (frozen CLIP, new prompts) trained on ``rows``; (model, seconds)."""
+        cfg = self.cfg
+        model_seed = self.round_seed(self.cfg.seed * 1000 + seed, round_)
+        name = f"phase1_model{index}" if round_ == 1 else f"round{round_}_phase1_model{index}"
+        model = make_prompt_model(self.clip, self.names, cfg.phase1, model_seed, self.device)
+
+        def compute():
+            report = train_phase1(
+                model, images, rows, labels, cfg.phase1, model_seed, self.device, cfg.model.precision,
+                checkpoint=self.store.path(f"{name}_progress"), checkpoint_seconds=cfg.run.checkpoint_seconds,
+                progress=self.progress, writer=self.writer,
+                tag=f"model{index}" if round_ == 1 else f"round{round_}/model{index}",
+            )
+            return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "report": report}
+
+        state = self._stage(name, "phase1", compute)
+        model.load_state_dict(state["model"])
+        if self.out_dir:
+            save_tensors(self.out_dir / f"prompts_model{index}.safetensors", state["model"],
+                         {"class_names": "\n".join(self.names), "seed": str(model_seed), "round": str(round_)})
+        self.state.metrics.setdefault("phase1", {})[f"model{index}"] = {
+            "seed": model_seed, "round": round_, "steps": state["report"]["steps"], "seconds": state["seconds"],
+            "final_loss": state["report"]["history"][-1]["loss"] if state["report"]["history"] else None,
+        }
+        return model, state["seconds"]
+
+    def _relabel(self, round_: int, models: List[PromptModel], entry: Dict):
+        """Each model labels the pool; its class-balanced top-K (by positive-prompt softmax confidence)
+        is its subset for the next round. Returns [(rows, labels)] per model."""
+        cfg = self.cfg
+
+        def compute():
+            features, positions = encode_with_models(
+                models, self.pool, self.state.positions.tolist(), self.device, cfg.model.precision,
+                cfg.data.batch_size, cfg.data.num_workers, self.progress, description=f"round {round_}: labelling the pool")
+            if not torch.equal(positions, self.state.positions):
+                raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
+            views = []
+            for model, feats in zip(models, features):
+                with torch.no_grad():
+                    pos, _ = model.text_features()
+                confidence, labels = (self.logit_scale * feats @ pos.cpu().T).softmax(1).max(1)
+                views.append({"labels": labels, "confidence": confidence})
+            return {"views": views}
+
+        state = self._stage(f"round{round_}_labels", "relabel", compute)
+        entry["seconds"] += state["seconds"]
+        subsets = []
+        for index, view in enumerate(state["views"], start=1):
+            chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names)
+            entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], self.truth)
+            subsets.append((chosen.rows, chosen.labels))
+        return subsets
 
     def filter(self) -> None:
         cfg = self.cfg
@@ -200,6 +268,8 @@ class CoftRun:
         phase1 = self.state.metrics.setdefault("phase1", {})
         for index, labels in ((1, result.labels1), (2, result.labels2)):
             phase1[f"model{index}"]["pool_label_accuracy"] = label_accuracy(labels, truth)
+            if self.state.metrics.get("rounds"):  # the last round's models are the filter's
+                self.state.metrics["rounds"][-1][f"model{index}"]["pool_label_accuracy"] = phase1[f"model{index}"]["pool_label_accuracy"]
         self.state.metrics["filter"] = {
             "threshold": cfg.filter.threshold,
             "agreement": (result.labels1 == result.labels2).double().mean().item(),
@@ -237,11 +307,19 @@ class CoftRun:
                                           cfg.seed).to(self.device)
 
             def compute(classifier=classifier, tag=tag, data=data):
-                images = self._resident(self.state.positions[data["rows"]], clip2.model)
+                contrastive = None
+                if cfg.method == "coft+" and cfg.contrastive.gamma > 0:
+                    images = self._pool_images() if clip2 is self.clip else self._resident(self.state.positions, clip2.model)
+                    rows = data["rows"]
+                    contrastive = self.contrastive_term(classifier, text.shape[1], len(images))
+                else:
+                    images = self._resident(self.state.positions[data["rows"]], clip2.model)
+                    rows = torch.arange(len(data["rows"]))
                 report = train_phase2(
-                    classifier, images, torch.arange(len(data["rows"])), data["labels"], cfg.phase2, cfg.seed,
+                    classifier, images, rows, data["labels"], cfg.phase2, cfg.seed,
                     self.device, cfg.model.precision, checkpoint=self.store.path(f"phase2_{tag}_progress"),
                     checkpoint_seconds=cfg.run.checkpoint_seconds, progress=self.progress, writer=self.writer, tag=tag,
+                    contrastive=contrastive,
                 )
                 return {"model": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}, "report": report}
 
@@ -252,11 +330,26 @@ class CoftRun:
                 save_tensors(self.out_dir / f"finetuned_{tag}.safetensors", state["model"],
                              {"class_names": "\n".join(self.names), "model": cfg.phase2.model or cfg.model.name})
             self.state.classifiers[tag] = classifier
+            history = state["report"]["history"]
             self.state.metrics.setdefault("phase2", {})[tag] = {
                 "train_size": int(len(data["rows"])), "steps": state["report"]["steps"], "seconds": state["seconds"],
                 "train_label_accuracy": label_accuracy(data["labels"], self.truth[data["rows"]]),
+                "final_loss": history[-1]["loss"] if history else None,
+                **({"contrastive_loss": [entry["contrastive"] for entry in history]}
+                   if history and "contrastive" in history[-1] else {}),
             }
         return clip2
+
+    def contrastive_term(self, classifier: FineTunedClassifier, dim: int, pool_size: int) -> ContrastiveTerm:
+        """CoFT+'s momentum encoder and key queue for ``classifier`` (queue capped by the pool size)."""
+        cfg = self.cfg.contrastive
+        batch = self.cfg.phase2.batch_size * world_size()
+        queue_size = max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), batch)
+        module = MomentumContrast(classifier.visual, dim, queue_size, cfg.momentum, cfg.projection_dim,
+                                  seed=self.cfg.seed, gather=all_gather_rows).to(self.device)
+        self.state.metrics["contrastive"] = {"queue_size": queue_size, "pool_size": pool_size, "gamma": cfg.gamma,
+                                             "temperature": cfg.temperature, "momentum": cfg.momentum}
+        return ContrastiveTerm(module, torch.arange(pool_size), cfg.gamma, cfg.temperature)
 
     def evaluate(self, clip2: ClipModel) -> None:
         """Zero-shot, phase I and final accuracies on the evaluation images (when they have labels)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from coft_fast.config import Phase2Config
 from coft_fast.data import ImageSource, iterate_batches
 from coft_fast.data.resident import ResidentImages, epoch_batches
+from coft_fast.models.momentum import MomentumContrast
 from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
@@ -70,24 +72,54 @@ def build_classifier(visual: nn.Module, text_embeddings: torch.Tensor, logit_sca
     return FineTunedClassifier(visual, ScaledLinearHead(weight, logit_scale))
 
 
+@dataclass
+class ContrastiveTerm:
+    """CoFT+'s gamma * InfoNCE term: queries from the trained encoder, keys from ``module``'s momentum
+    encoder, over ``pool_rows`` (every resident pool image, noisy and unlabelled ones included)."""
+
+    module: MomentumContrast
+    pool_rows: torch.Tensor
+    gamma: float
+    temperature: float
+
+
+def _pool_views(images: ResidentImages, pool_rows: torch.Tensor, count: int, steps: int, generator: torch.Generator,
+                scale_min: float):
+    """``steps`` batches of ``count`` pool images, each as two independent augmentations (query, key views)."""
+    order = torch.cat([torch.randperm(len(pool_rows), generator=generator)
+                       for _ in range(math.ceil(steps * count / len(pool_rows)))])
+    for step in range(steps):
+        rows = pool_rows[order[step * count : (step + 1) * count]]
+        yield images.train_batch(rows, generator, scale_min), images.train_batch(rows, generator, scale_min)
+
+
 def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,
                  cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "s1") -> Dict:
-    """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries."""
+                 writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None) -> Dict:
+    """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries.
+
+    With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
+    forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
+    momentum encoder and queue are saved in the checkpoint with the classifier.
+    """
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.epochs * per_epoch
-    optimizer = torch.optim.SGD(
-        [
-            {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
-            {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},
-        ],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
+    groups = [
+        {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
+        {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},
+    ]
+    trained: nn.Module = classifier
+    if contrastive is not None:
+        projection = list(contrastive.module.projection.parameters())
+        if projection:
+            groups.append({"params": projection, "lr": cfg.lr * cfg.head_lr_scale})
+        trained = nn.ModuleDict({"classifier": classifier, "contrast": contrastive.module})
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
-    start_epoch, step, history = restore_training(checkpoint, classifier, optimizer, scheduler)
+    start_epoch, step, history = restore_training(checkpoint, trained, optimizer, scheduler)
     if step:
         log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
     labels = labels.to(device)
@@ -97,27 +129,55 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
     bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
-        running, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        running = torch.zeros(2, device=device)  # (cross-entropy, contrastive) summed on the device: no sync per step
+        seen = 0
+        views = None
+        if contrastive is not None:
+            views = _pool_views(images, contrastive.pool_rows, cfg.batch_size, per_epoch,
+                                epoch_generator(seed + 1, epoch), cfg.crop_scale_min)
         for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
             picked = picked.to(device)
-            with autocast(precision, device):
-                logits = classifier(batch_images.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float(), labels[picked])
+            batch_images = batch_images.to(device, non_blocking=True)
+            if views is None:
+                with autocast(precision, device):
+                    logits = classifier(batch_images)
+                ce = F.cross_entropy(logits.float(), labels[picked])
+                loss, cont = ce, None
+            else:
+                query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
+                module = contrastive.module
+                with autocast(precision, device):
+                    features = classifier.visual(torch.cat([batch_images, query_view])).float()
+                    module.update_(classifier.visual)
+                    keys = module.keys(key_view)
+                labelled = len(batch_images)
+                ce = F.cross_entropy(classifier.head(F.normalize(features[:labelled], dim=-1)), labels[picked])
+                cont = module.loss(module.queries(features[labelled:]), keys.float(), contrastive.temperature)
+                loss = ce + contrastive.gamma * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
+            if cont is not None:
+                contrastive.module.push_(keys.float())
             step += 1
-            running += loss.detach() * len(picked)
+            running[0] += ce.detach() * len(picked)
+            if cont is not None:
+                running[1] += cont.detach() * len(picked)
             seen += len(picked)
             bar.update(1)
         guard.check()
-        mean_loss = float(running) / max(seen, 1)
-        history.append({"epoch": epoch, "step": step, "loss": mean_loss})
-        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}")
+        ce_mean, cont_mean = (running / max(seen, 1)).tolist()
+        entry = {"epoch": epoch, "step": step, "loss": ce_mean}
+        if contrastive is not None:
+            entry.update({"contrastive": cont_mean, "total": ce_mean + contrastive.gamma * cont_mean})
+        history.append(entry)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{ce_mean:.3f}")
         if writer is not None:
-            writer.add_scalar(f"phase2/{tag}/loss", mean_loss, epoch)
+            writer.add_scalar(f"phase2/{tag}/loss", ce_mean, epoch)
+            if contrastive is not None:
+                writer.add_scalar(f"phase2/{tag}/contrastive", cont_mean, epoch)
             writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
         done = epoch == cfg.epochs - 1
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
-            save_training(checkpoint, classifier.state_dict(), optimizer, scheduler, epoch, step, history)
+            save_training(checkpoint, trained.state_dict(), optimizer, scheduler, epoch, step, history)
             last_save = time.monotonic()
     bar.close()
     classifier.eval()

@@ -1,4 +1,4 @@
-"""PNG plots of a run: per-class pseudo-label accuracy, and p_clean of kept versus dropped samples."""
+"""PNG plots of a run: per-class pseudo-label accuracy, p_clean of kept versus dropped samples, CoFT+ rounds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,6 +54,33 @@ def plot_clean_probability(path: Path, p_clean: torch.Tensor, keep: torch.Tensor
     ax.set_xlabel("p_clean of model 1's label under model 2")
     ax.set_ylabel("samples")
     ax.legend()
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
+    """CoFT+: each model's subset size and label accuracies (subset, whole pool) per phase-I round."""
+    plt = _figure()
+    fig, (acc_ax, size_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
+    numbers = [entry["round"] for entry in rounds]
+    models = sorted(key for key in rounds[0] if key.startswith("model"))
+    for model in models:
+        for key, style in (("subset_label_accuracy", "--o"), ("pool_label_accuracy", "-s")):
+            values = [entry[model].get(key) for entry in rounds]
+            if any(v is not None for v in values):
+                acc_ax.plot(numbers, [100 * v if v is not None else float("nan") for v in values], style,
+                            label=f"{model}, {key.replace('_label_accuracy', '')}")
+        size_ax.plot(numbers, [entry[model]["subset_size"] for entry in rounds], "-o", label=model)
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("label accuracy (%)")
+    acc_ax.set_xticks(numbers)
+    if acc_ax.lines:
+        acc_ax.legend(fontsize=7)
+    size_ax.set_xlabel("round")
+    size_ax.set_ylabel("training subset size")
+    size_ax.set_xticks(numbers)
+    size_ax.legend(fontsize=7)
+    fig.suptitle("CoFT+ phase I rounds")
     fig.tight_layout()
     _save(fig, path, plt)
 
