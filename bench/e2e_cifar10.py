@@ -1,6 +1,6 @@
-"""End to end on CIFAR-10 with the test bed: zero-shot, self-train and CoFT over several seeds.
+"""End to end on CIFAR-10 with the test bed: zero-shot, self-train, CoFT and CoFT+ over several seeds.
 
-    python bench/e2e_cifar10.py [--seeds 0 1 2] [--methods coft self-train] [--testbed DIR]
+    python bench/e2e_cifar10.py [--seeds 0 1 2] [--methods coft coft+ self-train] [--testbed DIR]
                                 [--work DIR] [--set key=value ...]
 
 The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one;
@@ -59,7 +59,7 @@ def fmt(value, percent=True):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["coft", "self-train"])
+    parser.add_argument("--methods", nargs="+", default=["coft", "coft+", "self-train"])
     parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "e2e_cifar10"), help="folder for the run folders")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -98,6 +98,23 @@ def main() -> None:
         lines.append(f"| **{method} mean** | - | {fmt(statistics.mean(zero))} | | | | | | | "
                      f"{fmt(statistics.mean(finals))} | {fmt(ceiling)} | |")
     lines.append("")
+    plus_runs = [(seed, runs[(m, seed)]) for m, seed in runs if m == "coft+"]
+    if plus_runs:
+        lines += ["CoFT+ phase I rounds (label accuracy in %: the round's training subset / the whole pool, "
+                  "model 1 and model 2; the pool column of round r is its models' labels):", "",
+                  "| seed | round | subset model 1 | subset model 2 | pool model 1 | pool model 2 | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        for seed, metrics in plus_runs:
+            for entry in metrics["rounds"]:
+                m1, m2 = entry["model1"], entry["model2"]
+                lines.append(f"| {seed} | {entry['round']} | {fmt(m1['subset_label_accuracy'])} | "
+                             f"{fmt(m2['subset_label_accuracy'])} | {fmt(m1.get('pool_label_accuracy'))} | "
+                             f"{fmt(m2.get('pool_label_accuracy'))} | {entry['seconds']:.0f} |")
+            losses = metrics["phase2"]["s1"].get("contrastive_loss", [])
+            if losses:
+                lines.append(f"| {seed} | phase II contrastive loss per epoch | "
+                             + ", ".join(f"{v:.3f}" for v in losses) + " | | | | |")
+        lines.append("")
     means = {method: final for method, final, _ in summary}
     zero_mean = summary[0][2]
     if "coft" in means:
@@ -106,6 +123,10 @@ def main() -> None:
                      f"ceiling ({fmt(ceiling)}).")
         if "self-train" in means:
             lines.append(f"CoFT minus self-train: {100 * (means['coft'] - means['self-train']):+.2f} points.")
+    if "coft+" in means:
+        lines.append(f"CoFT+ minus zero-shot: {100 * (means['coft+'] - zero_mean):+.2f} points.")
+        if "coft" in means:
+            lines.append(f"CoFT+ minus CoFT: {100 * (means['coft+'] - means['coft']):+.2f} points.")
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
