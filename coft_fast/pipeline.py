@@ -302,6 +302,11 @@ class CoftRun:
         cfg = self.cfg
         clip2, text = self.phase2_backbone()
         scale = logit_scale_of(clip2)
+        if cfg.method == "coft+" and cfg.contrastive.gamma > 0:
+            contrastive = cfg.contrastive
+            self.state.metrics["contrastive"] = {
+                "queue_size": self.queue_size(), "pool_size": int(len(self.state.positions)), "gamma": contrastive.gamma,
+                "temperature": contrastive.temperature, "momentum": contrastive.momentum}
         for tag, data in sets.items():
             classifier = build_classifier(clip2.model.visual, text.to(self.device), scale, cfg.phase2.head_init,
                                           cfg.seed).to(self.device)
@@ -340,15 +345,17 @@ class CoftRun:
             }
         return clip2
 
-    def contrastive_term(self, classifier: FineTunedClassifier, dim: int, pool_size: int) -> ContrastiveTerm:
-        """CoFT+'s momentum encoder and key queue for ``classifier`` (queue capped by the pool size)."""
+    def queue_size(self) -> int:
+        """CoFT+'s key queue length: the configured size, capped by a share of the pool, at least one global batch."""
         cfg = self.cfg.contrastive
-        batch = self.cfg.phase2.batch_size * world_size()
-        queue_size = max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), batch)
-        module = MomentumContrast(classifier.visual, dim, queue_size, cfg.momentum, cfg.projection_dim,
+        pool_size = len(self.state.positions)
+        return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), self.cfg.phase2.batch_size * world_size())
+
+    def contrastive_term(self, classifier: FineTunedClassifier, dim: int, pool_size: int) -> ContrastiveTerm:
+        """CoFT+'s momentum encoder and key queue for ``classifier``."""
+        cfg = self.cfg.contrastive
+        module = MomentumContrast(classifier.visual, dim, self.queue_size(), cfg.momentum, cfg.projection_dim,
                                   seed=self.cfg.seed, gather=all_gather_rows).to(self.device)
-        self.state.metrics["contrastive"] = {"queue_size": queue_size, "pool_size": pool_size, "gamma": cfg.gamma,
-                                             "temperature": cfg.temperature, "momentum": cfg.momentum}
         return ContrastiveTerm(module, torch.arange(pool_size), cfg.gamma, cfg.temperature)
 
     def evaluate(self, clip2: ClipModel) -> None:
