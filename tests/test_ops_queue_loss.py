@@ -377,3 +377,13 @@ def test_bad_temperature(temperature):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         ops.queue_info_nce(*_good(), T, backend="cuda")
+
+
+def test_the_eager_backend_is_mocos_formulation():
+    from coft_fast import ops
+
+    q, k, queue = make_inputs(5, 33, 16, torch.float32, dev=torch.device("cpu"))
+    got = run(lambda *a: ops.queue_info_nce(*a, backend="eager"), q, k, queue)
+    want = run(queue_info_nce_eager, q, k, queue)
+    for name, a, b in zip(("loss", "grad q", "grad k"), got, want):
+        assert torch.equal(a, b), name

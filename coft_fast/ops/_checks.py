@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "eager")
 
 
 def check_matrix(name: str, tensor, columns: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
@@ -75,7 +75,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def use_triton(backend: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> bool:
     """Dispatch: "reference" never, "triton" always (the kernel wrapper raises when it cannot run),
     "auto" on CUDA tensors of the dtypes the kernels take (float64 stays on the reference)."""
-    if backend == "reference":
+    if backend in ("reference", "eager"):
         return False
     if backend == "triton":
         return True

@@ -72,6 +72,24 @@ def dual_prompt_loss_reference(
         return l1 + lam * l2, l1, l2
 
 
+def dual_prompt_loss_eager(
+    image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
+    detach_image_in_neg=False, detach_pos_in_l2=False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DEFT's formulation: both N x C logit matrices and a two-way log-softmax per class (the
+    research code's unfused path; the baseline of bench/e2e_speed.py)."""
+    compute = torch.promote_types(image_feats.dtype, torch.float32)
+    with no_autocast(image_feats):
+        x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
+        positive = logit_scale * x @ pos.T
+        negative = logit_scale * (x.detach() if detach_image_in_neg else x) @ neg.T
+        l1 = F.cross_entropy(positive, labels)
+        pair = torch.stack([positive.detach() if detach_pos_in_l2 else positive, negative], dim=-1).log_softmax(-1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        l2 = -(pair[rows, labels, 0] + pair[rows, complement_labels, 1]).mean()
+        return l1 + lam * l2, l1, l2
+
+
 def dual_prompt_loss(
     image_feats: torch.Tensor,
     pos_text: torch.Tensor,
@@ -88,9 +106,13 @@ def dual_prompt_loss(
 
     ``detach_image_in_neg`` stops gradients to image_feats through the negative logits;
     ``detach_pos_in_l2`` treats the positive logits inside l2 as constants (DEFT: both on).
-    ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton" or "reference".
+    ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton", "reference" or
+    "eager" (the unfused N x C formulation).
     """
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels)
+    if backend == "eager":
+        return dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
+                                      detach_image_in_neg, detach_pos_in_l2)
     if use_triton(backend, image_feats, image_feats.dtype):
         from coft_fast.kernels.dual_prompt import dual_prompt_loss_triton
 

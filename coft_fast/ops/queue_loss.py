@@ -145,10 +145,12 @@ def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     """0-dim mean InfoNCE of queries ``q`` (N, d) with positives ``k`` (N, d) against ``queue`` (K, d).
 
     ``backend``: "auto" (Triton on CUDA tensors, the chunked reference elsewhere), "triton" (also on
-    CPU tensors under TRITON_INTERPRET=1) or "reference". The loss is float32 (float64 for float64
+    CPU tensors under TRITON_INTERPRET=1), "reference" or "eager" (MoCo's N x (K + 1) logits). The loss is float32 (float64 for float64
     inputs); gradients reach q and k in their own dtypes.
     """
     _check_queue_args(q, k, queue, temperature, backend)
+    if backend == "eager":
+        return queue_info_nce_eager(q, k, queue, temperature)
     if use_triton(backend, q, q.dtype, queue.dtype):
         from coft_fast.kernels.queue_loss import queue_info_nce_triton
 
