@@ -24,6 +24,17 @@ def test_cut_sequence_equals_uncut(clip):
     assert pos.shape == neg.shape == (3, clip.model.text_projection.shape[1])
 
 
+def test_separate_full_length_calls_give_the_joint_cut_features(clip):
+    """The naive baseline (two calls over the whole context) computes the same prompts' features."""
+    names = ["one", "sea lion", "a rather long class name"]
+    joint = DualPromptLearner(clip.model, clip.tokenizer, names, n_ctx=8, generator=torch.Generator().manual_seed(0))
+    separate = DualPromptLearner(clip.model, clip.tokenizer, names, n_ctx=8, generator=torch.Generator().manual_seed(0),
+                                 joint=False)
+    assert separate.cut == clip.context_length and torch.equal(joint.ctx_pos, separate.ctx_pos)
+    for a, b in zip(joint(), separate()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_context_vectors_and_gradients(clip):
     learner = DualPromptLearner(clip.model, clip.tokenizer, ["one", "two"], n_ctx=4, init_std=0.02,
                                 generator=torch.Generator().manual_seed(0))

@@ -37,7 +37,7 @@ class DualPromptLearner(nn.Module):
     """Learned positive and negative contexts; ``forward()`` -> (pos_text, neg_text), each (C, d), unnormalised."""
 
     def __init__(self, clip_model: nn.Module, tokenizer: Callable, class_names: Sequence[str], n_ctx: int = 16,
-                 init_std: float = 0.02, generator: torch.Generator | None = None):
+                 init_std: float = 0.02, generator: torch.Generator | None = None, joint: bool = True):
         super().__init__()
         pool_type = getattr(clip_model, "text_pool_type", "argmax")
         if pool_type != "argmax":
@@ -47,7 +47,10 @@ class DualPromptLearner(nn.Module):
         check_dual_prompts_fit(tokenizer, class_names, n_ctx, context_length)
         tokens = tokenizer(prompt_texts(class_names, n_ctx))  # (C, L)
         eot = tokens.argmax(dim=-1)  # EOT has the highest token id
-        cut = int(eot.max()) + 1
+        # joint: one call for all 2C prompts, cut after the last end-of-text token (exact: the tower is
+        # causal). Otherwise the research code's way: two calls over the full context (the naive baseline).
+        self.joint = joint
+        cut = int(eot.max()) + 1 if joint else tokens.shape[1]
         with torch.no_grad():
             embedded = clip_model.token_embedding(tokens[:, :cut].to(clip_model.token_embedding.weight.device))
         width = embedded.shape[-1]
@@ -85,5 +88,8 @@ class DualPromptLearner(nn.Module):
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        features = self.encode(self.prompt_embeddings(), self.eot_index.repeat(2))
-        return features[: self.num_classes], features[self.num_classes :]
+        embeddings, c = self.prompt_embeddings(), self.num_classes
+        if not self.joint:
+            return self.encode(embeddings[:c], self.eot_index), self.encode(embeddings[c:], self.eot_index)
+        features = self.encode(embeddings, self.eot_index.repeat(2))
+        return features[:c], features[c:]
