@@ -1,0 +1,84 @@
+"""Choosing a decoder, and training images decoded anew every epoch when they do not fit in memory.
+
+``StreamedImages`` has the interface of :class:`ResidentImages` that the training loops use
+(``epoch_batches``), so phase I and phase II train the same way from memory or from files.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from coft_fast.data.dali import dali_available, iterate_dali, iterate_torchvision
+from coft_fast.data.loading import Batch, iterate_batches
+from coft_fast.data.sources import ImageSource
+
+DECODERS = ("auto", "pil", "dali")
+
+
+def resolve_decoder(name: str, device: torch.device) -> str:
+    """"auto": DALI when it is installed and the device is a GPU (nvJPEG), else PIL; "dali" needs DALI."""
+    if name not in DECODERS:
+        raise ValueError(f"config key 'data.decoder' must be one of {', '.join(DECODERS)}, got {name!r}")
+    if name == "auto":
+        return "dali" if device.type == "cuda" and dali_available() else "pil"
+    if name == "dali" and not dali_available():
+        raise RuntimeError("data.decoder=dali, but nvidia-dali is not installed: pip install -e '.[dali]' "
+                           "(or set data.decoder=pil)")
+    return name
+
+
+def eval_batches(source: ImageSource, indices: Optional[Sequence[int]], preprocess, batch_size: int,
+                 num_workers: int = 0, decoder: str = "pil", stats: Optional[tuple] = None,
+                 device: torch.device = torch.device("cpu")) -> Iterator[Batch]:
+    """Evaluation batches of ``indices`` in order. PIL applies the model's own ``preprocess``; DALI
+    (only for files an earlier pass decoded: it stops on a broken one) resizes, centre-crops and
+    normalises with ``stats`` = (image_size, mean, std)."""
+    if decoder == "dali":
+        if stats is None:
+            raise ValueError("eval_batches: the DALI decoder needs stats=(image_size, mean, std)")
+        rows = list(range(len(source))) if indices is None else list(indices)
+        yield from iterate_dali(source, rows, *stats, batch_size, device=device, num_threads=max(1, num_workers))
+    else:
+        yield from iterate_batches(source, preprocess, batch_size, num_workers, indices,
+                                   pin_memory=device.type == "cuda")
+
+
+class StreamedImages:
+    """Rows of ``source`` (``positions``) decoded and augmented every epoch by PIL workers or DALI."""
+
+    def __init__(self, source: ImageSource, positions: Sequence[int], image_size: int, mean, std,
+                 decoder: str = "pil", num_workers: int = 0, device: torch.device = torch.device("cpu")):
+        self.source = source
+        self.positions = torch.as_tensor(list(positions), dtype=torch.long)
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.decoder, self.num_workers, self.device = decoder, num_workers, device
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int) -> Iterator[torch.Tensor]:
+        indices = self.positions[rows].tolist()
+        if self.decoder == "dali":
+            batches = iterate_dali(self.source, indices, self.image_size, self.mean, self.std, batch_size, train=True,
+                                   scale_min=scale_min, device=self.device, seed=seed,
+                                   num_threads=max(1, self.num_workers))
+        else:
+            torch.manual_seed(seed)  # the workers' augmentation streams derive from it
+            batches = iterate_torchvision(self.source, indices, self.image_size, self.mean, self.std, batch_size,
+                                          train=True, scale_min=scale_min, num_workers=self.num_workers)
+        expected = iter(torch.split(torch.as_tensor(indices), batch_size))
+        for batch in batches:
+            if not torch.equal(batch.indices, next(expected)):
+                raise RuntimeError(f"{self.source.origin}: an image that decoded before failed to decode now")
+            yield batch.images
+
+    def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
+                      views: int = 1):
+        """One shuffled pass over ``rows``: yields (augmented images, or a tuple of ``views`` independent
+        augmentations, positions in ``rows``)."""
+        order = torch.randperm(len(rows), generator=generator)
+        seeds = torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()
+        streams = [self._decode(rows[order], batch_size, scale_min, seed) for seed in seeds]
+        for start, images in zip(range(0, len(order), batch_size), zip(*streams)):
+            yield (images[0] if views == 1 else images), order[start : start + batch_size]
