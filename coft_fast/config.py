@@ -50,6 +50,14 @@ class DataConfig:
     eval_split: str = "test"
     # For CoOp split JSON files: the folder the JSON paths are relative to (None: found next to it).
     image_root: Optional[str] = None
+    # Decoding after the first pass over the images: "pil" (DataLoader workers), "dali" (nvJPEG on a
+    # GPU, DALI's CPU operators otherwise), "auto" (DALI on a GPU when installed, else PIL). The
+    # first pass (zero-shot scoring) always uses PIL, which skips and records broken files.
+    decoder: str = "auto"
+    # Training images kept decoded in memory (on the GPU when there is one) instead of decoded every
+    # epoch: "auto" (when they fit in resident_max_gb), "always", "never".
+    resident: str = "auto"
+    resident_max_gb: float = 8.0
 
 
 @dataclass
@@ -93,6 +101,9 @@ class Phase1Config:
     warmup_steps: int = 50
     # Random-resized-crop scale range lower bound for augmentation (1.0 = no crop).
     crop_scale_min: float = 0.5
+    # "joint": positive and negative prompts in one text-encoder call, cut after the last end-of-text
+    # token (exact); "separate": two calls over the full context, as the research code does.
+    text_encoding: str = "joint"
     # Seeds of the two models (they differ only in initialisation and data order).
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     # CoFT+ only: rounds of phase I (the method doc's R, default 3). In round r > 1 each model of
@@ -194,6 +205,15 @@ class RunConfig:
     progress: bool = True
     # Training checkpoints are written at epoch ends, at most this often (and at the end of a stage).
     checkpoint_seconds: float = 60.0
+    # torch.compile of the phase II model and the zero-shot image encoder: null (auto: on for CUDA,
+    # off on CPU, where it did not pay for its compile time), true or false.
+    compile: Optional[bool] = None
+    # Loss ops: "auto" (fused Triton kernels on CUDA, the chunked references elsewhere),
+    # "reference", "triton", or "eager" (the research code's unfused formulations).
+    op_backend: str = "auto"
+    # Reuse work across phases: decode each image once for both phase-I models, encode the zero-shot
+    # prompts once. False recomputes them where they are used (the naive baseline).
+    reuse: bool = True
 
 
 METHODS = ("coft", "coft+", "self-train")
@@ -266,6 +286,16 @@ class Config:
             value = getattr(getattr(self, section), name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
+        choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
+                   "phase1.text_encoding": ("joint", "separate"),
+                   "run.op_backend": ("auto", "reference", "triton", "eager")}
+        for key, allowed in choices.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+        if not self.data.resident_max_gb >= 0:
+            raise ConfigError(f"config key 'data.resident_max_gb' must be >= 0, got {self.data.resident_max_gb}")
         if self.model.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
         positive = {

@@ -16,7 +16,8 @@ import torch
 
 from coft_fast.config import Config
 from coft_fast.data import ImageSource
-from coft_fast.data.resident import ResidentImages, preprocess_stats
+from coft_fast.data.resident import ResidentImages, decoded_bytes, preprocess_stats
+from coft_fast.data.streaming import StreamedImages, resolve_decoder
 from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
 from coft_fast.models.momentum import MomentumContrast
@@ -65,6 +66,8 @@ class CoftRun:
         self.truth_all = torch.tensor(pool.labels, dtype=torch.long)
         self.logit_scale = logit_scale_of(clip)
         self.progress = cfg.run.progress
+        self.decoder = resolve_decoder(cfg.data.decoder, device)
+        self.compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
         for parameter in clip.model.parameters():
             parameter.requires_grad_(False)
 
@@ -99,10 +102,20 @@ class CoftRun:
         self._timed(phase, state["seconds"])
         return state
 
-    def _resident(self, positions: torch.Tensor, model: torch.nn.Module) -> ResidentImages:
+    def _training_images(self, positions: torch.Tensor, model: torch.nn.Module):
+        """Training images of ``positions``: kept decoded in memory (on the GPU when there is one) when
+        ``data.resident`` allows, else decoded every epoch by the configured decoder."""
+        cfg = self.cfg.data
         size, mean, std = preprocess_stats(model)
-        images = ResidentImages(self.pool, positions.tolist(), size, mean, std, self.cfg.data.batch_size,
-                                self.cfg.data.num_workers, self.progress)
+        needed = decoded_bytes(len(positions), size)
+        if cfg.resident == "never" or (cfg.resident == "auto" and needed > cfg.resident_max_gb * 2**30):
+            if cfg.resident == "auto":
+                log.info("%d training images need %.1f GB decoded, more than data.resident_max_gb=%g: decoding them "
+                         "every epoch (%s)", len(positions), needed / 2**30, cfg.resident_max_gb, self.decoder)
+            return StreamedImages(self.pool, positions.tolist(), size, mean, std, self.decoder, cfg.num_workers,
+                                  self.device)
+        images = ResidentImages(self.pool, positions.tolist(), size, mean, std, cfg.batch_size, cfg.num_workers,
+                                self.progress, self.device if self.device.type == "cuda" else torch.device("cpu"))
         if not torch.equal(images.positions, positions):
             raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
         return images
@@ -120,7 +133,7 @@ class CoftRun:
             text = class_text_embeddings(self.clip, prompts, self.names, self.device, cfg.model.precision).cpu()
             features, positions = encode_images(self.clip, self.pool, self.device, cfg.model.precision,
                                                 cfg.data.batch_size, cfg.data.num_workers, progress=self.progress,
-                                                description="zero-shot scoring")
+                                                description="zero-shot scoring", compile_model=self.compile)
             if not len(positions):
                 raise RuntimeError(f"{self.pool.origin}: none of the {len(self.pool)} images could be decoded")
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
@@ -156,7 +169,7 @@ class CoftRun:
         """Every scored pool image, decoded once: CoFT+ draws each round's subset and phase II's
         contrastive batches from it."""
         if self._pool_resident is None:
-            self._pool_resident = self._resident(self.state.positions, self.clip.model)
+            self._pool_resident = self._training_images(self.state.positions, self.clip.model)
         return self._pool_resident
 
     def phase1(self, selection) -> None:
@@ -169,7 +182,7 @@ class CoftRun:
             if cfg.method == "coft+":
                 images = self._pool_images()
             else:  # S* alone is decoded; its rows are 0..S-1
-                images = self._resident(self.state.positions[selection.rows], self.clip.model)
+                images = self._training_images(self.state.positions[selection.rows], self.clip.model)
                 subsets = [(torch.arange(len(selection.rows)), selection.labels)] * len(cfg.phase1.seeds)
             entry = {"round": round_, "seconds": 0.0}
             models = []
@@ -202,7 +215,7 @@ class CoftRun:
             report = train_phase1(
                 model, images, rows, labels, cfg.phase1, model_seed, self.device, cfg.model.precision,
                 checkpoint=self.store.path(f"{name}_progress"), checkpoint_seconds=cfg.run.checkpoint_seconds,
-                progress=self.progress, writer=self.writer,
+                progress=self.progress, writer=self.writer, backend=cfg.run.op_backend,
                 tag=f"model{index}" if round_ == 1 else f"round{round_}/model{index}",
             )
             return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "report": report}
@@ -226,7 +239,8 @@ class CoftRun:
         def compute():
             features, positions = encode_with_models(
                 models, self.pool, self.state.positions.tolist(), self.device, cfg.model.precision,
-                cfg.data.batch_size, cfg.data.num_workers, self.progress, description=f"round {round_}: labelling the pool")
+                cfg.data.batch_size, cfg.data.num_workers, self.progress, description=f"round {round_}: labelling the pool",
+                decoder=self.decoder, reuse=cfg.run.reuse)
             if not torch.equal(positions, self.state.positions):
                 raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
             views = []
@@ -254,6 +268,7 @@ class CoftRun:
             features, positions = encode_with_models(
                 models, self.pool, self.state.positions.tolist(), self.device, cfg.model.precision,
                 cfg.data.batch_size, cfg.data.num_workers, self.progress, description="labelling the pool",
+                decoder=self.decoder, reuse=cfg.run.reuse,
             )
             with torch.no_grad():
                 texts = [model.text_features() for model in models]
@@ -288,15 +303,20 @@ class CoftRun:
         chosen = {"s1": ["s1"], "s2": ["s2"], "both": ["s1", "s2"]}[self.cfg.phase2.train_on]
         return {name: sets[name] for name in chosen}
 
+    def zero_shot_text(self, clip: ClipModel) -> torch.Tensor:
+        """The class text embeddings of ``clip`` (the ones zero-shot scoring computed, unless run.reuse is off)."""
+        if self.cfg.run.reuse and clip is self.clip:
+            return self.state.text_embeddings
+        prompts = class_prompts(self.cfg.zeroshot.templates, self.names)
+        return class_text_embeddings(clip, prompts, self.names, self.device, self.cfg.model.precision).cpu()
+
     def phase2_backbone(self):
         """The phase II CLIP (the phase I one, or another for distillation) and its class embeddings."""
         cfg = self.cfg
         if not cfg.phase2.model:
-            return self.clip, self.state.text_embeddings
+            return self.clip, self.zero_shot_text(self.clip)
         clip2 = load_clip(cfg.phase2.model, cfg.phase2.pretrained, self.device, None, cfg.model.cache_dir)
-        prompts = class_prompts(cfg.zeroshot.templates, self.names)
-        text = class_text_embeddings(clip2, prompts, self.names, self.device, cfg.model.precision).cpu()
-        return clip2, text
+        return clip2, self.zero_shot_text(clip2)
 
     def phase2(self, sets) -> ClipModel:
         cfg = self.cfg
@@ -314,17 +334,17 @@ class CoftRun:
             def compute(classifier=classifier, tag=tag, data=data):
                 contrastive = None
                 if cfg.method == "coft+" and cfg.contrastive.gamma > 0:
-                    images = self._pool_images() if clip2 is self.clip else self._resident(self.state.positions, clip2.model)
+                    images = self._pool_images() if clip2 is self.clip else self._training_images(self.state.positions, clip2.model)
                     rows = data["rows"]
                     contrastive = self.contrastive_term(classifier, text.shape[1], len(images))
                 else:
-                    images = self._resident(self.state.positions[data["rows"]], clip2.model)
+                    images = self._training_images(self.state.positions[data["rows"]], clip2.model)
                     rows = torch.arange(len(data["rows"]))
                 report = train_phase2(
                     classifier, images, rows, data["labels"], cfg.phase2, cfg.seed,
                     self.device, cfg.model.precision, checkpoint=self.store.path(f"phase2_{tag}_progress"),
                     checkpoint_seconds=cfg.run.checkpoint_seconds, progress=self.progress, writer=self.writer, tag=tag,
-                    contrastive=contrastive,
+                    contrastive=contrastive, compile_model=self.compile,
                 )
                 return {"model": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}, "report": report}
 
@@ -356,7 +376,7 @@ class CoftRun:
         cfg = self.cfg.contrastive
         module = MomentumContrast(classifier.visual, dim, self.queue_size(), cfg.momentum, cfg.projection_dim,
                                   seed=self.cfg.seed, gather=all_gather_rows).to(self.device)
-        return ContrastiveTerm(module, torch.arange(pool_size), cfg.gamma, cfg.temperature)
+        return ContrastiveTerm(module, torch.arange(pool_size), cfg.gamma, cfg.temperature, self.cfg.run.op_backend)
 
     def evaluate(self, clip2: ClipModel) -> None:
         """Zero-shot, phase I and final accuracies on the evaluation images (when they have labels)."""
@@ -370,15 +390,17 @@ class CoftRun:
         cfg, device = self.cfg, self.device
         started = time.perf_counter()
         features, positions = encode_images(self.clip, source, device, cfg.model.precision, cfg.data.batch_size,
-                                            cfg.data.num_workers, progress=self.progress, description="evaluating zero-shot")
+                                            cfg.data.num_workers, progress=self.progress, description="evaluating zero-shot",
+                                            compile_model=self.compile)
         truth = torch.tensor(source.labels, dtype=torch.long)[positions]
-        zs = zeroshot_probabilities(features, self.state.text_embeddings, self.logit_scale)
+        zs = zeroshot_probabilities(features, self.zero_shot_text(self.clip), self.logit_scale)
         zero_shot.update(classification_metrics(zs, truth))
         zero_shot["num_images"] = int(len(positions))
         if self.state.prompt_models:
             model_features, model_positions = encode_with_models(
                 self.state.prompt_models, source, positions.tolist(), device, cfg.model.precision,
-                cfg.data.batch_size, cfg.data.num_workers, self.progress, description="evaluating phase I")
+                cfg.data.batch_size, cfg.data.num_workers, self.progress, description="evaluating phase I",
+                decoder=self.decoder, reuse=cfg.run.reuse)
             for index, (model, feats) in enumerate(zip(self.state.prompt_models, model_features), start=1):
                 with torch.no_grad():
                     pos, _ = model.text_features()
@@ -389,7 +411,8 @@ class CoftRun:
         for tag, classifier in self.state.classifiers.items():
             logits, final_positions = classifier_logits(classifier, source, clip2.preprocess_eval, device,
                                                         cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
-                                                        positions.tolist(), self.progress, f"evaluating {tag}")
+                                                        positions.tolist(), self.progress, f"evaluating {tag}",
+                                                        self.decoder, preprocess_stats(clip2.model), self.compile)
             all_logits[tag] = logits
             final[tag] = classification_metrics(logits, truth)
         if len(all_logits) > 1:

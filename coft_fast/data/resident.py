@@ -25,7 +25,8 @@ class ResidentImages:
     """uint8 images (M, 3, B, B) of ``source`` rows ``indices``; undecodable files are left out."""
 
     def __init__(self, source: ImageSource, indices: Sequence[int], image_size: int, mean, std,
-                 batch_size: int = 256, num_workers: int = 0, progress: bool = True):
+                 batch_size: int = 256, num_workers: int = 0, progress: bool = True,
+                 device: torch.device = torch.device("cpu")):
         self.image_size = int(image_size)
         self.base_size = int(round(self.image_size * BASE_SCALE))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -42,7 +43,9 @@ class ResidentImages:
             positions.append(batch.indices)
             bar.update(len(batch.indices) + len(batch.failed))
         bar.close()
-        self.images = torch.cat(chunks) if chunks else torch.empty(0, 3, self.base_size, self.base_size, dtype=torch.uint8)
+        images = torch.cat(chunks) if chunks else torch.empty(0, 3, self.base_size, self.base_size, dtype=torch.uint8)
+        self.images = images.to(device)  # on the GPU, augmentation runs there too
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
         self.positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -61,17 +64,37 @@ class ResidentImages:
         h = torch.sqrt(area / ratio).clamp(max=b)
         x0 = torch.rand(n, generator=generator) * (b - w)
         y0 = torch.rand(n, generator=generator) * (b - h)
-        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + w, y0 + h], dim=1)
-        crops = roi_align(self.images[rows].float(), boxes, output_size=s, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        flip = torch.rand(n, generator=generator) < 0.5
+        device = self.images.device
+        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + w, y0 + h], dim=1).to(device)
+        crops = roi_align(self.images[rows.to(device)].float(), boxes, output_size=s, spatial_scale=1.0,
+                          sampling_ratio=2, aligned=True)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
         crops[flip] = crops[flip].flip(-1)
         return self._normalise(crops)
 
     def eval_batch(self, rows: torch.Tensor) -> torch.Tensor:
         """Float (n, 3, S, S): the centre crop of each base image."""
         offset = (self.base_size - self.image_size) // 2
-        crop = self.images[rows, :, offset : offset + self.image_size, offset : offset + self.image_size]
+        crop = self.images[rows.to(self.images.device), :, offset : offset + self.image_size,
+                           offset : offset + self.image_size]
         return self._normalise(crop.float())
+
+    def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
+                      views: int = 1, shuffle: bool = True, drop_last: bool = False):
+        """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
+        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
+        order = torch.randperm(len(rows), generator=generator) if shuffle else torch.arange(len(rows))
+        stop = (len(order) // batch_size) * batch_size if drop_last and len(order) >= batch_size else len(order)
+        for start in range(0, stop, batch_size):
+            picked = order[start : start + batch_size]
+            augmented = tuple(self.train_batch(rows[picked], generator, scale_min) for _ in range(views))
+            yield (augmented[0] if views == 1 else augmented), picked
+
+
+def decoded_bytes(count: int, image_size: int) -> int:
+    """Memory that ``count`` resident images of a model with input size ``image_size`` take (uint8)."""
+    base = int(round(image_size * BASE_SCALE))
+    return count * 3 * base * base
 
 
 def preprocess_stats(model) -> tuple:
@@ -82,12 +105,3 @@ def preprocess_stats(model) -> tuple:
     size = cfg.get("size", 224)
     size = size[0] if isinstance(size, (tuple, list)) else size
     return int(size), tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
-
-
-def epoch_batches(images: "ResidentImages", rows: torch.Tensor, batch_size: int, generator: torch.Generator,
-                  scale_min: float):
-    """One shuffled pass over ``rows`` of resident images: yields (augmented images, positions in ``rows``)."""
-    order = torch.randperm(len(rows), generator=generator)
-    for start in range(0, len(order), batch_size):
-        picked = order[start : start + batch_size]
-        yield images.train_batch(rows[picked], generator, scale_min), picked

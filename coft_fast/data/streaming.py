@@ -74,10 +74,12 @@ class StreamedImages:
             yield batch.images
 
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
-                      views: int = 1):
-        """One shuffled pass over ``rows``: yields (augmented images, or a tuple of ``views`` independent
-        augmentations, positions in ``rows``)."""
-        order = torch.randperm(len(rows), generator=generator)
+                      views: int = 1, shuffle: bool = True, drop_last: bool = False):
+        """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
+        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
+        order = torch.randperm(len(rows), generator=generator) if shuffle else torch.arange(len(rows))
+        if drop_last and len(order) >= batch_size:
+            order = order[: (len(order) // batch_size) * batch_size]
         seeds = torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()
         streams = [self._decode(rows[order], batch_size, scale_min, seed) for seed in seeds]
         for start, images in zip(range(0, len(order), batch_size), zip(*streams)):

@@ -76,8 +76,8 @@ class MomentumContrast(nn.Module):
         self.key_encoder.eval()
         return F.normalize(self.key_projection(self.key_encoder(images).float()), dim=-1)
 
-    def loss(self, queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-        return ops.queue_info_nce(queries, keys, self.queue, temperature)
+    def loss(self, queries: torch.Tensor, keys: torch.Tensor, temperature: float, backend: str = "auto") -> torch.Tensor:
+        return ops.queue_info_nce(queries, keys, self.queue, temperature, backend)
 
     @torch.no_grad()
     def push_(self, keys: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from coft_fast import ops
 from coft_fast.config import Phase1Config
-from coft_fast.data import ImageSource, iterate_batches
-from coft_fast.data.resident import ResidentImages, epoch_batches
+from coft_fast.data import ImageSource
+from coft_fast.data.resident import ResidentImages
+from coft_fast.data.streaming import StreamedImages, eval_batches
 from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
 from coft_fast.models.visual_prompts import VisualPrompts
@@ -61,7 +62,8 @@ def make_prompt_model(clip: ClipModel, class_names: Sequence[str], cfg: Phase1Co
                       device: torch.device) -> PromptModel:
     """A freshly initialised model (context N(0, std), VPT uniform), deterministic for ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    prompts = DualPromptLearner(clip.model, clip.tokenizer, class_names, cfg.n_ctx, cfg.ctx_init_std, generator)
+    prompts = DualPromptLearner(clip.model, clip.tokenizer, class_names, cfg.n_ctx, cfg.ctx_init_std, generator,
+                                joint=cfg.text_encoding == "joint")
     visual_prompts = VisualPrompts(clip.model.visual, cfg.vpt_tokens, generator)
     return PromptModel(clip, prompts.to(device), visual_prompts.to(device))
 
@@ -78,10 +80,10 @@ def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
     return max(cfg.steps, cfg.min_epochs * per_epoch)
 
 
-def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,
-                 cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
+def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
+                 labels: torch.Tensor, cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "model") -> Dict:
+                 writer=None, tag: str = "model", backend: str = "auto") -> Dict:
     """Train ``model`` with L1 + lam * L2 on resident images ``rows`` labelled ``labels``.
 
     The run is split into epochs whose randomness comes from (seed, epoch) alone, and the state is
@@ -115,7 +117,7 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
         complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
-        for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
+        for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min):
             if step >= total:
                 break
             picked = picked.to(device)
@@ -124,7 +126,7 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
                 pos, neg = model.text_features()
             loss, l1, l2 = ops.dual_prompt_loss(
                 image_feats, pos, neg, labels[picked], complements[picked], logit_scale, cfg.lam,
-                cfg.detach_image_in_neg, cfg.detach_pos_in_l2,
+                cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend,
             )
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
@@ -153,17 +155,26 @@ def train_phase1(model: PromptModel, images: ResidentImages, rows: torch.Tensor,
 @torch.no_grad()
 def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indices: Optional[Sequence[int]],
                        device: torch.device, precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                       progress: bool = True, description: str = "labelling"):
-    """Each model's normalised image features of ``source`` (decoding every image once for all models).
+                       progress: bool = True, description: str = "labelling", decoder: str = "pil",
+                       reuse: bool = True):
+    """Each model's normalised image features of ``source`` (decoding every image once for all models,
+    or once per model with ``reuse=False``). ``decoder="dali"`` only for images decoded before.
 
     Returns ([features (M, d) per model], positions (M,)).
     """
+    if not reuse and len(models) > 1:
+        outputs = [encode_with_models([model], source, indices, device, precision, batch_size, num_workers, progress,
+                                      description, decoder) for model in models]
+        return [features[0] for features, _ in outputs], outputs[0][1]
+    from coft_fast.data.resident import preprocess_stats
+
     preprocess = models[0].clip.preprocess_eval
+    stats = preprocess_stats(models[0].clip.model) if decoder == "dali" else None
     per_model: List[List[torch.Tensor]] = [[] for _ in models]
     positions = []
     total = len(source) if indices is None else len(indices)
     bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    for batch in iterate_batches(source, preprocess, batch_size, num_workers, indices, pin_memory=device.type == "cuda"):
+    for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
         images = batch.images.to(device, non_blocking=True)
         for store, model in zip(per_model, models):
             with autocast(precision, device):

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from coft_fast.config import Phase2Config
-from coft_fast.data import ImageSource, iterate_batches
-from coft_fast.data.resident import ResidentImages, epoch_batches
+from coft_fast.data import ImageSource
+from coft_fast.data.resident import ResidentImages
+from coft_fast.data.streaming import StreamedImages, eval_batches
 from coft_fast.models.momentum import MomentumContrast
 from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
-from coft_fast.runtime.device import autocast
+from coft_fast.runtime.device import autocast, run_padded
 
 log = logging.getLogger(__name__)
 
@@ -81,31 +82,40 @@ class ContrastiveTerm:
     pool_rows: torch.Tensor
     gamma: float
     temperature: float
+    backend: str = "auto"
 
 
-def _pool_views(images: ResidentImages, pool_rows: torch.Tensor, count: int, steps: int, generator: torch.Generator,
+def _pool_views(images, pool_rows: torch.Tensor, count: int, steps: int, generator: torch.Generator,
                 scale_min: float):
     """``steps`` batches of ``count`` pool images, each as two independent augmentations (query, key views)."""
     order = torch.cat([torch.randperm(len(pool_rows), generator=generator)
                        for _ in range(math.ceil(steps * count / len(pool_rows)))])
-    for step in range(steps):
-        rows = pool_rows[order[step * count : (step + 1) * count]]
-        yield images.train_batch(rows, generator, scale_min), images.train_batch(rows, generator, scale_min)
+    chosen = pool_rows[order[: steps * count]]
+    for views, _ in images.epoch_batches(chosen, count, generator, scale_min, views=2, shuffle=False):
+        yield views
 
 
-def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: torch.Tensor, labels: torch.Tensor,
-                 cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
+def optimizer_options(device: torch.device) -> Dict:
+    """One fused kernel per optimiser step on CUDA; the multi-tensor (foreach) path elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
+                 labels: torch.Tensor, cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None) -> Dict:
+                 writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
+                 compile_model: bool = False) -> Dict:
     """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries.
 
     With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
     forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
-    momentum encoder and queue are saved in the checkpoint with the classifier.
+    momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
+    runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
     """
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    drop_last = compile_model and len(rows) >= cfg.batch_size
+    per_epoch = len(rows) // cfg.batch_size if drop_last else math.ceil(len(rows) / cfg.batch_size)
     total = cfg.epochs * per_epoch
     groups = [
         {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
@@ -117,7 +127,9 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
         if projection:
             groups.append({"params": projection, "lr": cfg.lr * cfg.head_lr_scale})
         trained = nn.ModuleDict({"classifier": classifier, "contrast": contrastive.module})
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                **optimizer_options(device))
+    encoder = torch.compile(classifier.visual) if compile_model else classifier.visual
     scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
     start_epoch, step, history = restore_training(checkpoint, trained, optimizer, scheduler)
     if step:
@@ -135,24 +147,26 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
         if contrastive is not None:
             views = _pool_views(images, contrastive.pool_rows, cfg.batch_size, per_epoch,
                                 epoch_generator(seed + 1, epoch), cfg.crop_scale_min)
-        for batch_images, picked in epoch_batches(images, rows, cfg.batch_size, generator, cfg.crop_scale_min):
+        for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
+                                                         drop_last=drop_last):
             picked = picked.to(device)
             batch_images = batch_images.to(device, non_blocking=True)
             if views is None:
                 with autocast(precision, device):
-                    logits = classifier(batch_images)
-                ce = F.cross_entropy(logits.float(), labels[picked])
+                    features = encoder(batch_images)
+                ce = F.cross_entropy(classifier.head(F.normalize(features.float(), dim=-1)), labels[picked])
                 loss, cont = ce, None
             else:
                 query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
                 module = contrastive.module
                 with autocast(precision, device):
-                    features = classifier.visual(torch.cat([batch_images, query_view])).float()
+                    features = encoder(torch.cat([batch_images, query_view])).float()
                     module.update_(classifier.visual)
                     keys = module.keys(key_view)
                 labelled = len(batch_images)
                 ce = F.cross_entropy(classifier.head(F.normalize(features[:labelled], dim=-1)), labels[picked])
-                cont = module.loss(module.queries(features[labelled:]), keys.float(), contrastive.temperature)
+                cont = module.loss(module.queries(features[labelled:]), keys.float(), contrastive.temperature,
+                                   contrastive.backend)
                 loss = ce + contrastive.gamma * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             if cont is not None:
@@ -187,15 +201,20 @@ def train_phase2(classifier: FineTunedClassifier, images: ResidentImages, rows: 
 @torch.no_grad()
 def classifier_logits(classifier: nn.Module, source: ImageSource, preprocess, device: torch.device,
                       precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                      indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting"):
-    """(logits (M, C) float32, positions (M,)) of ``classifier`` over ``source``."""
+                      indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
+                      decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
+    """(logits (M, C) float32, positions (M,)) of ``classifier`` over ``source`` (``decoder="dali"``
+    only for images decoded before; ``compile_model`` pads the last batch so the shape never changes)."""
     classifier.eval()
+    forward = torch.compile(classifier) if compile_model else classifier
     logits, positions = [], []
     total = len(source) if indices is None else len(indices)
     bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    for batch in iterate_batches(source, preprocess, batch_size, num_workers, indices, pin_memory=device.type == "cuda"):
+    for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
+        images = batch.images.to(device, non_blocking=True)
         with autocast(precision, device):
-            logits.append(classifier(batch.images.to(device, non_blocking=True)).float().cpu())
+            output = run_padded(forward, images, batch_size) if compile_model else forward(images)
+        logits.append(output.float().cpu())
         positions.append(batch.indices)
         bar.update(len(batch.indices) + len(batch.failed))
     bar.close()

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from coft_fast.data import ImageSource, iterate_batches
 from coft_fast.models import ClipModel
 from coft_fast.pseudo.templates import check_prompts_fit
-from coft_fast.runtime.device import autocast
+from coft_fast.runtime.device import autocast, run_padded
 
 
 @torch.no_grad()
@@ -48,20 +48,23 @@ def encode_images(
     indices: Optional[Sequence[int]] = None,
     progress: bool = True,
     description: str = "encoding images",
+    compile_model: bool = False,
 ):
     """Normalised image features (M, d) float32 and the source positions (M,) they belong to.
 
     Unreadable files are skipped (recorded in ``source.skipped``), so M can be less than asked.
+    ``compile_model`` runs the image tower through torch.compile (last batch padded: one shape).
     """
     features: List[torch.Tensor] = []
     positions: List[torch.Tensor] = []
     total = len(source) if indices is None else len(indices)
     bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
     pin = device.type == "cuda"
+    encode = torch.compile(clip.model.encode_image) if compile_model else clip.model.encode_image
     for batch in iterate_batches(source, clip.preprocess_eval, batch_size, num_workers, indices, pin_memory=pin):
         images = batch.images.to(device, non_blocking=True)
         with autocast(precision, device):
-            encoded = clip.model.encode_image(images)
+            encoded = run_padded(encode, images, batch_size) if compile_model else encode(images)
         features.append(F.normalize(encoded.float(), dim=-1).cpu())
         positions.append(batch.indices)
         bar.update(len(batch.indices) + len(batch.failed))

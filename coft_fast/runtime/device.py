@@ -38,3 +38,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def run_padded(function, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``function`` on ``images`` padded to ``batch_size`` rows (a compiled function sees one shape), unpadded."""
+    count = images.shape[0]
+    if count == batch_size:
+        return function(images)
+    padding = images.new_zeros((batch_size - count,) + tuple(images.shape[1:]))
+    return function(torch.cat([images, padding]))[:count]
