@@ -227,6 +227,11 @@ class TrainResult:
             for name, data in train_sets.items()
         }
 
+    @property
+    def config(self) -> Config:
+        """The resolved config of the run."""
+        return self._cfg
+
     def predict(self, images) -> PredictionResult:
         """Classify new images: a folder, CSV or CoOp JSON path, or a list of image file paths."""
         from coft_fast.phases.phase2 import classifier_logits
