@@ -82,3 +82,33 @@ def test_a_run_decoding_with_dali(tiny_testbed, digits, tmp_path):
                               overrides=TINY + ["data.decoder=dali", "data.resident=never", "phase1.rounds=2"]).metrics
     assert len(metrics["rounds"]) == 2 and metrics["phase2"]["s1"]["contrastive_loss"]
     assert 0 <= metrics["final"]["acc1"] <= 1
+
+
+def test_compiled_models_only_ever_see_one_batch_shape(tiny_testbed, digits, tmp_path, monkeypatch):
+    """With run.compile the training batches are whole and the inference batches padded, so a compiled
+    model never meets a second shape (no recompiles); torch.compile itself is replaced by a recorder."""
+    shapes = []
+
+    def recording_compile(module, **kwargs):
+        def call(images):
+            shapes.append((getattr(module, "__name__", type(module).__name__), tuple(images.shape)))
+            return module(images)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=tmp_path,
+                    overrides=TINY + ["run.compile=true", "data.batch_size=100", "phase2.batch_size=16"])
+    by_model = {}
+    for name, shape in shapes:
+        by_model.setdefault(name, set()).add(shape)
+    assert set(by_model) == {"encode_image", "VisionTransformer", "FineTunedClassifier"}, by_model
+    assert all(len(found) == 1 for found in by_model.values()), by_model
+
+
+def test_training_images_stream_when_they_exceed_the_memory_budget(tiny_testbed, digits, tmp_path, caplog):
+    caplog.set_level("INFO", logger="coft_fast")
+    metrics = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=tmp_path,
+                              overrides=TINY + ["data.resident_max_gb=0"]).metrics
+    assert "more than data.resident_max_gb=0: decoding them every epoch (pil)" in caplog.text
+    assert metrics["phase2"]["s1"]["steps"] > 0
