@@ -20,12 +20,14 @@ from coft_fast.data.resident import ResidentImages, decoded_bytes, preprocess_st
 from coft_fast.data.streaming import StreamedImages, resolve_decoder
 from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
+from coft_fast.models.attention import use_batch_major_attention
 from coft_fast.models.momentum import MomentumContrast
 from coft_fast.phases.phase2 import ContrastiveTerm, FineTunedClassifier, build_classifier, classifier_logits, train_phase2
 from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
+from coft_fast.runtime.device import autocast_dtype
 from coft_fast.runtime.distributed import all_gather_rows, world_size
 from coft_fast.runtime.metrics import classification_metrics
 
@@ -70,6 +72,12 @@ class CoftRun:
         self.compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
         for parameter in clip.model.parameters():
             parameter.requires_grad_(False)
+        self._prepare(clip)
+
+    def _prepare(self, clip: ClipModel) -> None:
+        """bf16 on a CPU: matrix products in bf16 (AMX), attention kept in float32 (models/attention.py)."""
+        if self.device.type == "cpu" and autocast_dtype(self.cfg.model.precision, self.device) is not None:
+            use_batch_major_attention(clip.model, float32=True)
 
     def execute(self):
         """Every stage in order; returns (the phase II training sets, the phase II CLIP)."""
@@ -316,6 +324,7 @@ class CoftRun:
         if not cfg.phase2.model:
             return self.clip, self.zero_shot_text(self.clip)
         clip2 = load_clip(cfg.phase2.model, cfg.phase2.pretrained, self.device, None, cfg.model.cache_dir)
+        self._prepare(clip2)
         return clip2, self.zero_shot_text(clip2)
 
     def phase2(self, sets) -> ClipModel:

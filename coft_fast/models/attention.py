@@ -1,0 +1,59 @@
+"""A faster way through open_clip's ``nn.MultiheadAttention`` blocks, exact to rounding.
+
+With ``batch_first=True``, ``nn.MultiheadAttention`` transposes its input to (L, N, E) as a view, and
+the input projection of a non-contiguous 3-D tensor becomes a batched matmul against a copy of the
+weight expanded per token (in the forward and the backward pass). Feeding it a contiguous (L, N, E)
+copy keeps every projection one plain matrix product. On CPUs, bf16 autocast speeds up the matrix
+products (AMX) but PyTorch's CPU flash-attention backward is much slower in bf16 than in float32, so
+the attention itself can be kept in float32 there (``float32=True``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+class BatchMajorAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (batch first, self-attention) run on a contiguous sequence-major copy."""
+
+    float32 = False
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (self.batch_first and query is key and key is value and query.dim() == 3):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        device = query.device.type
+        exact = self.float32 and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if exact else contextlib.nullcontext():
+            x = query.transpose(0, 1).contiguous()
+            if exact:
+                x = x.float()
+                attn_mask = attn_mask.float() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+            self.batch_first = False
+            try:
+                out, weights = super().forward(x, x, x, key_padding_mask, need_weights, attn_mask,
+                                               average_attn_weights, is_causal)
+            finally:
+                self.batch_first = True
+        return out.transpose(0, 1), weights
+
+
+class Float32Attention(BatchMajorAttention):
+    """:class:`BatchMajorAttention` computed in float32 under autocast."""
+
+    float32 = True
+
+
+def use_batch_major_attention(model: nn.Module, float32: bool = False) -> int:
+    """Switch every batch-first ``nn.MultiheadAttention`` in ``model`` to :class:`BatchMajorAttention`
+    (or :class:`Float32Attention`); parameters and state dict keys are unchanged. Returns how many."""
+    target = Float32Attention if float32 else BatchMajorAttention
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and module.batch_first:
+            module.__class__ = target
+            count += 1
+    return count
