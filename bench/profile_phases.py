@@ -62,17 +62,31 @@ def images_for(cfg, source, rows, clip, device):
                           device if device.type == "cuda" else torch.device("cpu"))
 
 
-def batches_forever(images, count, batch_size, scale_min, timer):
-    epoch = 0
+def timed_batches(images, count, batch_size, scale_min, timer, steps, warmup=3):
+    """``warmup + steps`` training batches, epoch after epoch; the timer restarts after the warm-up."""
+    epoch, served = 0, 0
     while True:
         stream = images.epoch_batches(torch.arange(count), batch_size, torch.Generator().manual_seed(epoch), scale_min)
         while True:
+            if served == warmup:
+                timer.totals.clear()
+            if served == warmup + steps:
+                return
             with timer("data"):
                 item = next(stream, None)
             if item is None:
                 break
+            served += 1
             yield item
         epoch += 1
+
+
+def step_and_time(loss, optimizer, timer) -> None:
+    with timer("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with timer("optimizer"):
+        optimizer.step()
 
 
 def profile_phase1(cfg, clip, source, labels, steps, device):
@@ -83,11 +97,8 @@ def profile_phase1(cfg, clip, source, labels, steps, device):
     scale = float(clip.model.logit_scale.exp())
     timer = Timer(device)
     complements = complement_labels(labels, len(names), torch.Generator().manual_seed(0))
-    stream = batches_forever(images, len(labels), cfg.phase1.batch_size, cfg.phase1.crop_scale_min, timer)
-    for step in range(steps + 3):
-        if step == 3:  # warm-up steps are not counted
-            timer.totals.clear()
-        batch, picked = next(stream)
+    for batch, picked in timed_batches(images, len(labels), cfg.phase1.batch_size, cfg.phase1.crop_scale_min,
+                                       timer, steps):
         with autocast(cfg.model.precision, device):
             with timer("text encoder"):
                 pos, neg = model.text_features()
@@ -96,11 +107,7 @@ def profile_phase1(cfg, clip, source, labels, steps, device):
         with timer("loss"):
             loss, _, _ = ops.dual_prompt_loss(feats, pos, neg, labels[picked].to(device),
                                               complements[picked].to(device), scale, backend=cfg.run.op_backend)
-        with timer("backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer("optimizer"):
-            optimizer.step()
+        step_and_time(loss, optimizer, timer)
     return {part: 1000 * timer.totals[part] / steps for part in PARTS}
 
 
@@ -110,20 +117,13 @@ def profile_phase2(cfg, clip, source, labels, steps, device):
     images = images_for(cfg, source, list(range(len(labels))), clip, device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.phase2.lr, momentum=0.9, **optimizer_options(device))
     timer = Timer(device)
-    stream = batches_forever(images, len(labels), cfg.phase2.batch_size, cfg.phase2.crop_scale_min, timer)
-    for step in range(steps + 3):
-        if step == 3:
-            timer.totals.clear()
-        batch, picked = next(stream)
+    for batch, picked in timed_batches(images, len(labels), cfg.phase2.batch_size, cfg.phase2.crop_scale_min,
+                                       timer, steps):
         with timer("image encoder"), autocast(cfg.model.precision, device):
             features = classifier.visual(batch.to(device))
         with timer("loss"):
             loss = F.cross_entropy(classifier.head(F.normalize(features.float(), dim=-1)), labels[picked].to(device))
-        with timer("backward"):
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with timer("optimizer"):
-            optimizer.step()
+        step_and_time(loss, optimizer, timer)
     return {part: 1000 * timer.totals[part] / steps for part in PARTS}
 
 

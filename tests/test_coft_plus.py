@@ -208,20 +208,9 @@ def _plus_command(tiny_testbed, digits):
 
 @pytest.fixture(scope="module")
 def uninterrupted_plus_run(tiny_testbed, digits, tmp_path_factory):
-    import re
-    import subprocess
-    import time
+    from test_train import reference_run
 
-    from test_train import KILL_ENV
-
-    out = tmp_path_factory.mktemp("plus_whole")
-    started = time.monotonic()
-    reference = subprocess.run(_plus_command(tiny_testbed, digits) + ["--out", str(out)], env=KILL_ENV,
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    stage_seconds = {name: float(sec) for name, sec in
-                     re.findall(r"stage (\w+): done in ([0-9.]+) s", (out / "run.log").read_text())}
-    return json.loads((out / "metrics.json").read_text()), time.monotonic() - started, stage_seconds
+    return reference_run(_plus_command(tiny_testbed, digits), tmp_path_factory.mktemp("plus_whole"))
 
 
 def test_coft_plus_killed_in_a_later_round_and_in_contrastive_phase_ii_resumes_to_the_same_metrics(

@@ -252,19 +252,23 @@ def _finish_and_compare(command, out, reference_metrics):
     _assert_outputs_whole(out)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(tiny_testbed, digits, tmp_path_factory):
-    """The reference: the kill tests' settings run once without interruption (metrics, seconds)."""
-    out = tmp_path_factory.mktemp("whole")
-    started = time.monotonic()
-    reference = subprocess.run(_train_command(tiny_testbed, digits) + ["--out", str(out)], env=KILL_ENV,
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+def reference_run(command, out):
+    """``command`` run once without interruption into ``out``: (metrics, seconds, seconds per stage)."""
     import re
 
+    started = time.monotonic()
+    reference = subprocess.run(command + ["--out", str(out)], env=KILL_ENV, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
     stage_seconds = {name: float(sec) for name, sec in
                      re.findall(r"stage (\w+): done in ([0-9.]+) s", (out / "run.log").read_text())}
     return json.loads((out / "metrics.json").read_text()), time.monotonic() - started, stage_seconds
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_testbed, digits, tmp_path_factory):
+    """The reference: the kill tests' settings run once without interruption."""
+    return reference_run(_train_command(tiny_testbed, digits), tmp_path_factory.mktemp("whole"))
 
 
 def test_kill_and_resume_gives_the_same_metrics(tiny_testbed, digits, tmp_path, uninterrupted_run):
