@@ -2,8 +2,10 @@
 
 Small training sets (S* in phase I, the clean set in phase II when it fits) are decoded once, at a
 base size a little above the model's input size (as "Resize 256, crop 224" does), and stored as
-uint8. Each training batch is then cut with one batched ``roi_align`` call (bilinear random
-resized crops), flipped and normalised: no per-epoch decoding.
+uint8. Each training batch is then cut with one batched bicubic ``grid_sample`` call (random
+resized crops, flips folded into the sampling grid) and normalised: no per-epoch decoding.
+Bicubic matters: bilinear crops (``roi_align``) blurred the images enough to cost 2 to 3 points of
+final accuracy against PIL's bicubic crops on the CIFAR-10 test bed.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
-from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from coft_fast.data.loading import iterate_batches
@@ -64,13 +66,18 @@ class ResidentImages:
         h = torch.sqrt(area / ratio).clamp(max=b)
         x0 = torch.rand(n, generator=generator) * (b - w)
         y0 = torch.rand(n, generator=generator) * (b - h)
+        flip = torch.rand(n, generator=generator) < 0.5
+        # the affine map from output to input coordinates (in [-1, 1]); a flip negates the x scale
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -w / b, w / b)
+        theta[:, 1, 1] = h / b
+        theta[:, 0, 2] = (2 * x0 + w) / b - 1
+        theta[:, 1, 2] = (2 * y0 + h) / b - 1
         device = self.images.device
-        boxes = torch.stack([torch.arange(n, dtype=torch.float32), x0, y0, x0 + w, y0 + h], dim=1).to(device)
-        crops = roi_align(self.images[rows.to(device)].float(), boxes, output_size=s, spatial_scale=1.0,
-                          sampling_ratio=2, aligned=True)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
-        crops[flip] = crops[flip].flip(-1)
-        return self._normalise(crops)
+        grid = F.affine_grid(theta.to(device), [n, 3, s, s], align_corners=False)
+        crops = F.grid_sample(self.images[rows.to(device)].float(), grid, mode="bicubic", padding_mode="border",
+                              align_corners=False)
+        return self._normalise(crops.clamp_(0, 255))
 
     def eval_batch(self, rows: torch.Tensor) -> torch.Tensor:
         """Float (n, 3, S, S): the centre crop of each base image."""
