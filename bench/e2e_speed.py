@@ -192,8 +192,9 @@ def main() -> None:
              f"Naive: `{' '.join(NAIVE)}`. Fast: the defaults{' and `' + ' '.join(fast) + '`' if fast else ''}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[k], k) for k in header) + " |" for row in rows]
-    lines += ["", f"Speed-up end to end: {speedup:.2f}x; accuracy difference (fast - naive): "
-                  f"{100 * (fast['acc1'] - naive['acc1']):+.2f} points."]
+    difference = 100 * (fast["acc1"] - naive["acc1"])
+    lines += ["", f"Speed-up end to end: {speedup:.2f}x; accuracy difference (fast - naive): {difference:+.2f} points "
+                  f"({'within' if abs(difference) <= 1.0 else 'NOT within'} 1 point)."]
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"acc_naive={naive['acc1']:.4f}")
