@@ -162,14 +162,14 @@ def main() -> None:
     # torch.compile is on, compilation (whole phase II batches and padded inference batches have the
     # shapes of the timed runs)
     warm = subset_csv(images, args.classes, 300, args.seed, work / "warm.csv")
-    fast = FAST + args.fast_overrides
-    for overrides in (NAIVE, fast):
+    fast_overrides = FAST + args.fast_overrides
+    for overrides in (NAIVE, fast_overrides):
         coft_fast.train(warm, classes, model=args.model, pretrained=args.pretrained, out=work / "warm",
                         overrides=["run.progress=false", *args.overrides, "phase1.steps=3", "phase1.min_epochs=1",
                                    "phase2.epochs=1", *overrides])
         shutil.rmtree(work / "warm", ignore_errors=True)
 
-    rows = [run("naive", NAIVE, args, pool, eval_csv, classes, work), run("fast", fast, args, pool, eval_csv, classes, work)]
+    rows = [run("naive", NAIVE, args, pool, eval_csv, classes, work), run("fast", fast_overrides, args, pool, eval_csv, classes, work)]
     naive, fast = rows
     speedup = naive["seconds"] / fast["seconds"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -189,7 +189,7 @@ def main() -> None:
              f"pool {args.subset or 'all'} images of {images}, eval {args.eval_subset or 'all'} of {eval_images}; "
              f"overrides for both: {args.overrides or 'none'}; threads {torch.get_num_threads()}, "
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", "",
-             f"Naive: `{' '.join(NAIVE)}`. Fast: the defaults{' and `' + ' '.join(fast) + '`' if fast else ''}.", "",
+             f"Naive: `{' '.join(NAIVE)}`. Fast: the defaults{' and `' + ' '.join(fast_overrides) + '`' if fast_overrides else ''}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(row[k], k) for k in header) + " |" for row in rows]
     difference = 100 * (fast["acc1"] - naive["acc1"])
