@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, help="pool images used (default: all; --quick: 2000)")
     parser.add_argument("--eval-subset", type=int, help="evaluation images used (default: all; --quick: 2000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the results files (e.g. bf16 for a --fast-set variant)")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "e2e_speed"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to both runs")
     parser.add_argument("--fast-set", dest="fast_overrides", action="append", default=[],
@@ -173,7 +174,7 @@ def main() -> None:
     naive, fast = rows
     speedup = naive["seconds"] / fast["seconds"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    stem = f"e2e_speed_{device}" + ("_quick" if args.quick else "")
+    stem = f"e2e_speed_{device}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     header = list(rows[0])
     atomic_write_csv(RESULTS / f"{stem}.csv", header, [[row[k] for k in header] for row in rows])
 
