@@ -15,7 +15,6 @@ scoring, which skips broken files and records them).
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -119,15 +118,3 @@ def iterate_dali(source: ImageSource, indices: Sequence[int], image_size: int, m
             yield Batch(out["images"], lookup[order], [])
     finally:
         del iterator, pipeline
-
-
-def epoch_order(rows: torch.Tensor, generator: torch.Generator, batch_size: int, drop_last: bool) -> torch.Tensor:
-    """A shuffled pass over ``rows`` (whole batches only with ``drop_last``, so compiled shapes never change)."""
-    order = rows[torch.randperm(len(rows), generator=generator)]
-    if drop_last and len(order) >= batch_size:
-        order = order[: (len(order) // batch_size) * batch_size]
-    return order
-
-
-def steps_per_epoch(count: int, batch_size: int, drop_last: bool) -> int:
-    return count // batch_size if drop_last and count >= batch_size else math.ceil(count / batch_size)

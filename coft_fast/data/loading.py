@@ -7,6 +7,7 @@ passes each rank its shard).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -92,6 +93,19 @@ def collate_skipping_failures(items) -> Batch:
     else:
         images, indices = torch.empty(0), torch.empty(0, dtype=torch.long)
     return Batch(images, indices, failed)
+
+
+def epoch_order(count: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
+                drop_last: bool = False) -> torch.Tensor:
+    """Positions 0..count-1 for one pass (shuffled by ``generator``); with ``drop_last`` only whole
+    batches (so a compiled model never sees a second shape), unless there is less than one batch."""
+    order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+    return order[: steps_per_epoch(count, batch_size, drop_last) * batch_size] if drop_last else order
+
+
+def steps_per_epoch(count: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one pass over ``count`` samples (see :func:`epoch_order`)."""
+    return count // batch_size if drop_last and count >= batch_size else math.ceil(count / batch_size)
 
 
 def iterate_batches(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from tqdm.auto import tqdm
 
-from coft_fast.data.loading import iterate_batches
+from coft_fast.data.loading import epoch_order, iterate_batches
 from coft_fast.data.sources import ImageSource
 
 BASE_SCALE = 256 / 224
@@ -30,7 +30,7 @@ class ResidentImages:
                  batch_size: int = 256, num_workers: int = 0, progress: bool = True,
                  device: torch.device = torch.device("cpu")):
         self.image_size = int(image_size)
-        self.base_size = int(round(self.image_size * BASE_SCALE))
+        self.base_size = base_size(self.image_size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         base = T.Compose([
@@ -90,18 +90,21 @@ class ResidentImages:
                       views: int = 1, shuffle: bool = True, drop_last: bool = False):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
-        order = torch.randperm(len(rows), generator=generator) if shuffle else torch.arange(len(rows))
-        stop = (len(order) // batch_size) * batch_size if drop_last and len(order) >= batch_size else len(order)
-        for start in range(0, stop, batch_size):
+        order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
+        for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
             augmented = tuple(self.train_batch(rows[picked], generator, scale_min) for _ in range(views))
             yield (augmented[0] if views == 1 else augmented), picked
 
 
+def base_size(image_size: int) -> int:
+    """The side of a stored image: a little above the model's input, as "Resize 256, crop 224"."""
+    return int(round(image_size * BASE_SCALE))
+
+
 def decoded_bytes(count: int, image_size: int) -> int:
     """Memory that ``count`` resident images of a model with input size ``image_size`` take (uint8)."""
-    base = int(round(image_size * BASE_SCALE))
-    return count * 3 * base * base
+    return count * 3 * base_size(image_size) ** 2
 
 
 def preprocess_stats(model) -> tuple:

@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from coft_fast.data.dali import dali_available, iterate_dali, iterate_torchvision
-from coft_fast.data.loading import Batch, iterate_batches
+from coft_fast.data.loading import Batch, epoch_order, iterate_batches
 from coft_fast.data.sources import ImageSource
 
 DECODERS = ("auto", "pil", "dali")
@@ -77,9 +77,7 @@ class StreamedImages:
                       views: int = 1, shuffle: bool = True, drop_last: bool = False):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
-        order = torch.randperm(len(rows), generator=generator) if shuffle else torch.arange(len(rows))
-        if drop_last and len(order) >= batch_size:
-            order = order[: (len(order) // batch_size) * batch_size]
+        order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         seeds = torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()
         streams = [self._decode(rows[order], batch_size, scale_min, seed) for seed in seeds]
         for start, images in zip(range(0, len(order), batch_size), zip(*streams)):

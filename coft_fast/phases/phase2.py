@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from coft_fast.config import Phase2Config
 from coft_fast.data import ImageSource
+from coft_fast.data.loading import steps_per_epoch
 from coft_fast.data.resident import ResidentImages
 from coft_fast.data.streaming import StreamedImages, eval_batches
 from coft_fast.models.momentum import MomentumContrast
@@ -114,8 +115,8 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     """
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
-    drop_last = compile_model and len(rows) >= cfg.batch_size
-    per_epoch = len(rows) // cfg.batch_size if drop_last else math.ceil(len(rows) / cfg.batch_size)
+    drop_last = compile_model  # whole batches only: the compiled encoder sees one shape
+    per_epoch = steps_per_epoch(len(rows), cfg.batch_size, drop_last)
     total = cfg.epochs * per_epoch
     groups = [
         {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
