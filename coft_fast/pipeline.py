@@ -183,21 +183,23 @@ class CoftRun:
     def phase1(self, selection) -> None:
         """Phase I: one round for CoFT; ``phase1.rounds`` for CoFT+, each on the previous round's labels."""
         cfg = self.cfg
-        rounds = cfg.phase1.rounds if cfg.method == "coft+" else 1
-        subsets = [(selection.rows, selection.labels)] * len(cfg.phase1.seeds)
-        history = self.state.metrics.setdefault("rounds", []) if cfg.method == "coft+" else []
+        plus = cfg.method == "coft+"
+        rounds = cfg.phase1.rounds if plus else 1
+        history = self.state.metrics.setdefault("rounds", []) if plus else []
+        if plus:  # every round draws its subsets from the whole pool, decoded once; rows are pool rows
+            images, offset = self._pool_images(), None
+        else:  # S* alone is decoded; its rows are 0..S-1
+            images = self._training_images(self.state.positions[selection.rows], self.clip.model)
+            offset = selection.rows  # pool row of each S* row
+        s_star_rows = selection.rows if plus else torch.arange(len(selection.rows))
+        subsets = [(s_star_rows, selection.labels)] * len(cfg.phase1.seeds)  # round 1: both models on S*
         for round_ in range(1, rounds + 1):
-            if cfg.method == "coft+":
-                images = self._pool_images()
-            else:  # S* alone is decoded; its rows are 0..S-1
-                images = self._training_images(self.state.positions[selection.rows], self.clip.model)
-                subsets = [(torch.arange(len(selection.rows)), selection.labels)] * len(cfg.phase1.seeds)
             entry = {"round": round_, "seconds": 0.0}
             models = []
             for index, (seed, (rows, labels)) in enumerate(zip(cfg.phase1.seeds, subsets), start=1):
                 model, seconds = self._train_prompt_model(round_, index, seed, images, rows, labels)
                 models.append(model)
-                pool_rows = rows if cfg.method == "coft+" else selection.rows
+                pool_rows = rows if offset is None else offset[rows]
                 entry[f"model{index}"] = {"subset_size": int(len(rows)),
                                           "subset_label_accuracy": label_accuracy(labels, self.truth[pool_rows])}
                 entry["seconds"] += seconds
@@ -254,8 +256,9 @@ class CoftRun:
             views = []
             for model, feats in zip(models, features):
                 with torch.no_grad():
-                    pos, _ = model.text_features()
-                confidence, labels = (self.logit_scale * feats @ pos.cpu().T).softmax(1).max(1)
+                    pos, neg = model.text_features()
+                logits = ModelView(feats, pos.cpu(), neg.cpu()).positive_logits(self.logit_scale)
+                confidence, labels = logits.softmax(1).max(1)
                 views.append({"labels": labels, "confidence": confidence})
             return {"views": views}
 
@@ -331,7 +334,7 @@ class CoftRun:
         cfg = self.cfg
         clip2, text = self.phase2_backbone()
         scale = logit_scale_of(clip2)
-        if cfg.method == "coft+" and cfg.contrastive.gamma > 0:
+        if self.contrastive_on:
             contrastive = cfg.contrastive
             self.state.metrics["contrastive"] = {
                 "queue_size": self.queue_size(), "pool_size": int(len(self.state.positions)), "gamma": contrastive.gamma,
@@ -342,10 +345,10 @@ class CoftRun:
 
             def compute(classifier=classifier, tag=tag, data=data):
                 contrastive = None
-                if cfg.method == "coft+" and cfg.contrastive.gamma > 0:
+                if self.contrastive_on:  # labelled rows and contrastive batches come from the whole pool
                     images = self._pool_images() if clip2 is self.clip else self._training_images(self.state.positions, clip2.model)
                     rows = data["rows"]
-                    contrastive = self.contrastive_term(classifier, text.shape[1], len(images))
+                    contrastive = self.contrastive_term(classifier, text.shape[1])
                 else:
                     images = self._training_images(self.state.positions[data["rows"]], clip2.model)
                     rows = torch.arange(len(data["rows"]))
@@ -380,12 +383,18 @@ class CoftRun:
         pool_size = len(self.state.positions)
         return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), self.cfg.phase2.batch_size * world_size())
 
-    def contrastive_term(self, classifier: FineTunedClassifier, dim: int, pool_size: int) -> ContrastiveTerm:
-        """CoFT+'s momentum encoder and key queue for ``classifier``."""
+    @property
+    def contrastive_on(self) -> bool:
+        """Phase II adds CoFT+'s momentum-contrastive term."""
+        return self.cfg.method == "coft+" and self.cfg.contrastive.gamma > 0
+
+    def contrastive_term(self, classifier: FineTunedClassifier, dim: int) -> ContrastiveTerm:
+        """CoFT+'s momentum encoder and key queue for ``classifier``, over every scored pool image."""
         cfg = self.cfg.contrastive
         module = MomentumContrast(classifier.visual, dim, self.queue_size(), cfg.momentum, cfg.projection_dim,
                                   seed=self.cfg.seed, gather=all_gather_rows).to(self.device)
-        return ContrastiveTerm(module, torch.arange(pool_size), cfg.gamma, cfg.temperature, self.cfg.run.op_backend)
+        return ContrastiveTerm(module, torch.arange(len(self.state.positions)), cfg.gamma, cfg.temperature,
+                               self.cfg.run.op_backend)
 
     def evaluate(self, clip2: ClipModel) -> None:
         """Zero-shot, phase I and final accuracies on the evaluation images (when they have labels)."""

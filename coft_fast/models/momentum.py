@@ -56,6 +56,7 @@ class MomentumContrast(nn.Module):
         device = next(encoder.parameters()).device
         self.register_buffer("queue", queue.to(device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self._pairs = (None, None)  # (encoder, its online_pairs), listed once rather than on every step
 
     def online_pairs(self, encoder: nn.Module):
         """(momentum tensors, trained tensors) in matching order."""
@@ -66,7 +67,9 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def update_(self, encoder: nn.Module) -> None:
         """One EMA step of the key encoder and key projection towards the trained ones."""
-        ema_update_(*self.online_pairs(encoder), self.momentum)
+        if self._pairs[0] is not encoder:
+            self._pairs = (encoder, self.online_pairs(encoder))
+        ema_update_(*self._pairs[1], self.momentum)
 
     def queries(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(features.float()), dim=-1)

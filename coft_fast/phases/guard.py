@@ -20,14 +20,18 @@ class FiniteGuard:
         self.phase = phase
         self.check_every = check_every
         self._pending: List[Tuple[torch.Tensor, int, int, torch.Tensor]] = []
+        self._optimizer, self._parameters = None, []  # the parameters of the optimizer last stepped
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, epoch: int,
              rows: torch.Tensor) -> None:
         """One optimiser step on ``loss``, checked first: zero_grad, backward, the check (raises at
         once on CPU, queued on CUDA; see the module docstring), then the optimiser and schedule steps."""
+        if optimizer is not self._optimizer:  # listed once, not on every step
+            self._optimizer = optimizer
+            self._parameters = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.observe(loss, [p for group in optimizer.param_groups for p in group["params"]], step, epoch, rows)
+        self.observe(loss, self._parameters, step, epoch, rows)
         optimizer.step()
         scheduler.step()
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from coft_fast import ops
 from coft_fast.config import Phase1Config
 from coft_fast.data import ImageSource
-from coft_fast.data.resident import ResidentImages
+from coft_fast.data.resident import ResidentImages, preprocess_stats
 from coft_fast.data.streaming import StreamedImages, eval_batches
 from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
@@ -166,8 +166,6 @@ def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indic
         outputs = [encode_with_models([model], source, indices, device, precision, batch_size, num_workers, progress,
                                       description, decoder) for model in models]
         return [features[0] for features, _ in outputs], outputs[0][1]
-    from coft_fast.data.resident import preprocess_stats
-
     preprocess = models[0].clip.preprocess_eval
     stats = preprocess_stats(models[0].clip.model) if decoder == "dali" else None
     per_model: List[List[torch.Tensor]] = [[] for _ in models]

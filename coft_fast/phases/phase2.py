@@ -166,12 +166,12 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                     keys = module.keys(key_view)
                 labelled = len(batch_images)
                 ce = F.cross_entropy(classifier.head(F.normalize(features[:labelled], dim=-1)), labels[picked])
-                cont = module.loss(module.queries(features[labelled:]), keys.float(), contrastive.temperature,
+                cont = module.loss(module.queries(features[labelled:]), keys, contrastive.temperature,
                                    contrastive.backend)
                 loss = ce + contrastive.gamma * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             if cont is not None:
-                contrastive.module.push_(keys.float())
+                contrastive.module.push_(keys)
             step += 1
             running[0] += ce.detach() * len(picked)
             if cont is not None:
