@@ -54,11 +54,24 @@ def torchvision_transform(image_size: int, mean, std, train: bool = False, scale
     return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+class Views:
+    """``count`` independent applications of ``transform`` to one decoded image, stacked (count, ...)."""
+
+    def __init__(self, transform, count: int):
+        self.transform, self.count = transform, count
+
+    def __call__(self, image):
+        return torch.stack([self.transform(image) for _ in range(self.count)])
+
+
 def iterate_torchvision(source: ImageSource, indices: Sequence[int], image_size: int, mean, std, batch_size: int,
                         train: bool = False, scale_min: float = 0.5, num_workers: int = 0, shard_id: int = 0,
-                        num_shards: int = 1, pin_memory: bool = False) -> Iterator[Batch]:
-    """Batches of ``indices`` (this rank's shard, in the given order) decoded by PIL in DataLoader workers."""
+                        num_shards: int = 1, pin_memory: bool = False, views: int = 1) -> Iterator[Batch]:
+    """Batches of ``indices`` (this rank's shard, in the given order) decoded by PIL in DataLoader workers;
+    with ``views`` > 1 each image is decoded once and augmented ``views`` times: images (B, views, 3, S, S)."""
     transform = torchvision_transform(image_size, mean, std, train, scale_min)
+    if views > 1:
+        transform = Views(transform, views)
     yield from iterate_batches(source, transform, batch_size, num_workers, shard(indices, shard_id, num_shards),
                                pin_memory=pin_memory)
 

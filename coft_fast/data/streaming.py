@@ -57,7 +57,8 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int) -> Iterator[torch.Tensor]:
+    def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int, views: int = 1):
+        """Augmented batches of ``rows`` in order: images (B, 3, S, S), or (B, views, 3, S, S) for PIL views."""
         indices = self.positions[rows].tolist()
         if self.decoder == "dali":
             batches = iterate_dali(self.source, indices, self.image_size, self.mean, self.std, batch_size, train=True,
@@ -66,7 +67,7 @@ class StreamedImages:
         else:
             torch.manual_seed(seed)  # the workers' augmentation streams derive from it
             batches = iterate_torchvision(self.source, indices, self.image_size, self.mean, self.std, batch_size,
-                                          train=True, scale_min=scale_min, num_workers=self.num_workers)
+                                          train=True, scale_min=scale_min, num_workers=self.num_workers, views=views)
         expected = iter(torch.split(torch.as_tensor(indices), batch_size))
         for batch in batches:
             if not torch.equal(batch.indices, next(expected)):
@@ -79,6 +80,10 @@ class StreamedImages:
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         seeds = torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()
-        streams = [self._decode(rows[order], batch_size, scale_min, seed) for seed in seeds]
-        for start, images in zip(range(0, len(order), batch_size), zip(*streams)):
-            yield (images[0] if views == 1 else images), order[start : start + batch_size]
+        if self.decoder == "dali":  # one pipeline a view (each decodes the files again)
+            streams = zip(*[self._decode(rows[order], batch_size, scale_min, seed) for seed in seeds])
+        else:  # PIL decodes each image once and augments it ``views`` times
+            streams = (images.unbind(1) if views > 1 else (images,)
+                       for images in self._decode(rows[order], batch_size, scale_min, seeds[0], views))
+        for start, images in zip(range(0, len(order), batch_size), streams):
+            yield (images[0] if views == 1 else tuple(images)), order[start : start + batch_size]
