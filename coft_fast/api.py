@@ -14,6 +14,7 @@ from coft_fast.data import ImageSource, load_source
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.runtime import distributed
 from coft_fast.runtime.device import resolve_device, seed_everything
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
 from coft_fast.runtime.logs import log_to_file
@@ -293,28 +294,38 @@ def train(
         run__out_dir=UNSET if out is UNSET else (out and str(out)),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
-    if out_dir:
-        _check_resume(out_dir, cfg, resume)
-        if resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
+    device = distributed.init_from_env(cfg.model.device)  # joins torchrun's process group, if any
+    main = distributed.is_main()  # only rank 0 writes into the run folder
+    refused = None
+    if out_dir and main:
+        try:
+            _check_resume(out_dir, cfg, resume)
+        except ConfigError as exc:
+            refused = str(exc)
+        if not refused and resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
             log.info("removed temporary files left by an interrupted write in %s", out_dir)
+    refused = distributed.broadcast_object(refused)  # every rank stops when rank 0 refuses the run folder
+    if refused:
+        raise ConfigError(refused)
     pool = load_images(images, classes, cfg)
     eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
     if pool.num_classes < 2:
         raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
-    if out_dir:
+    _check_world(cfg, pool)
+    if out_dir and main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
     with contextlib.ExitStack() as cleanup:
-        cleanup.enter_context(log_to_file(out_dir / "run.log" if out_dir else None))
+        cleanup.enter_context(log_to_file(out_dir / "run.log" if out_dir and main else None))
         writer = None
-        if out_dir:
+        if out_dir and main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = cleanup.enter_context(SummaryWriter(str(out_dir / "tensorboard")))
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.model.device)
-        log.info("train (%s): %d pool images, %d classes, model %s on %s", cfg.method, len(pool), pool.num_classes,
-                 cfg.model.name, device)
+        log.info("train (%s): %d pool images, %d classes, model %s on %s%s", cfg.method, len(pool), pool.num_classes,
+                 cfg.model.name, device, f", rank {distributed.rank()} of {distributed.world_size()}"
+                 if distributed.world_size() > 1 else "")
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
         if cfg.method in ("coft", "coft+"):  # fail before any image is scored (zero-shot templates are checked first thing)
             check_dual_prompts_fit(clip.tokenizer, pool.class_names, cfg.phase1.n_ctx, clip.context_length)
@@ -322,17 +333,33 @@ def train(
         try:
             sets, clip2 = run.execute()
         except Exception as exc:
-            if out_dir:
+            if out_dir and main:
                 _write_partial_metrics(run, out_dir, exc)
             raise
         metrics = {"method": cfg.method, **run.state.metrics, "timings": run.state.timings}
-        if out_dir:
+        if distributed.world_size() > 1:
+            metrics["world_size"] = distributed.world_size()
+        if out_dir and main:
             write_train_outputs(run, out_dir)
             atomic_write_json(out_dir / "metrics.json", metrics)
             (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
+        distributed.barrier()  # every rank returns once the outputs are written
         _log_summary(metrics)
         return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                            clip2.preprocess_eval, device, cfg, out_dir)
+
+
+def _check_world(cfg: Config, pool: ImageSource) -> None:
+    """A distributed run splits every global batch across the ranks: each batch needs a row per rank."""
+    size = distributed.world_size()
+    if size == 1:
+        return
+    for key, value in (("phase1.batch_size", cfg.phase1.batch_size), ("phase2.batch_size", cfg.phase2.batch_size)):
+        if value < size:
+            raise ConfigError(f"config key {key!r} is {value}, less than the {size} processes of this distributed run: "
+                              f"batch sizes are global (split across the processes), so raise it to at least {size}")
+    if len(pool) < size:
+        raise ConfigError(f"{pool.origin}: {len(pool)} images are fewer than the {size} processes of this run")
 
 
 def _write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:

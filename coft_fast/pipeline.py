@@ -28,10 +28,22 @@ from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, gen
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
-from coft_fast.runtime.distributed import all_gather_rows, world_size
+from coft_fast.runtime.distributed import all_gather_rows, gather_objects, gather_rows, is_main, my_shard
 from coft_fast.runtime.metrics import classification_metrics
 
 log = logging.getLogger("coft_fast")
+
+
+def sharded(encode, indices: List[int]):
+    """``encode(this rank's contiguous share of indices)``, its tensors (or lists of tensors) gathered
+    from every rank in rank order: every index's result once, in order. One process: ``encode(indices)``."""
+
+    def gather(value):
+        if isinstance(value, torch.Tensor):
+            return gather_rows(value)
+        return [gather(item) for item in value]
+
+    return gather(encode(my_shard(indices)))
 
 
 def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:
@@ -67,7 +79,7 @@ class CoftRun:
         self.names = pool.class_names
         self.truth_all = torch.tensor(pool.labels, dtype=torch.long)
         self.logit_scale = logit_scale_of(clip)
-        self.progress = cfg.run.progress
+        self.progress = cfg.run.progress and is_main()  # one set of progress bars
         self.decoder = resolve_decoder(cfg.data.decoder, device)
         self.compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
         for parameter in clip.model.parameters():
@@ -139,13 +151,15 @@ class CoftRun:
         def compute():
             prompts = class_prompts(cfg.zeroshot.templates, self.names)
             text = class_text_embeddings(self.clip, prompts, self.names, self.device, cfg.model.precision).cpu()
-            features, positions = encode_images(self.clip, self.pool, self.device, cfg.model.precision,
-                                                cfg.data.batch_size, cfg.data.num_workers, progress=self.progress,
-                                                description="zero-shot scoring", compile_model=self.compile)
+            features, positions = sharded(lambda shard: encode_images(
+                self.clip, self.pool, self.device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
+                indices=shard, progress=self.progress, description="zero-shot scoring", compile_model=self.compile),
+                list(range(len(self.pool))))
             if not len(positions):
                 raise RuntimeError(f"{self.pool.origin}: none of the {len(self.pool)} images could be decoded")
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
-            return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": list(self.pool.skipped)}
+            skipped = gather_objects(self.pool.skipped)  # each rank met the broken files of its shard
+            return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped}
 
         state = self._stage("zero_shot", "zero_shot", compute)
         self.pool.skipped[:] = state["skipped"]
@@ -247,10 +261,10 @@ class CoftRun:
         cfg = self.cfg
 
         def compute():
-            features, positions = encode_with_models(
-                models, self.pool, self.state.positions.tolist(), self.device, cfg.model.precision,
-                cfg.data.batch_size, cfg.data.num_workers, self.progress, description=f"round {round_}: labelling the pool",
-                decoder=self.decoder, reuse=cfg.run.reuse)
+            features, positions = sharded(lambda shard: encode_with_models(
+                models, self.pool, shard, self.device, cfg.model.precision, cfg.data.batch_size,
+                cfg.data.num_workers, self.progress, description=f"round {round_}: labelling the pool",
+                decoder=self.decoder, reuse=cfg.run.reuse), self.state.positions.tolist())
             if not torch.equal(positions, self.state.positions):
                 raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
             views = []
@@ -276,11 +290,10 @@ class CoftRun:
         models = self.state.prompt_models
 
         def compute():
-            features, positions = encode_with_models(
-                models, self.pool, self.state.positions.tolist(), self.device, cfg.model.precision,
-                cfg.data.batch_size, cfg.data.num_workers, self.progress, description="labelling the pool",
-                decoder=self.decoder, reuse=cfg.run.reuse,
-            )
+            features, positions = sharded(lambda shard: encode_with_models(
+                models, self.pool, shard, self.device, cfg.model.precision, cfg.data.batch_size,
+                cfg.data.num_workers, self.progress, description="labelling the pool", decoder=self.decoder,
+                reuse=cfg.run.reuse), self.state.positions.tolist())
             with torch.no_grad():
                 texts = [model.text_features() for model in models]
             views = [ModelView(f, pos.cpu(), neg.cpu()) for f, (pos, neg) in zip(features, texts)]
@@ -381,7 +394,7 @@ class CoftRun:
         """CoFT+'s key queue length: the configured size, capped by a share of the pool, at least one global batch."""
         cfg = self.cfg.contrastive
         pool_size = len(self.state.positions)
-        return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), self.cfg.phase2.batch_size * world_size())
+        return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), self.cfg.phase2.batch_size)
 
     @property
     def contrastive_on(self) -> bool:
@@ -407,18 +420,19 @@ class CoftRun:
             return
         cfg, device = self.cfg, self.device
         started = time.perf_counter()
-        features, positions = encode_images(self.clip, source, device, cfg.model.precision, cfg.data.batch_size,
-                                            cfg.data.num_workers, progress=self.progress, description="evaluating zero-shot",
-                                            compile_model=self.compile)
+        features, positions = sharded(lambda shard: encode_images(
+            self.clip, source, device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers, indices=shard,
+            progress=self.progress, description="evaluating zero-shot", compile_model=self.compile),
+            list(range(len(source))))
         truth = torch.tensor(source.labels, dtype=torch.long)[positions]
         zs = zeroshot_probabilities(features, self.zero_shot_text(self.clip), self.logit_scale)
         zero_shot.update(classification_metrics(zs, truth))
         zero_shot["num_images"] = int(len(positions))
         if self.state.prompt_models:
-            model_features, model_positions = encode_with_models(
-                self.state.prompt_models, source, positions.tolist(), device, cfg.model.precision,
-                cfg.data.batch_size, cfg.data.num_workers, self.progress, description="evaluating phase I",
-                decoder=self.decoder, reuse=cfg.run.reuse)
+            model_features, _ = sharded(lambda shard: encode_with_models(
+                self.state.prompt_models, source, shard, device, cfg.model.precision, cfg.data.batch_size,
+                cfg.data.num_workers, self.progress, description="evaluating phase I", decoder=self.decoder,
+                reuse=cfg.run.reuse), positions.tolist())
             for index, (model, feats) in enumerate(zip(self.state.prompt_models, model_features), start=1):
                 with torch.no_grad():
                     pos, _ = model.text_features()
@@ -427,10 +441,10 @@ class CoftRun:
                 metrics["phase1"][f"model{index}"]["acc1"] = metrics["phase1"][f"model{index}"]["eval"]["acc1"]
         all_logits = {}
         for tag, classifier in self.state.classifiers.items():
-            logits, final_positions = classifier_logits(classifier, source, clip2.preprocess_eval, device,
-                                                        cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
-                                                        positions.tolist(), self.progress, f"evaluating {tag}",
-                                                        self.decoder, preprocess_stats(clip2.model), self.compile)
+            logits, _ = sharded(lambda shard: classifier_logits(
+                classifier, source, clip2.preprocess_eval, device, cfg.model.precision, cfg.data.batch_size,
+                cfg.data.num_workers, shard, self.progress, f"evaluating {tag}", self.decoder,
+                preprocess_stats(clip2.model), self.compile), positions.tolist())
             all_logits[tag] = logits
             final[tag] = classification_metrics(logits, truth)
         if len(all_logits) > 1:

@@ -43,3 +43,16 @@ def tiny_testbed(digits, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_testbed")
     build_testbed(from_folder(digits["pretrain"]), out, tiny_config(), seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_testbed(digits, tmp_path_factory) -> dict:
+    """A tiny test bed trained longer (about 20 s): about 50 % zero-shot accuracy on the digits pool,
+    so pseudo-labels, S* and the filtered sets are not trivial. {"model": folder, "test": images}."""
+    from coft_fast.data import from_folder
+    from coft_fast.testbed import build_testbed, tiny_config
+
+    out = tmp_path_factory.mktemp("digits_testbed")
+    build_testbed(from_folder(digits["pretrain"]), out, tiny_config(image_epochs=40, text_steps=300), seed=0,
+                  progress=False)
+    return {"model": out, "test": digits["test"]}

@@ -22,6 +22,7 @@ import torchvision.transforms as T
 
 from coft_fast.data.loading import Batch, iterate_batches
 from coft_fast.data.sources import ImageSource
+from coft_fast.runtime.distributed import shard_range
 
 ASPECT_RANGE = (3 / 4, 4 / 3)
 
@@ -37,11 +38,8 @@ def dali_available() -> bool:
 
 def shard(indices: Sequence[int], shard_id: int = 0, num_shards: int = 1) -> list:
     """Rank ``shard_id``'s contiguous share of ``indices`` (the first shards get one more when uneven)."""
-    if not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id must be in [0, {num_shards - 1}], got {shard_id}")
-    per, extra = divmod(len(indices), num_shards)
-    start = shard_id * per + min(shard_id, extra)
-    return list(indices[start : start + per + (1 if shard_id < extra else 0)])
+    start, stop = shard_range(len(indices), shard_id, num_shards)
+    return list(indices[start:stop])
 
 
 def torchvision_transform(image_size: int, mean, std, train: bool = False, scale_min: float = 0.5):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from coft_fast.data.loading import epoch_order, iterate_batches
 from coft_fast.data.sources import ImageSource
+from coft_fast.runtime.distributed import batch_part
 
 BASE_SCALE = 256 / 224
 
@@ -56,8 +57,10 @@ class ResidentImages:
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images / 255.0 - self.mean) / self.std
 
-    def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5) -> torch.Tensor:
-        """Float (n, 3, S, S): random resized crops (area in [scale_min, 1], aspect 3/4..4/3) with flips."""
+    def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5,
+                    keep: slice = slice(None)) -> torch.Tensor:
+        """Float (n, 3, S, S): random resized crops (area in [scale_min, 1], aspect 3/4..4/3) with flips.
+        The crops of all ``rows`` are drawn; only those of ``rows[keep]`` are cut (a rank's part)."""
         n, b, s = len(rows), self.base_size, self.image_size
         area = b * b * (scale_min + (1 - scale_min) * torch.rand(n, generator=generator))
         log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3)
@@ -74,7 +77,8 @@ class ResidentImages:
         theta[:, 0, 2] = (2 * x0 + w) / b - 1
         theta[:, 1, 2] = (2 * y0 + h) / b - 1
         device = self.images.device
-        grid = F.affine_grid(theta.to(device), [n, 3, s, s], align_corners=False)
+        theta, rows = theta[keep], rows[keep]
+        grid = F.affine_grid(theta.to(device), [len(rows), 3, s, s], align_corners=False)
         crops = F.grid_sample(self.images[rows.to(device)].float(), grid, mode="bicubic", padding_mode="border",
                               align_corners=False)
         return self._normalise(crops.clamp_(0, 255))
@@ -89,11 +93,14 @@ class ResidentImages:
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
-        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only."""
+        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
+        In a distributed run the images are this rank's part of the batch (``batch_part(len(positions))``),
+        cut exactly as a single process would cut them."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
-            augmented = tuple(self.train_batch(rows[picked], generator, scale_min) for _ in range(views))
+            keep = batch_part(len(picked)).rows
+            augmented = tuple(self.train_batch(rows[picked], generator, scale_min, keep) for _ in range(views))
             yield (augmented[0] if views == 1 else augmented), picked
 
 

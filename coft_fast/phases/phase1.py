@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -24,6 +25,7 @@ from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
+from coft_fast.runtime.distributed import all_reduce_sum, batch_part, data_parallel, world_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,22 @@ class PromptModel:
             self.prompts.ctx_pos.copy_(state["ctx_pos"])
             self.prompts.ctx_neg.copy_(state["ctx_neg"])
             self.visual_prompts.tokens.copy_(state["vpt"])
+
+
+class PromptTraining(nn.Module):
+    """The trained parts of a :class:`PromptModel` as one module, whose forward gives (image
+    features, positive and negative class features): what DistributedDataParallel wraps. The frozen
+    CLIP is not a submodule, so DDP neither broadcasts nor watches it."""
+
+    def __init__(self, model: PromptModel):
+        super().__init__()
+        self.prompts = model.prompts
+        self.visual_prompts = model.visual_prompts
+        self._model = (model,)
+
+    def forward(self, images: torch.Tensor):
+        model = self._model[0]
+        return (model.image_features(images),) + model.text_features()
 
 
 def make_prompt_model(clip: ClipModel, class_names: Sequence[str], cfg: Phase1Config, seed: int,
@@ -113,6 +131,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     labels = labels.to(device)
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
+    forward = data_parallel(PromptTraining(model), device, find_unused_parameters=cfg.lam == 0)
     bar = tqdm(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
@@ -120,20 +139,23 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min):
             if step >= total:
                 break
-            picked = picked.to(device)
+            part = batch_part(len(picked))  # this rank's images (all of them in one process)
+            mine = picked[part.rows].to(device)
             with autocast(precision, device):
-                image_feats = model.image_features(batch_images.to(device, non_blocking=True))
-                pos, neg = model.text_features()
+                image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
             loss, l1, l2 = ops.dual_prompt_loss(
-                image_feats, pos, neg, labels[picked], complements[picked], logit_scale, cfg.lam,
+                image_feats, pos, neg, labels[mine], complements[mine], logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend,
             )
-            guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
+            guard.step(loss * part.weight if part.weight != 1 else loss, optimizer, scheduler, step + 1, epoch,
+                       rows[picked.cpu()])
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:
                 guard.check()
-                values = (float(loss.detach()), float(l1.detach()), float(l2.detach()))
+                # the mean over the whole batch: each rank's weighted mean, summed over ranks
+                summed = all_reduce_sum(torch.stack([loss, l1, l2]).detach() * (part.weight / world_size()))
+                values = tuple(summed.tolist())
                 history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
                 bar.set_postfix(loss=f"{values[0]:.3f}")
                 if writer is not None:
@@ -144,7 +166,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
         done = step >= total
         guard.check()
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
-            save_training(checkpoint, model.state_dict(), optimizer, scheduler, epoch, step, history)
+            save_training(checkpoint, model.state_dict(), optimizer, scheduler, epoch, step, history)  # rank 0 writes
             last_save = time.monotonic()
         if done:
             break

@@ -23,6 +23,7 @@ from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast, run_padded
+from coft_fast.runtime.distributed import all_reduce_sum, batch_part, data_parallel, world_size
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,25 @@ def _pool_views(images, pool_rows: torch.Tensor, count: int, steps: int, generat
         yield views
 
 
+class Phase2Training(nn.Module):
+    """One phase II forward pass as a module (what DistributedDataParallel wraps): the encoder over
+    labelled images followed by pool query views; returns (logits of the labelled images, the query
+    embeddings of the views, or None). ``encoder`` is ``classifier.visual``, compiled or not."""
+
+    def __init__(self, classifier: FineTunedClassifier, encoder: nn.Module,
+                 contrast: Optional[MomentumContrast] = None):
+        super().__init__()
+        self.classifier = classifier
+        self.contrast = contrast
+        self._encoder = (encoder,)  # the same parameters as classifier.visual: not registered twice
+
+    def forward(self, images: torch.Tensor, labelled: int):
+        features = self._encoder[0](images).float()
+        logits = self.classifier.head(F.normalize(features[:labelled], dim=-1))
+        queries = self.contrast.queries(features[labelled:]) if self.contrast is not None else None
+        return logits, queries
+
+
 def optimizer_options(device: torch.device) -> Dict:
     """One fused kernel per optimiser step on CUDA; the multi-tensor (foreach) path elsewhere."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -139,10 +159,13 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     classifier.train()
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase II {tag}")
+    forward = data_parallel(Phase2Training(classifier, encoder, contrastive.module if contrastive else None), device)
     bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
-        running = torch.zeros(2, device=device)  # (cross-entropy, contrastive) summed on the device: no sync per step
+        # (cross-entropy, contrastive) summed over batches, each a batch mean times the batch size:
+        # on the device (no sync per step), over ranks at the epoch's end
+        running = torch.zeros(2, device=device)
         seen = 0
         views = None
         if contrastive is not None:
@@ -150,34 +173,36 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                                 epoch_generator(seed + 1, epoch), cfg.crop_scale_min)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
                                                          drop_last=drop_last):
-            picked = picked.to(device)
+            part = batch_part(len(picked))  # this rank's images (all of them in one process)
+            mine = picked[part.rows].to(device)
             batch_images = batch_images.to(device, non_blocking=True)
             if views is None:
                 with autocast(precision, device):
-                    features = encoder(batch_images)
-                ce = F.cross_entropy(classifier.head(F.normalize(features.float(), dim=-1)), labels[picked])
-                loss, cont = ce, None
+                    logits, _ = forward(batch_images, len(batch_images))
+                ce = F.cross_entropy(logits, labels[mine])
+                loss, cont = ce * part.weight, None
             else:
                 query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
+                pool_part = batch_part(cfg.batch_size)  # the views' batch is always whole
                 module = contrastive.module
                 with autocast(precision, device):
-                    features = encoder(torch.cat([batch_images, query_view])).float()
+                    logits, queries = forward(torch.cat([batch_images, query_view]), len(batch_images))
                     module.update_(classifier.visual)
                     keys = module.keys(key_view)
-                labelled = len(batch_images)
-                ce = F.cross_entropy(classifier.head(F.normalize(features[:labelled], dim=-1)), labels[picked])
-                cont = module.loss(module.queries(features[labelled:]), keys, contrastive.temperature,
-                                   contrastive.backend)
-                loss = ce + contrastive.gamma * cont
+                ce = F.cross_entropy(logits, labels[mine])
+                cont = module.loss(queries, keys, contrastive.temperature, contrastive.backend)
+                loss = ce * part.weight + contrastive.gamma * pool_part.weight * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             if cont is not None:
-                contrastive.module.push_(keys)
+                contrastive.module.push_(keys)  # every rank's keys, in rank order
             step += 1
-            running[0] += ce.detach() * len(picked)
+            share = len(picked) / world_size()
+            running[0] += ce.detach() * (part.weight * share)
             if cont is not None:
-                running[1] += cont.detach() * len(picked)
+                running[1] += cont.detach() * (pool_part.weight * share)
             seen += len(picked)
             bar.update(1)
+        running = all_reduce_sum(running)
         guard.check()
         ce_mean, cont_mean = (running / max(seen, 1)).tolist()
         entry = {"epoch": epoch, "step": step, "loss": ce_mean}

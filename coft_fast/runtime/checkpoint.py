@@ -7,25 +7,34 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from coft_fast.runtime.distributed import broadcast_object, is_main
 from coft_fast.runtime.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 def save_state(path: Path, state: Dict[str, Any]) -> None:
-    """torch.save through a temporary file and a rename: the old file survives a crash mid-write."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """torch.save through a temporary file and a rename: the old file survives a crash mid-write.
+    In a distributed run only rank 0 writes (and no collective runs, so ranks may call it alone)."""
+    if is_main():
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> Optional[Dict[str, Any]]:
-    if not Path(path).is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The state saved at ``path`` (None when there is none). In a distributed run every rank must
+    call it: rank 0 reads the file and every rank gets its content (no shared file system needed)."""
+    state = None
+    if is_main() and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    return broadcast_object(state)
 
 
 def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """A safetensors file of CPU, contiguous copies of ``tensors``, written atomically."""
+    """A safetensors file of CPU, contiguous copies of ``tensors``, written atomically (by rank 0)."""
     from safetensors.torch import save_file
+
+    if not is_main():
+        return
 
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
