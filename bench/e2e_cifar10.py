@@ -1,7 +1,10 @@
 """End to end on CIFAR-10 with the test bed: zero-shot, self-train, CoFT and CoFT+ over several seeds.
 
     python bench/e2e_cifar10.py [--seeds 0 1 2] [--methods coft coft+ self-train] [--testbed DIR]
-                                [--work DIR] [--set key=value ...]
+                                [--work DIR] [--set key=value ...] [--knn]
+
+A method name ending in "+knn" (e.g. coft+knn) is that method with pseudo.knn_refine=true; --knn
+adds that variant of every method, so each is measured with and without kNN refinement.
 
 The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one;
 cifar10/pool is the unlabelled pool (its labels are used only for the diagnostics columns),
@@ -35,13 +38,18 @@ COLUMNS = [
 ]
 
 
+KNN_SUFFIX = "+knn"
+
+
 def run_one(root: Path, testbed: Path, method: str, seed: int, work: Path, overrides) -> dict:
     out = work / f"{method}_seed{seed}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
-    result = coft_fast.train(root / "pool", model=f"local-dir:{testbed}", eval_images=root / "test", method=method,
-                             out=out, resume=True, overrides=[f"seed={seed}", "run.progress=false", *overrides])
+    base = method[: -len(KNN_SUFFIX)] if method.endswith(KNN_SUFFIX) else method
+    extra = ["pseudo.knn_refine=true"] if base != method else []
+    result = coft_fast.train(root / "pool", model=f"local-dir:{testbed}", eval_images=root / "test", method=base,
+                             out=out, resume=True, overrides=[f"seed={seed}", "run.progress=false", *overrides, *extra])
     print(f"{method} seed {seed}: final {100 * result.metrics['final']['acc1']:.2f} "
           f"(zero-shot {100 * result.metrics['zero_shot']['acc1']:.2f}) in {time.perf_counter() - started:.0f} s",
           flush=True)
@@ -64,7 +72,10 @@ def main() -> None:
     parser.add_argument("--work", default=str(RESULTS / "tmp" / "e2e_cifar10"), help="folder for the run folders")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--tag", default="", help="suffix of the results files (e.g. k64 for a variant)")
+    parser.add_argument("--knn", action="store_true", help="also run every method with pseudo.knn_refine=true")
     args = parser.parse_args()
+    if args.knn:
+        args.methods = [m for method in args.methods for m in (method, method + KNN_SUFFIX)]
     stem = "e2e_cifar10" + (f"_{args.tag}" if args.tag else "")
     root = data_root() / "cifar10"
     work = Path(args.work)
@@ -123,6 +134,13 @@ def main() -> None:
                      f"ceiling ({fmt(ceiling)}).")
         if "self-train" in means:
             lines.append(f"CoFT minus self-train: {100 * (means['coft'] - means['self-train']):+.2f} points.")
+    for method in args.methods:
+        if method.endswith(KNN_SUFFIX) and method[: -len(KNN_SUFFIX)] in means:
+            base = method[: -len(KNN_SUFFIX)]
+            s_star = [(runs[(method, s)]["selection"]["pseudo_label_accuracy"],
+                       runs[(base, s)]["selection"]["pseudo_label_accuracy"]) for s in args.seeds]
+            lines.append(f"kNN refinement, {base}: final {100 * (means[method] - means[base]):+.2f} points; S* precision "
+                         f"{100 * statistics.mean(a - b for a, b in s_star if a is not None and b is not None):+.2f} points.")
     if "coft+" in means:
         lines.append(f"CoFT+ minus zero-shot: {100 * (means['coft+'] - zero_mean):+.2f} points.")
         if "coft" in means:

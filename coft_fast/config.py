@@ -71,6 +71,10 @@ class ZeroShotConfig:
 class PseudoConfig:
     # Class-balanced top-K: the K most confident zero-shot samples of each class form S*.
     top_k: int = 16
+    # Beyond the paper, off by default: before selection, each pool image's zero-shot label is
+    # replaced by a confidence-weighted vote of its knn_k nearest neighbours (zero-shot features).
+    knn_refine: bool = False
+    knn_k: int = 10
 
 
 @dataclass
@@ -137,6 +141,10 @@ class Phase2Config:
     # "zeroshot": the head starts as the zero-shot classifier (training starts at zero-shot
     # accuracy); "random": a freshly initialised head.
     head_init: str = "zeroshot"
+    # Leave-one-out kNN accuracy of the encoder's features on the labelled evaluation images,
+    # measured after every epoch (MoCo's monitor; never uses pool labels). One extra pass per epoch.
+    knn_monitor: bool = False
+    knn_k: int = 20
     # Distillation: another open_clip backbone for phase II (None: the phase I model).
     model: Optional[str] = None
     pretrained: Optional[str] = None
@@ -301,6 +309,8 @@ class Config:
         positive = {
             "data.batch_size": self.data.batch_size,
             "pseudo.top_k": self.pseudo.top_k,
+            "pseudo.knn_k": self.pseudo.knn_k,
+            "phase2.knn_k": self.phase2.knn_k,
             "phase1.batch_size": self.phase1.batch_size,
             "phase1.steps": self.phase1.steps,
             "phase2.batch_size": self.phase2.batch_size,

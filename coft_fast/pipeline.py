@@ -22,7 +22,9 @@ from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
 from coft_fast.models.attention import use_batch_major_attention
 from coft_fast.models.momentum import MomentumContrast
-from coft_fast.phases.phase2 import ContrastiveTerm, FineTunedClassifier, build_classifier, classifier_logits, train_phase2
+from coft_fast.neighbors import knn_accuracy, knn_vote
+from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, NormalizedEncoder, build_classifier,
+                                     classifier_logits, train_phase2)
 from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate
 from coft_fast.pseudo.selection import select_top_k
@@ -59,6 +61,7 @@ class RunState:
 
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
+    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.knn_refine only
     text_embeddings: Optional[torch.Tensor] = None
     filter: Optional[FilterResult] = None
     prompt_models: List[PromptModel] = field(default_factory=list)
@@ -159,12 +162,14 @@ class CoftRun:
                 raise RuntimeError(f"{self.pool.origin}: none of the {len(self.pool)} images could be decoded")
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
             skipped = gather_objects(self.pool.skipped)  # each rank met the broken files of its shard
-            return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped}
+            return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped,
+                    "features": features if cfg.pseudo.knn_refine else None}
 
         state = self._stage("zero_shot", "zero_shot", compute)
         self.pool.skipped[:] = state["skipped"]
         self.state.positions = state["positions"]
         self.state.zs_probabilities = state["probabilities"]
+        self.state.zs_features = state.get("features")
         self.state.text_embeddings = state["text"]
         labels = state["probabilities"].argmax(1)
         self.state.metrics["pool"] = {
@@ -175,6 +180,8 @@ class CoftRun:
 
     def select(self):
         probabilities = self.state.zs_probabilities
+        if self.cfg.pseudo.knn_refine:
+            probabilities = self.knn_refined(probabilities)
         confidence, labels = probabilities.max(1)
         selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names)
         self.state.metrics["selection"] = {
@@ -186,6 +193,45 @@ class CoftRun:
             "pseudo_label_accuracy": label_accuracy(selection.labels, self.truth[selection.rows]),
         }
         return selection
+
+    def knn_refined(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Zero-shot probabilities replaced by a confidence-weighted vote of each image's nearest
+        neighbours (``pseudo.knn_refine``); the pool metrics get the refined labels' accuracy."""
+        k = self.cfg.pseudo.knn_k
+        features = self.state.zs_features
+        if features is None:
+            raise RuntimeError("pseudo.knn_refine needs the zero-shot features, which the zero_shot stage did not keep")
+        if len(features) <= k:
+            log.warning("pseudo.knn_refine: %d pool images, not more than knn_k=%d; labels left as they are", len(features), k)
+            return probabilities
+        started = time.perf_counter()
+        refined = knn_vote(probabilities, features, k)
+        changed = (refined.argmax(1) != probabilities.argmax(1)).double().mean().item()
+        pool = self.state.metrics["pool"]
+        pool["knn_refine"] = {"k": k, "changed": changed, "pseudo_label_accuracy": label_accuracy(refined.argmax(1), self.truth),
+                              "seconds": time.perf_counter() - started}
+        log.info("kNN refinement (k=%d) changed %.1f %% of the zero-shot labels", k, 100 * changed)
+        return refined
+
+    def knn_monitor(self, classifier: FineTunedClassifier, clip2: ClipModel):
+        """What phase II calls after each epoch (``phase2.knn_monitor``): leave-one-out kNN accuracy
+        of the encoder's features on the labelled evaluation images; None without them."""
+        cfg, source = self.cfg, self.eval_source
+        if source is None or not source.has_labels:
+            log.warning("phase2.knn_monitor needs labelled evaluation images (eval_images): not measured")
+            return None
+        truth = torch.tensor(source.labels, dtype=torch.long)
+        encoder = NormalizedEncoder(classifier.visual)
+
+        def measure() -> Dict[str, float]:
+            features, positions = sharded(lambda shard: classifier_logits(
+                encoder, source, clip2.preprocess_eval, self.device, cfg.model.precision, cfg.data.batch_size,
+                cfg.data.num_workers, shard, self.progress, "kNN monitor"), list(range(len(source))))
+            accuracy = knn_accuracy(features, truth[positions], k=cfg.phase2.knn_k)
+            log.info("phase II kNN monitor: leave-one-out %d-NN accuracy %.2f %%", cfg.phase2.knn_k, 100 * accuracy)
+            return {"knn_acc1": accuracy}
+
+        return measure
 
     def _pool_images(self) -> ResidentImages:
         """Every scored pool image, decoded once: CoFT+ draws each round's subset and phase II's
@@ -370,6 +416,7 @@ class CoftRun:
                     self.device, cfg.model.precision, checkpoint=self.store.path(f"phase2_{tag}_progress"),
                     checkpoint_seconds=cfg.run.checkpoint_seconds, progress=self.progress, writer=self.writer, tag=tag,
                     contrastive=contrastive, compile_model=self.compile,
+                    monitor=self.knn_monitor(classifier, clip2) if cfg.phase2.knn_monitor else None,
                 )
                 return {"model": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}, "report": report}
 
@@ -387,6 +434,8 @@ class CoftRun:
                 "final_loss": history[-1]["loss"] if history else None,
                 **({"contrastive_loss": [entry["contrastive"] for entry in history]}
                    if history and "contrastive" in history[-1] else {}),
+                **({"knn_acc1": [entry["knn_acc1"] for entry in history]}
+                   if history and "knn_acc1" in history[-1] else {}),
             }
         return clip2
 

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,17 @@ class Phase2Training(nn.Module):
         return logits, queries
 
 
+class NormalizedEncoder(nn.Module):
+    """L2-normalised float32 features of ``visual`` (what the kNN monitor compares)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(images).float(), dim=-1)
+
+
 def optimizer_options(device: torch.device) -> Dict:
     """One fused kernel per optimiser step on CUDA; the multi-tensor (foreach) path elsewhere."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -125,13 +136,14 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                  labels: torch.Tensor, cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
                  writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
-                 compile_model: bool = False) -> Dict:
+                 compile_model: bool = False, monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict:
     """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries.
 
     With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
     forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
     momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
     runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
+    ``monitor()``, called after every epoch, returns figures (e.g. kNN accuracy) for the history.
     """
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
@@ -208,12 +220,17 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
         entry = {"epoch": epoch, "step": step, "loss": ce_mean}
         if contrastive is not None:
             entry.update({"contrastive": cont_mean, "total": ce_mean + contrastive.gamma * cont_mean})
+        if monitor is not None:
+            entry.update(monitor())
+            classifier.train()  # the monitor evaluates
         history.append(entry)
         bar.set_postfix(epoch=epoch + 1, loss=f"{ce_mean:.3f}")
         if writer is not None:
             writer.add_scalar(f"phase2/{tag}/loss", ce_mean, epoch)
             if contrastive is not None:
                 writer.add_scalar(f"phase2/{tag}/contrastive", cont_mean, epoch)
+            if "knn_acc1" in entry:
+                writer.add_scalar(f"phase2/{tag}/knn_acc1", entry["knn_acc1"], epoch)
             writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
         done = epoch == cfg.epochs - 1
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):

@@ -179,13 +179,14 @@ def batch_part(count: int, shard_id: Optional[int] = None, num_shards: Optional[
 
 def data_parallel(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:
     """``module`` wrapped in DistributedDataParallel in a distributed run (gradients averaged over
-    ranks during backward; buffers are not broadcast); ``module`` itself in one process."""
+    ranks during backward; buffers are synced once, at the start); ``module`` itself in one process."""
     if world_size() == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+                                   forward_sync_buffers=False, gradient_as_bucket_view=True,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def shutdown() -> None:

@@ -1,0 +1,45 @@
+"""The two uses of coft_fast.neighbors in a run: kNN refinement of pseudo-labels and the kNN monitor."""
+import torch
+
+import coft_fast
+from coft_fast.neighbors import knn_vote
+from coft_fast.pseudo.selection import select_top_k
+
+SETTINGS = ["phase2.epochs=2", "pseudo.top_k=16", "data.num_workers=0", "run.progress=false"]
+
+
+def test_knn_refinement_selects_s_star_from_the_neighbours_vote(digits_testbed, digits, tmp_path):
+    model = f"local-dir:{digits_testbed['model']}"
+    plain = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "plain",
+                            overrides=SETTINGS)
+    refined = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "knn",
+                              overrides=SETTINGS + ["pseudo.knn_refine=true", "pseudo.knn_k=10"])
+    report = refined.metrics["pool"]["knn_refine"]
+    assert report["k"] == 10 and 0 < report["changed"] < 1
+    assert "knn_refine" not in plain.metrics["pool"]
+    # S* is the class-balanced top-K of the vote, recomputed here from the kept zero-shot features
+    state = torch.load(tmp_path / "knn" / "checkpoints" / "zero_shot.pt", weights_only=False)
+    votes = knn_vote(state["probabilities"], state["features"], 10)
+    confidence, labels = votes.max(1)
+    expected = select_top_k(labels, confidence, 16, refined.class_names)
+    names = refined.class_names
+    want = sorted((refined.pool.paths[int(state["positions"][r])], names[int(l)])
+                  for r, l in zip(expected.rows, expected.labels))
+    assert sorted(refined.clean_sets["s_star"]) == want
+    assert sorted(plain.clean_sets["s_star"]) != want
+    assert torch.load(tmp_path / "plain" / "checkpoints" / "zero_shot.pt", weights_only=False)["features"] is None
+
+
+def test_the_knn_monitor_logs_each_epoch_on_the_evaluation_images(digits_testbed, digits, tmp_path):
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{digits_testbed['model']}", method="self-train",
+                             eval_images=digits["test"], out=tmp_path, overrides=SETTINGS + ["phase2.knn_monitor=true"])
+    accuracies = result.metrics["phase2"]["s_star"]["knn_acc1"]
+    assert len(accuracies) == 2 and all(0.1 < value <= 1 for value in accuracies)
+    assert "kNN monitor: leave-one-out 20-NN accuracy" in (tmp_path / "run.log").read_text()
+
+
+def test_the_knn_monitor_without_evaluation_images_warns_and_trains(digits_testbed, digits, tmp_path, caplog):
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{digits_testbed['model']}", method="self-train",
+                             out=tmp_path, overrides=SETTINGS + ["phase2.knn_monitor=true"])
+    assert "knn_acc1" not in result.metrics["phase2"]["s_star"]
+    assert "phase2.knn_monitor needs labelled evaluation images" in caplog.text
