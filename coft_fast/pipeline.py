@@ -180,9 +180,9 @@ class CoftRun:
 
     def select(self):
         probabilities = self.state.zs_probabilities
-        if self.cfg.pseudo.knn_refine:
-            probabilities = self.knn_refined(probabilities)
         confidence, labels = probabilities.max(1)
+        if self.cfg.pseudo.knn_refine:
+            confidence, labels = self.knn_refined(probabilities)
         selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names)
         self.state.metrics["selection"] = {
             "top_k": self.cfg.pseudo.top_k,
@@ -194,24 +194,27 @@ class CoftRun:
         }
         return selection
 
-    def knn_refined(self, probabilities: torch.Tensor) -> torch.Tensor:
-        """Zero-shot probabilities replaced by a confidence-weighted vote of each image's nearest
-        neighbours (``pseudo.knn_refine``); the pool metrics get the refined labels' accuracy."""
+    def knn_refined(self, probabilities: torch.Tensor):
+        """(confidence, labels) of the pool after ``pseudo.knn_refine``: each image's label is the
+        confidence-weighted vote of its nearest neighbours (zero-shot features), ranked for top-K by
+        the vote's share times the zero-shot probability of that label (vote shares alone are often
+        exactly 1, which would leave top-K nothing to rank by). The pool metrics get the accuracy."""
         k = self.cfg.pseudo.knn_k
         features = self.state.zs_features
         if features is None:
             raise RuntimeError("pseudo.knn_refine needs the zero-shot features, which the zero_shot stage did not keep")
         if len(features) <= k:
             log.warning("pseudo.knn_refine: %d pool images, not more than knn_k=%d; labels left as they are", len(features), k)
-            return probabilities
+            return probabilities.max(1)
         started = time.perf_counter()
-        refined = knn_vote(probabilities, features, k)
-        changed = (refined.argmax(1) != probabilities.argmax(1)).double().mean().item()
-        pool = self.state.metrics["pool"]
-        pool["knn_refine"] = {"k": k, "changed": changed, "pseudo_label_accuracy": label_accuracy(refined.argmax(1), self.truth),
-                              "seconds": time.perf_counter() - started}
+        share, labels = knn_vote(probabilities, features, k).max(1)
+        confidence = share * probabilities.gather(1, labels[:, None]).squeeze(1)
+        changed = (labels != probabilities.argmax(1)).double().mean().item()
+        self.state.metrics["pool"]["knn_refine"] = {
+            "k": k, "changed": changed, "pseudo_label_accuracy": label_accuracy(labels, self.truth),
+            "seconds": time.perf_counter() - started}
         log.info("kNN refinement (k=%d) changed %.1f %% of the zero-shot labels", k, 100 * changed)
-        return refined
+        return confidence, labels
 
     def knn_monitor(self, classifier: FineTunedClassifier, clip2: ClipModel):
         """What phase II calls after each epoch (``phase2.knn_monitor``): leave-one-out kNN accuracy

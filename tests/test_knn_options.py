@@ -19,8 +19,8 @@ def test_knn_refinement_selects_s_star_from_the_neighbours_vote(digits_testbed, 
     assert "knn_refine" not in plain.metrics["pool"]
     # S* is the class-balanced top-K of the vote, recomputed here from the kept zero-shot features
     state = torch.load(tmp_path / "knn" / "checkpoints" / "zero_shot.pt", weights_only=False)
-    votes = knn_vote(state["probabilities"], state["features"], 10)
-    confidence, labels = votes.max(1)
+    share, labels = knn_vote(state["probabilities"], state["features"], 10).max(1)
+    confidence = share * state["probabilities"].gather(1, labels[:, None]).squeeze(1)  # ranked by share x zero-shot
     expected = select_top_k(labels, confidence, 16, refined.class_names)
     names = refined.class_names
     want = sorted((refined.pool.paths[int(state["positions"][r])], names[int(l)])
