@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from coft_fast.ops._checks import check_matrix
+
 # backend="auto" on CPU tensors: the torch backend up to this many database rows, a flat faiss index
 # above (when faiss imports). Measured by `python bench/bench_knn.py` (bench/results/bench_knn_cpu.md:
 # 10,000 queries x 512, k = 20, 2 threads, faiss-cpu 1.15.1): a flat faiss index took 3.7x, 3.0x and
@@ -31,7 +33,6 @@ TORCH_MAX_DATABASE = math.inf
 TORCH_MAX_DATABASE_CUDA = math.inf
 
 BACKENDS = ("auto", "torch", "faiss")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # elements of one query-chunk x database-chunk score block of the torch backend (64 MiB in float32)
 BLOCK_ELEMENTS = 1 << 24
 
@@ -96,7 +97,7 @@ def build_flat_index(database: torch.Tensor):
 
     On a faiss build with GPU support and a CUDA ``database``, a GpuIndexFlatIP on its device."""
     faiss = _require_faiss()
-    _check_matrix("database", database)
+    check_matrix("database", database)
     dim = database.shape[1]
     if _on_faiss_gpu(database):
         config = faiss.GpuIndexFlatConfig()
@@ -118,7 +119,7 @@ def build_ivf_index(database: torch.Tensor, nlist: int, nprobe: int = 1, train_s
     Trained on the CPU; on a faiss build with GPU support and a CUDA ``database``, moved to its GPU.
     add=False returns the trained index empty (to time training apart; fill it with ``add_rows``)."""
     faiss = _require_faiss()
-    _check_matrix("database", database)
+    check_matrix("database", database)
     rows, dim = database.shape
     _check_count("nlist", nlist, 1, rows, "at most the database rows")
     _check_count("nprobe", nprobe, 1, nlist, "at most nlist")
@@ -140,7 +141,7 @@ def build_ivf_index(database: torch.Tensor, nlist: int, nprobe: int = 1, train_s
 
 def add_rows(index, rows: torch.Tensor) -> None:
     """Append ``rows`` (n, d) to a faiss ``index`` (their ids continue from ``index.ntotal``)."""
-    _check_matrix("rows", rows, columns=index.d)
+    check_matrix("rows", rows, columns=index.d)
     index.add(_as_faiss_array(rows))
 
 
@@ -149,7 +150,7 @@ def search_index(index, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, to
 
     On the CPU, or on the device of ``queries`` for a faiss GPU index. An IVF index returns index -1
     (score -inf) where its probed lists held fewer than k rows."""
-    _check_matrix("queries", queries, columns=index.d)
+    check_matrix("queries", queries, columns=index.d)
     _check_count("k", k, 1, index.ntotal, "at most the rows in the index")
     scores, indices = index.search(_as_faiss_array(queries), k)
     device = queries.device if _is_gpu_index(index) else torch.device("cpu")
@@ -157,17 +158,6 @@ def search_index(index, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, to
 
 
 # ------------------------------------------------------------------------------------------ checks
-
-def _check_matrix(name: str, tensor, columns: Optional[int] = None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(tensor.shape)}")
-    if columns is not None and tensor.shape[1] != columns:
-        raise ValueError(f"{name} must have {columns} columns (the feature size), got shape {tuple(tensor.shape)}")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
-
 
 def _check_count(name: str, value, low: int, high: int, bounds: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -186,8 +176,8 @@ def _check_positive(name: str, value) -> None:
 def _check_search_args(queries, database, k, backend, chunk_size, database_chunk_size, exclude_self) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check_matrix("queries", queries)
-    _check_matrix("database", database, columns=queries.shape[1])
+    check_matrix("queries", queries)
+    check_matrix("database", database, columns=queries.shape[1])
     if queries.device != database.device:
         raise ValueError(f"queries and database must be on one device, got {queries.device} and {database.device}")
     if exclude_self and queries.shape[0] != database.shape[0]:
@@ -201,7 +191,7 @@ def _check_search_args(queries, database, k, backend, chunk_size, database_chunk
 
 
 def _check_probabilities(probabilities, rows: int) -> None:
-    _check_matrix("probabilities", probabilities)
+    check_matrix("probabilities", probabilities)
     if probabilities.shape[0] != rows:
         raise ValueError(f"probabilities must have one row per feature row ({rows}), got shape "
                          f"{tuple(probabilities.shape)}")
@@ -294,7 +284,7 @@ def knn_vote(probabilities: torch.Tensor, features: torch.Tensor, k: int, backen
     the result (N, C), float32 on the device of ``probabilities``, is each sample's vote mass per
     class normalised to sum 1: argmax = refined label, max = refined confidence. A sample whose
     neighbours all have confidence 0 keeps its own probabilities."""
-    _check_matrix("features", features)
+    check_matrix("features", features)
     _check_probabilities(probabilities, features.shape[0])
     _, neighbours = knn_search(features, features, k, backend=backend, exclude_self=True)
     probabilities = probabilities.detach().float()
@@ -312,7 +302,7 @@ def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 20, temp
     Over the samples with label >= 0: each is classified by its k nearest other labelled samples,
     each voting for its label with weight exp(similarity / temperature); returns the fraction
     classified right. k is capped at the number of other labelled samples."""
-    _check_matrix("features", features)
+    check_matrix("features", features)
     if not isinstance(labels, torch.Tensor) or labels.shape != (features.shape[0],) or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of shape ({features.shape[0]},), got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")

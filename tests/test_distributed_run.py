@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import coft_fast
+from test_train import _wait_for  # noqa: E402 (tests/ is on the path)
 from coft_fast.runtime.distributed import BatchPart, batch_part, gather_rows, shard_range
 
 TORCHRUN = shutil.which("torchrun")
@@ -205,16 +205,6 @@ def test_torchrun_labels_every_pool_image_once_as_one_process_does(two_process_r
     assert metrics["selection"] == one.metrics["selection"]
     assert metrics["filter"] == one.metrics["filter"]
     _assert_close(_comparable(metrics), _comparable(one.metrics), rel=1e-3, abs=1e-4)
-
-
-def _wait_for(path, process, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended (code {process.returncode}) before {path.name} appeared")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.05)
 
 
 def _kill_tree(pid):

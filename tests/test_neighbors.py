@@ -247,7 +247,7 @@ def test_argument_errors():
         knn_search(queries[0], database, 2)
     with pytest.raises(ValueError, match="database must be 2-D"):
         knn_search(queries, database[0], 2)
-    with pytest.raises(TypeError, match="queries must be a floating tensor"):
+    with pytest.raises(TypeError, match="queries must be one of .*float32.*, got torch.int64"):
         knn_search(queries.long(), database, 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         knn_search(queries, database, 2, backend="annoy")
