@@ -260,3 +260,52 @@ def test_a_global_batch_smaller_than_the_world_is_refused(monkeypatch, digits):
     cfg.phase1.batch_size = 3
     with pytest.raises(ConfigError, match="phase1.batch_size.*less than the 4 processes"):
         api._check_world(cfg, from_folder(digits["pool"]))
+
+
+def _as_rank(monkeypatch, rank, world):
+    """Make this process look like ``rank`` of ``world`` to the data stores (no process group)."""
+    from coft_fast.data import streaming
+    from coft_fast.runtime import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    monkeypatch.setattr(streaming, "rank", lambda: rank)
+
+
+def test_each_rank_gets_its_part_of_every_resident_batch_cut_as_one_process_cuts_it(digits, monkeypatch):
+    from coft_fast.data import from_folder
+    from coft_fast.data.resident import ResidentImages
+
+    images = ResidentImages(from_folder(digits["pool"]), list(range(0, 70, 3)), 16, (0.5,) * 3, (0.25,) * 3,
+                            progress=False)
+    rows = torch.arange(len(images))
+
+    def epoch():
+        return list(images.epoch_batches(rows, 7, torch.Generator().manual_seed(4), 0.5))
+
+    whole = epoch()
+    parts = []
+    for rank in range(3):
+        with monkeypatch.context() as patch:
+            _as_rank(patch, rank, 3)
+            parts.append(epoch())
+    for index, (batch, picked) in enumerate(whole):
+        assert all(torch.equal(part[index][1], picked) for part in parts)  # every rank sees the global batch
+        pieces = [part[index][0] for part, rank in zip(parts, range(3)) if batch_part(len(picked), rank, 3).real]
+        torch.testing.assert_close(torch.cat(pieces), batch)  # the parts, in rank order, are the batch
+
+
+def test_each_rank_decodes_only_its_part_of_every_streamed_batch(digits, monkeypatch):
+    from coft_fast.data import from_folder
+    from coft_fast.data.streaming import StreamedImages
+
+    streamed = StreamedImages(from_folder(digits["pool"]), list(range(0, 69, 3)), 16, (0.5,) * 3, (0.25,) * 3, "pil")
+    rows = torch.arange(len(streamed))  # 23 rows: batches of 7, 7, 7, 2 split over 3 ranks
+    for rank in range(3):
+        with monkeypatch.context() as patch:
+            _as_rank(patch, rank, 3)
+            batches = list(streamed.epoch_batches(rows, 7, torch.Generator().manual_seed(4), 0.5))
+        assert [len(picked) for _, picked in batches] == [7, 7, 7, 2]
+        for images, picked in batches:
+            part = batch_part(len(picked), rank, 3)
+            assert images.shape == (part.stop - part.start, 3, 16, 16)
