@@ -81,15 +81,17 @@ class StreamedImages:
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
         In a distributed run each rank decodes only its part of each batch (``batch_part(len(positions))``)."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
-        seeds = torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()
+        # each rank augments its part with its own stream (a single process's crops are not reproduced)
+        seeds = [(seed + 7919 * rank()) % (2**31 - 1)
+                 for seed in torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()]
         batches = list(torch.split(order, batch_size))
         parts = [batch[batch_part(len(batch)).rows] for batch in batches]
         # every part but the last has the size of the first, so decoding in chunks of it gives the parts back
         local, part_size = (torch.cat(parts), len(parts[0])) if parts else (order, batch_size)
         if self.decoder == "dali":  # one pipeline a view (each decodes the files again)
-            streams = zip(*[self._decode(rows[local], part_size, scale_min, seed + 7919 * rank()) for seed in seeds])
+            streams = zip(*[self._decode(rows[local], part_size, scale_min, seed) for seed in seeds])
         else:  # PIL decodes each image once and augments it ``views`` times
             streams = (images.unbind(1) if views > 1 else (images,)
-                       for images in self._decode(rows[local], part_size, scale_min, seeds[0] + 7919 * rank(), views))
+                       for images in self._decode(rows[local], part_size, scale_min, seeds[0], views))
         for picked, images in zip(batches, streams):
             yield (images[0] if views == 1 else tuple(images)), picked
