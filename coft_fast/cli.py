@@ -115,7 +115,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     from coft_fast.runtime.logs import log_to_console
 
     log_to_console(args.verbose)
-    if int(os.environ.get("RANK", "0")) > 0 and not args.verbose:  # under torchrun, rank 0 speaks for all
+    from coft_fast.runtime import distributed
+
+    if distributed.launch_rank() > 0 and not args.verbose:  # under torchrun, rank 0 speaks for all
         logging.getLogger("coft_fast").setLevel(logging.WARNING)
     overrides = _overrides(args)
     if args.command == "config":
@@ -132,14 +134,12 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
     elif args.command == "train":
-        from coft_fast.runtime import distributed
-
         try:
             result = api.train(args.images, args.classes, eval_images=args.eval_images, config=args.config,
                                overrides=overrides, out=args.out, resume=args.resume)
         finally:
             distributed.shutdown()
-        if distributed.launched_by_torchrun() and int(os.environ.get("RANK", "0")) > 0:
+        if distributed.launch_rank() > 0:
             return 0
         _print_train_summary(result.metrics)
         print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")

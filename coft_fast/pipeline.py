@@ -30,7 +30,7 @@ from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, gen
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
-from coft_fast.runtime.distributed import all_gather_rows, gather_objects, gather_rows, is_main, my_shard
+from coft_fast.runtime.distributed import all_gather_rows, gather_objects, gather_rows, is_main, shard
 from coft_fast.runtime.metrics import classification_metrics
 
 log = logging.getLogger("coft_fast")
@@ -45,7 +45,7 @@ def sharded(encode, indices: List[int]):
             return gather_rows(value)
         return [gather(item) for item in value]
 
-    return gather(encode(my_shard(indices)))
+    return gather(encode(shard(indices)))
 
 
 def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:

@@ -22,7 +22,7 @@ import torchvision.transforms as T
 
 from coft_fast.data.loading import Batch, iterate_batches
 from coft_fast.data.sources import ImageSource
-from coft_fast.runtime.distributed import shard_range
+from coft_fast.runtime.distributed import shard
 
 ASPECT_RANGE = (3 / 4, 4 / 3)
 
@@ -34,12 +34,6 @@ def dali_available() -> bool:
     except Exception:  # ImportError, or a broken install whose import fails
         return False
     return True
-
-
-def shard(indices: Sequence[int], shard_id: int = 0, num_shards: int = 1) -> list:
-    """Rank ``shard_id``'s contiguous share of ``indices`` (the first shards get one more when uneven)."""
-    start, stop = shard_range(len(indices), shard_id, num_shards)
-    return list(indices[start:stop])
 
 
 def torchvision_transform(image_size: int, mean, std, train: bool = False, scale_min: float = 0.5):

@@ -147,8 +147,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
                 image_feats, pos, neg, labels[mine], complements[mine], logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend,
             )
-            guard.step(loss * part.weight if part.weight != 1 else loss, optimizer, scheduler, step + 1, epoch,
-                       rows[picked.cpu()])
+            guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:

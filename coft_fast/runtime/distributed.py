@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,11 @@ def is_main() -> bool:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), also before joining or after leaving."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init_from_env(device_name: str = "auto") -> torch.device:
@@ -84,10 +89,27 @@ def shard_range(count: int, shard_id: int, num_shards: int) -> tuple:
     return start, start + per + (1 if shard_id < extra else 0)
 
 
-def my_shard(items: List[Any]) -> List[Any]:
-    """This rank's contiguous share of ``items`` (all of them in one process)."""
-    start, stop = shard_range(len(items), rank(), world_size())
+def shard(items: Sequence[Any], shard_id: Optional[int] = None, num_shards: Optional[int] = None) -> List[Any]:
+    """Shard ``shard_id``'s contiguous share of ``items`` (by default this rank's share of the world;
+    all of them in one process); the first shards get one more when uneven."""
+    shard_id = rank() if shard_id is None else shard_id
+    num_shards = world_size() if num_shards is None else num_shards
+    start, stop = shard_range(len(items), shard_id, num_shards)
     return list(items[start:stop])
+
+
+def _gather_on_device(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``local`` (on the communication device) concatenated in rank order;
+    ranks may hold different numbers of rows."""
+    device = local.device
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
 
 
 @torch.no_grad()
@@ -96,25 +118,17 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     different numbers of rows (zero included). One process: ``tensor`` on the CPU."""
     if world_size() == 1:
         return tensor.cpu()
-    device = _communication_device()
-    local = tensor.to(device).contiguous()
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
-    sizes = [int(c) for c in counts]
-    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: local.shape[0]] = local
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[:size] for part, size in zip(gathered, sizes)]).cpu()
+    return _gather_on_device(tensor.to(_communication_device()).contiguous()).cpu()
 
 
 @torch.no_grad()
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of ``tensor`` from every rank, concatenated in rank order, on ``tensor``'s device
-    (no gradient); ranks may hold different numbers of rows. One process: ``tensor``."""
+    (no gradient; with NCCL no copy through the CPU); ranks may hold different numbers of rows.
+    One process: ``tensor``."""
     if world_size() == 1:
         return tensor
-    return gather_rows(tensor).to(tensor.device)
+    return _gather_on_device(tensor.to(_communication_device()).contiguous()).to(tensor.device)
 
 
 def gather_objects(values: List[Any]) -> List[Any]:
