@@ -1,4 +1,4 @@
-"""The resident images' batched augmentation: bicubic random resized crops with flips."""
+"""The resident images' batched augmentation: PIL-style bicubic random resized crops with flips."""
 import math
 
 import torch
@@ -40,3 +40,52 @@ def test_the_same_generator_gives_the_same_batch():
     first = images.train_batch(torch.arange(8), torch.Generator().manual_seed(3))
     again = images.train_batch(torch.arange(8), torch.Generator().manual_seed(3))
     torch.testing.assert_close(first, again)
+
+
+def test_crops_resample_as_pil_does():
+    """Integer boxes, upscaled and shrunk, flipped or not: PIL's bicubic resized crop to within its uint8 rounding."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from coft_fast.data.resident import resample_matrix
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    picture = (picture.astype(float) * 0.3 + np.linspace(0, 170, 40)[None, :, None]).astype(np.uint8)  # texture + ramp
+    tensor = torch.from_numpy(picture).permute(2, 0, 1).float()
+    for top, left, height, width, size, flip in [(3, 5, 20, 27, 32, False), (0, 0, 40, 40, 16, True),
+                                                  (7, 2, 31, 13, 24, False), (10, 10, 9, 9, 9, True)]:
+        expected = TF.resized_crop(Image.fromarray(picture), top, left, height, width, [size, size],
+                                   interpolation=TF.InterpolationMode.BICUBIC)
+        if flip:
+            expected = TF.hflip(expected)
+        expected = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float()
+        down = resample_matrix(torch.tensor([float(top)]), torch.tensor([float(height)]), 40, size)[0]
+        across = resample_matrix(torch.tensor([float(left)]), torch.tensor([float(width)]), 40, size)[0]
+        if flip:
+            across = across.flip(0)
+        ours = (down @ tensor @ across.T).clamp(0, 255)
+        difference = (ours - expected).abs()
+        assert difference.max() <= 1.5, (top, left, height, width, size, difference.max())
+        assert difference.mean() <= 0.4, (top, left, height, width, size, difference.mean())
+
+
+def test_small_images_are_kept_at_their_own_size(tmp_path):
+    """32-pixel images for a 32-pixel model are stored as they are (no blurring upscale); large ones
+    at the base size; never below the model's input size."""
+    from PIL import Image
+
+    from coft_fast.data.resident import base_size, stored_side
+
+    small, large, tiny = [], [], []
+    for index in range(5):
+        for folder, side in ((small, 32), (large, 300), (tiny, 20)):
+            path = tmp_path / f"{side}_{index}.png"
+            Image.new("RGB", (side + index, side), (index, 0, 0)).save(path)
+            folder.append(str(path))
+    assert stored_side(small, 32) == 32
+    assert stored_side(large, 32) == base_size(32) == 37
+    assert stored_side(large, 224) == 256
+    assert stored_side(tiny, 32) == 32
+    assert stored_side(small + [str(tmp_path / "missing.png")], 28) == 32  # unreadable files are skipped
