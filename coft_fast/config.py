@@ -138,6 +138,11 @@ class Phase2Config:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     crop_scale_min: float = 0.5
+    # Logit-adjusted cross-entropy (beyond the paper; Menon et al. 2021): tau * log(prior of the
+    # training labels) is added to the logits inside the loss, so classes that the pseudo-labels
+    # under-represent (a biased text side starves tail classes) are not learnt as rare. 1.0 is the
+    # value that targets balanced accuracy; 0: plain cross-entropy (the paper's).
+    logit_adjust: float = 1.0
     # "zeroshot": the head starts as the zero-shot classifier (training starts at zero-shot
     # accuracy); "random": a freshly initialised head.
     head_init: str = "zeroshot"

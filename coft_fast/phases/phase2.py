@@ -127,6 +127,17 @@ class NormalizedEncoder(nn.Module):
         return F.normalize(self.visual(images).float(), dim=-1)
 
 
+def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor:
+    """(C,) ``tau * log(prior)``, the prior being the (add-one smoothed) label frequencies of the training
+    set. Added to the logits inside the cross-entropy only (Menon et al., logit-adjusted loss), it keeps
+    a class that the pseudo-labels under-represent from being learnt as rare; prediction uses the plain
+    logits. tau = 0: plain cross-entropy."""
+    if tau == 0:
+        return torch.zeros(num_classes, device=labels.device)
+    counts = torch.bincount(labels, minlength=num_classes).float() + 1
+    return tau * (counts / counts.sum()).log()
+
+
 def optimizer_options(device: torch.device) -> Dict:
     """One fused kernel per optimiser step on CUDA; the multi-tensor (foreach) path elsewhere."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -137,7 +148,8 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
                  writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
                  compile_model: bool = False, monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict:
-    """Cross-entropy training with SGD, warm-up and cosine decay; resumable at epoch boundaries.
+    """Cross-entropy training (logit-adjusted by the labels' class prior when ``cfg.logit_adjust`` > 0)
+    with SGD, warm-up and cosine decay; resumable at epoch boundaries.
 
     With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
     forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
@@ -168,6 +180,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     if step:
         log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
     labels = labels.to(device)
+    adjustment = logit_adjustment(labels, classifier.head.weight.shape[0], cfg.logit_adjust)
     classifier.train()
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase II {tag}")
@@ -191,7 +204,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
             if views is None:
                 with autocast(precision, device):
                     logits, _ = forward(batch_images, len(batch_images))
-                ce = F.cross_entropy(logits, labels[mine])
+                ce = F.cross_entropy(logits + adjustment, labels[mine])
                 loss, cont = ce * part.weight, None
             else:
                 query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
@@ -201,7 +214,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                     logits, queries = forward(torch.cat([batch_images, query_view]), len(batch_images))
                     module.update_(classifier.visual)
                     keys = module.keys(key_view)
-                ce = F.cross_entropy(logits, labels[mine])
+                ce = F.cross_entropy(logits + adjustment, labels[mine])
                 cont = module.loss(queries, keys, contrastive.temperature, contrastive.backend)
                 loss = ce * part.weight + contrastive.gamma * pool_part.weight * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
