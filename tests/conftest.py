@@ -56,3 +56,18 @@ def digits_testbed(digits, tmp_path_factory) -> dict:
     build_testbed(from_folder(digits["pretrain"]), out, tiny_config(image_epochs=40, text_steps=300), seed=0,
                   progress=False)
     return {"model": out, "test": digits["test"]}
+
+
+@pytest.fixture(scope="module")
+def phase2_parts(tiny_testbed, digits):
+    """(tiny test-bed CLIP, 48 resident digits pool images, their labels, class count) for phase II tests."""
+    from coft_fast.data import from_folder
+    from coft_fast.data.resident import ResidentImages, preprocess_stats
+    from coft_fast.models import load_clip
+
+    clip = load_clip(f"local-dir:{tiny_testbed}", device="cpu")
+    pool = from_folder(digits["pool"])
+    indices = list(range(0, len(pool), 7))[:48]
+    images = ResidentImages(pool, indices, *preprocess_stats(clip.model), progress=False)
+    labels = torch.tensor([pool.labels[i] for i in indices])
+    return clip, images, labels, len(pool.class_names)

@@ -72,20 +72,6 @@ def test_keys_are_gathered_before_they_are_queued():
     torch.testing.assert_close(contrast.queue[:4], torch.cat([keys, -keys]))
 
 
-@pytest.fixture(scope="module")
-def phase2_parts(tiny_testbed, digits):
-    from coft_fast.data import from_folder
-    from coft_fast.data.resident import ResidentImages, preprocess_stats
-    from coft_fast.models import load_clip
-
-    clip = load_clip(f"local-dir:{tiny_testbed}", device="cpu")
-    pool = from_folder(digits["pool"])
-    indices = list(range(0, len(pool), 7))[:48]
-    images = ResidentImages(pool, indices, *preprocess_stats(clip.model), progress=False)
-    labels = torch.tensor([pool.labels[i] for i in indices])
-    return clip, images, labels, len(pool.class_names)
-
-
 def _contrastive_phase2(parts, checkpoint, writer=None):
     from coft_fast.phases.phase2 import ContrastiveTerm, build_classifier, train_phase2
 

@@ -1,7 +1,6 @@
 """Phase II's logit-adjusted cross-entropy (phase2.logit_adjust)."""
 import math
 
-import pytest
 import torch
 
 from coft_fast.config import Config, Phase2Config
@@ -20,21 +19,8 @@ def test_the_default_is_the_balanced_error_value():
     assert Config().phase2.logit_adjust == 1.0
 
 
-@pytest.fixture(scope="module")
-def parts(tiny_testbed, digits):
-    from coft_fast.data import from_folder
-    from coft_fast.data.resident import ResidentImages, preprocess_stats
-    from coft_fast.models import load_clip
-
-    clip = load_clip(f"local-dir:{tiny_testbed}", device="cpu")
-    pool = from_folder(digits["pool"])
-    indices = list(range(0, len(pool), 9))[:40]
-    images = ResidentImages(pool, indices, *preprocess_stats(clip.model), progress=False)
-    return clip, images, len(pool.class_names)
-
-
 def _train(parts, labels, tau):
-    clip, images, num_classes = parts
+    clip, images, _, num_classes = parts
     torch.manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(num_classes, clip.model.visual.output_dim), dim=-1)
     classifier = build_classifier(clip.model.visual, text, 10.0, "zeroshot", 0)
@@ -44,24 +30,24 @@ def _train(parts, labels, tau):
     return classifier, report
 
 
-def test_balanced_labels_train_exactly_as_plain_cross_entropy(parts):
+def test_balanced_labels_train_exactly_as_plain_cross_entropy(phase2_parts):
     """A constant added to every logit leaves cross-entropy unchanged: balanced labels give plain CE's model."""
-    num_classes = parts[2]
+    num_classes = phase2_parts[3]
     labels = torch.arange(40) % num_classes
-    plain, plain_report = _train(parts, labels, 0.0)
-    adjusted, adjusted_report = _train(parts, labels, 1.0)
+    plain, plain_report = _train(phase2_parts, labels, 0.0)
+    adjusted, adjusted_report = _train(phase2_parts, labels, 1.0)
     for (name, a), (_, b) in zip(plain.state_dict().items(), adjusted.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert math.isclose(plain_report["history"][-1]["loss"], adjusted_report["history"][-1]["loss"], rel_tol=1e-4)
 
 
-def test_a_frequent_label_is_not_learnt_as_a_prior(parts):
+def test_a_frequent_label_is_not_learnt_as_a_prior(phase2_parts):
     """Plain cross-entropy on labels that are mostly class 0 raises the head's bias of class 0 above the
     others; the adjusted loss already accounts for the prior, so that gap is smaller."""
     labels = torch.zeros(40, dtype=torch.long)
-    labels[::5] = torch.arange(8) % (parts[2] - 1) + 1  # 8 of 40 spread over the other classes
-    plain, _ = _train(parts, labels, 0.0)
-    adjusted, _ = _train(parts, labels, 1.0)
+    labels[::5] = torch.arange(8) % (phase2_parts[3] - 1) + 1  # 8 of 40 spread over the other classes
+    plain, _ = _train(phase2_parts, labels, 0.0)
+    adjusted, _ = _train(phase2_parts, labels, 1.0)
 
     def gap(classifier):
         bias = classifier.head.bias.detach()
