@@ -307,8 +307,11 @@ class Config:
             value = getattr(getattr(self, section), name)
             if value not in allowed:
                 raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
-        if not self.data.resident_max_gb >= 0:
-            raise ConfigError(f"config key 'data.resident_max_gb' must be >= 0, got {self.data.resident_max_gb}")
+        for key in ("data.resident_max_gb", "phase2.logit_adjust"):
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not value >= 0:
+                raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
         if self.model.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
         positive = {
