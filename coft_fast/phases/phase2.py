@@ -131,9 +131,7 @@ def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torc
     """(C,) ``tau * log(prior)``, the prior being the (add-one smoothed) label frequencies of the training
     set. Added to the logits inside the cross-entropy only (Menon et al., logit-adjusted loss), it keeps
     a class that the pseudo-labels under-represent from being learnt as rare; prediction uses the plain
-    logits. tau = 0: plain cross-entropy."""
-    if tau == 0:
-        return torch.zeros(num_classes, device=labels.device)
+    logits. tau = 0 gives zeros: plain cross-entropy."""
     counts = torch.bincount(labels, minlength=num_classes).float() + 1
     return tau * (counts / counts.sum()).log()
 
