@@ -244,6 +244,24 @@ def test_stats_rejects_nan_and_positive_inf(device, bad):
         ops.pseudo_label_stats(all_masked.to(device))
 
 
+@pytest.mark.parametrize("num_classes", [7, 70, 1000])
+def test_stats_every_cpu_simd_path_finds_a_nan_anywhere(cpu_isa, num_classes):
+    """The SIMD kernels find a NaN through the sum (or a NaN maximum), not a separate scan: a NaN
+    in the unrolled body, in the one-vector loop or in the masked tail, in a row of finite values
+    or of -inf values, must still reject the row by its number; -inf entries stay allowed."""
+    for column in sorted({0, 17, 63, num_classes // 2, num_classes - 1} & set(range(num_classes))):
+        for rest_of_row in ("finite", "-inf"):
+            logits = torch.randn(5, num_classes)
+            if rest_of_row == "-inf":
+                logits[3] = float("-inf")
+            logits[3, column] = float("nan")
+            with pytest.raises(ValueError, match="logits must be finite.*row 3"):
+                ops.pseudo_label_stats(logits)
+    clean = torch.randn(6, num_classes)
+    clean[:, 0] = float("-inf")
+    assert_stats_match(ops.pseudo_label_stats(clean, 10), clean, 10)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_stats_validation_names_the_argument(device):
     with pytest.raises(ValueError, match="logits must be a 2-D"):
