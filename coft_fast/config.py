@@ -307,11 +307,6 @@ class Config:
             value = getattr(getattr(self, section), name)
             if value not in allowed:
                 raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
-        for key in ("data.resident_max_gb", "phase2.logit_adjust"):
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if not value >= 0:
-                raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
         if self.model.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
         positive = {
@@ -332,8 +327,17 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key {key!r} must be at least 1, got {value}")
-        if self.phase1.vpt_lr_scale < 0:
-            raise ConfigError(f"config key 'phase1.vpt_lr_scale' must be >= 0, got {self.phase1.vpt_lr_scale}")
+        non_negative = {
+            "data.resident_max_gb": self.data.resident_max_gb,
+            "data.num_workers": self.data.num_workers,
+            "phase1.vpt_lr_scale": self.phase1.vpt_lr_scale,
+            "phase2.logit_adjust": self.phase2.logit_adjust,
+            "contrastive.gamma": self.contrastive.gamma,
+            "contrastive.projection_dim": self.contrastive.projection_dim,
+        }
+        for key, value in non_negative.items():
+            if not value >= 0:  # written so that NaN is refused too
+                raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
         contrastive = self.contrastive
         if not 0.0 <= contrastive.momentum < 1.0:
             raise ConfigError(f"config key 'contrastive.momentum' must be in [0, 1), got {contrastive.momentum}")
@@ -341,12 +345,6 @@ class Config:
             raise ConfigError(f"config key 'contrastive.queue_pool_fraction' must be in (0, 1], got {contrastive.queue_pool_fraction}")
         if not contrastive.temperature > 0:
             raise ConfigError(f"config key 'contrastive.temperature' must be > 0, got {contrastive.temperature}")
-        if not contrastive.gamma >= 0:
-            raise ConfigError(f"config key 'contrastive.gamma' must be >= 0, got {contrastive.gamma}")
-        if contrastive.projection_dim < 0:
-            raise ConfigError(f"config key 'contrastive.projection_dim' must be >= 0, got {contrastive.projection_dim}")
-        if self.data.num_workers < 0:
-            raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {self.data.num_workers}")
         if not 0.0 <= self.testbed.lookalike_share < 1.0:
             raise ConfigError(f"config key 'testbed.lookalike_share' must be in [0, 1), got {self.testbed.lookalike_share}")
         if self.testbed.longtail_ratio < 1.0:

@@ -55,30 +55,27 @@ int64_t num_chunks(int64_t work_items, int64_t items_per_chunk, int64_t cells_pe
 }
 
 // ---------------------------------------------------------------------------------------------
-// One row of logits -> (first arg-max, max, sum of exp(l - max), whether a NaN was seen).
+// One row of logits -> (first arg-max, max, sum of exp(l - max)). No path scans for NaN: a NaN in
+// the row makes the sum NaN (or, in the SIMD paths, possibly the maximum), and the caller rejects a
+// row whose sum is NaN or whose maximum is not finite.
 struct RowStat {
   int64_t label;
   float max;
   float sum;
-  bool nan;
 };
 
 RowStat row_stat_scalar(const float* x, int64_t C) {
   float m = -std::numeric_limits<float>::infinity();
   int64_t arg = 0;
-  bool nan = false;
   for (int64_t j = 0; j < C; ++j) {
-    const float v = x[j];
-    if (std::isnan(v)) {
-      nan = true;
-    } else if (v > m) {  // strict: ties keep the lower index
-      m = v;
+    if (x[j] > m) {  // strict: ties keep the lower index; a NaN never compares greater
+      m = x[j];
       arg = j;
     }
   }
   double s = 0.0;  // a sequential sum: accumulate in double (this path is the slow fallback anyway)
   for (int64_t j = 0; j < C; ++j) s += std::exp(x[j] - m);
-  return {arg, m, static_cast<float>(s), nan};
+  return {arg, m, static_cast<float>(s)};
 }
 
 #ifdef COFT_X86
@@ -108,8 +105,6 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive_avx512(__m512 x
 
 __attribute__((target("avx512f"))) RowStat row_stat_avx512(const float* x, int64_t C) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  // No NaN scan here: a NaN either reaches the maximum (not finite: the caller flags the row) or,
-  // with a finite maximum, makes the sum below NaN.
   __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
   int64_t j = 0;
   for (; j + 64 <= C; j += 64) {
@@ -160,7 +155,7 @@ __attribute__((target("avx512f"))) RowStat row_stat_avx512(const float* x, int64
     s1 = _mm512_mask_add_ps(s1, tail, s1, e);
   }
   const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  return {arg, m, s, std::isnan(s)};
+  return {arg, m, s};
 }
 
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
@@ -195,7 +190,6 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
 __attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_t C) {
   const float inf = std::numeric_limits<float>::infinity();
   const __m256 ninf = _mm256_set1_ps(-inf);
-  // No NaN scan, as in the AVX-512 version: a NaN makes the maximum or the sum NaN.
   __m256 m0 = ninf, m1 = ninf;
   int64_t j = 0;
   for (; j + 16 <= C; j += 16) {
@@ -235,7 +229,7 @@ __attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_
   }
   float s = hsum_avx2(_mm256_add_ps(s0, s1));
   for (j = vec_end; j < C; ++j) s += std::exp(x[j] - m);
-  return {arg, m, s, std::isnan(s)};
+  return {arg, m, s};
 }
 #endif  // COFT_X86
 
@@ -348,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_stats_cp
         for (int64_t r = N * chunk / chunks; r < row_end; ++r) {
           if (r + kPrefetchRows < row_end) prefetch_row(x + (r + kPrefetchRows) * C, C);
           const RowStat st = fn(float_row(x + r * C, C, buffer), C);
-          if (st.nan || !std::isfinite(st.max)) {
+          if (std::isnan(st.sum) || !std::isfinite(st.max)) {
             if (first_bad[chunk] == N) first_bad[chunk] = r;
             out_labels[r] = 0;
             out_conf[r] = std::numeric_limits<float>::quiet_NaN();

@@ -96,6 +96,7 @@ def test_bad_files(tmp_path):
         ("contrastive.queue_size=0", "contrastive.queue_size"),
         ("contrastive.queue_pool_fraction=0", "contrastive.queue_pool_fraction"),
         ("contrastive.projection_dim=-1", "contrastive.projection_dim"),
+        ("phase2.logit_adjust=-1", "phase2.logit_adjust"),
     ],
 )
 def test_validate_names_the_key(override, key):

@@ -1,8 +1,6 @@
 """Phase II's logit-adjusted cross-entropy (phase2.logit_adjust)."""
 import math
 
-import pytest
-
 import torch
 
 from coft_fast.config import Config, Phase2Config
@@ -57,11 +55,3 @@ def test_a_frequent_label_is_not_learnt_as_a_prior(phase2_parts):
 
     assert gap(plain) > 0
     assert gap(adjusted) < 0.5 * gap(plain)
-
-
-def test_a_negative_tau_is_refused_naming_the_key():
-    from coft_fast.api import resolve_config
-    from coft_fast.config import ConfigError
-
-    with pytest.raises(ConfigError, match="phase2.logit_adjust"):
-        resolve_config(overrides=["phase2.logit_adjust=-1"])

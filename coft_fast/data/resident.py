@@ -74,11 +74,12 @@ class ResidentImages:
         x0 = torch.rand(n, generator=generator) * (b - w)
         y0 = torch.rand(n, generator=generator) * (b - h)
         flip = torch.rand(n, generator=generator) < 0.5
-        x0, y0, w, h, flip = x0[keep], y0[keep], w[keep], h[keep], flip[keep]
         device = self.images.device
-        across = resample_matrix(x0.to(device), w.to(device), b, s)
-        across = torch.where(flip.to(device)[:, None, None], across.flip(1), across)
-        down = resample_matrix(y0.to(device), h.to(device), b, s)
+        boxes = torch.stack([x0, y0, w, h, flip.float()], dim=1)[keep].to(device)  # one copy per batch
+        x0, y0, w, h, flip = boxes.unbind(1)
+        across = resample_matrix(x0, w, b, s)
+        across = torch.where(flip[:, None, None] > 0, across.flip(1), across)
+        down = resample_matrix(y0, h, b, s)
         images = self.images[rows[keep].to(device)].float()
         crops = down[:, None] @ images @ across[:, None].transpose(-1, -2)
         return self._normalise(crops.clamp_(0, 255))
@@ -141,7 +142,7 @@ def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out
     onto ``out_size`` pixels as PIL's crop-then-resize does: pixel centres at +0.5, the bicubic kernel
     stretched by the scale when shrinking (antialiasing), taps outside the span's pixels dropped and
     the rest renormalised."""
-    start, length = start.double(), length.double()  # on the images' device: no per-batch host work
+    start, length = start.double(), length.double()  # the matrices are built on start's device
     scale = length / out_size
     stretch = scale.clamp(min=1.0)
     centres = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5) * scale[:, None]
