@@ -27,6 +27,18 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
+def testbed_settings(testbed_dir) -> str:
+    """"seed S, image_epochs E, ..." from a built test bed's report (the settings that shape its
+    features and text bias), or "" when the folder has no report."""
+    report_file = Path(testbed_dir) / "testbed_report.json"
+    if not report_file.is_file():
+        return ""
+    built = json.loads(report_file.read_text())
+    settings = [f"{k} {v}" for k, v in built.get("config", {}).items()
+                if k in ("image_epochs", "vision_layers", "vision_width", "longtail_ratio", "lookalike_share")]
+    return ", ".join([f"seed {built.get('seed')}"] + settings)
+
+
 def frozen_features(model_dir, root: Path) -> dict:
     """{split: (normalised image features, true labels)} of cifar10/pool and cifar10/test."""
     from coft_fast.data import from_folder

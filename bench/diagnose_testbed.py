@@ -23,7 +23,7 @@ from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_o
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, data_root, frozen_features, machine
+from common import RESULTS, data_root, frozen_features, machine, testbed_settings
 
 
 def head_accuracy(train_x, train_y, text, scale, test_x, test_y, steps=300, lr=1e-2) -> float:
@@ -79,14 +79,9 @@ def main() -> None:
              "| training labels | images | label precision | test top-1 |", "|---|---|---|---|"]
     for name, count, precision, acc in rows_out:
         lines.append(f"| {name} | {count} | {precision} | {100 * acc:.2f} % |")
-    report_file = Path(args.testbed) / "testbed_report.json"
-    if report_file.is_file():
-        import json
-
-        built = json.loads(report_file.read_text())
-        settings = ", ".join(f"{k} {v}" for k, v in built.get("config", {}).items()
-                             if k in ("image_epochs", "vision_layers", "vision_width", "longtail_ratio", "lookalike_share"))
-        lines += ["", f"Test bed: seed {built.get('seed')}, {settings}."]
+    settings = testbed_settings(args.testbed)
+    if settings:
+        lines += ["", f"Test bed: {settings}."]
     lines += ["", f"Machine: {machine()}.", ""]
     report = "\n".join(lines)
     print(report)

@@ -24,7 +24,7 @@ from pathlib import Path
 import coft_fast
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_text
 
-from common import RESULTS, data_root, linear_probe_ceiling, machine
+from common import RESULTS, data_root, linear_probe_ceiling, machine, testbed_settings
 
 COLUMNS = [
     ("zero-shot", lambda m: m["zero_shot"]["acc1"]),
@@ -96,7 +96,7 @@ def main() -> None:
     atomic_write_csv(RESULTS / f"{stem}.csv", header, rows)
 
     lines = [f"# End to end on CIFAR-10 with the test bed ({machine()})", "",
-             f"Test bed: {testbed}; pool: cifar10/pool (10,000 images, labels hidden); eval: cifar10/test. "
+             f"Test bed: {testbed} ({testbed_settings(testbed) or 'no build report'}); pool: cifar10/pool (10,000 images, labels hidden); eval: cifar10/test. "
              f"Top-1 and precisions in %. Overrides: {args.overrides or 'none (default config)'}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
