@@ -2,9 +2,10 @@
 //
 // pseudo_label_stats reads every row of the logits once: an explicit SIMD pass finds the row
 // maximum (and its first index), a second pass over the same row (now in L1) sums exp(l - max)
-// with a vectorised exponential (10 vector operations on AVX-512; a NaN anywhere in the row makes
-// the sum NaN, so there is no separate NaN scan), while the rows a few places ahead are prefetched
-// so that memory keeps streaming during the arithmetic; per-class confidence histograms are
+// with a vectorised exponential (8 vector operations on AVX-512; a NaN anywhere in the row makes
+// the sum NaN, so there is no separate NaN scan). While that second pass runs, it requests the
+// cache lines of a row a few places ahead, one line per vector of exponentials, so that memory
+// keeps streaming at an even rate during the arithmetic; per-class confidence histograms are
 // counted per chunk of rows and summed at the end. The SIMD width is chosen at run time (AVX-512, AVX2+FMA or portable
 // scalar code), so one build runs on any x86-64 CPU and the extension needs no -march flags.
 //
@@ -64,7 +65,15 @@ struct RowStat {
   float sum;
 };
 
-RowStat row_stat_scalar(const float* x, int64_t C) {
+// Every row function takes `ahead`, a row whose cache lines it requests while it works (nullptr:
+// none); the SIMD paths spread those requests over their exponential pass.
+inline void prefetch_floats(const float* row, int64_t C) {
+  for (int64_t j = 0; j < C; j += 16) __builtin_prefetch(row + j, 0, 3);
+  __builtin_prefetch(row + C - 1, 0, 3);  // rows need not start on a cache line
+}
+
+RowStat row_stat_scalar(const float* x, int64_t C, const float* ahead) {
+  if (ahead) prefetch_floats(ahead, C);
   float m = -std::numeric_limits<float>::infinity();
   int64_t arg = 0;
   for (int64_t j = 0; j < C; ++j) {
@@ -79,31 +88,31 @@ RowStat row_stat_scalar(const float* x, int64_t C) {
 }
 
 #ifdef COFT_X86
-// exp(x) for x <= 0 as 2^n * 2^f: n = round(x * log2(e)), f = x * log2(e) - n in [-1/2, 1/2] taken
-// with one FMA, and 2^f by a degree-5 polynomial (a relative-error fit: at most 1.9e-7, about 3 ulp,
-// when evaluated in float32). The sum of a row is therefore within ~3e-7 relative of the exact one,
-// well inside the ops' documented float tolerance. x is clamped at -87, where exp is ~1e-38 and adds
-// nothing to a sum that is >= 1; the clamp is max(-87, x), which passes a NaN through, so a NaN in
-// the row makes the sum NaN and the caller needs no separate NaN scan. The kernel is bound by
-// vector arithmetic on the 2-core machines here, so every operation counts: 10 per exponential.
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kC1 = 0.6931470036506653f, kC2 = 0.24022242426872253f, kC3 = 0.05550733581185341f,
-                kC4 = 0.009671512991189957f, kC5 = 0.001326472731307149f;
 
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive_avx512(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // a NaN x is the second operand: it stays NaN
-  const __m512 log2e = _mm512_set1_ps(kLog2e);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_fmsub_ps(x, log2e, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kC5), f, _mm512_set1_ps(kC4));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kC3));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kC2));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kC1));
+// AVX-512: exp(d) = 2^y with y = d * log2(e). VREDUCEPS takes f = y - floor(y) in [0, 1), 2^f is a
+// degree-5 polynomial (a relative-error fit on [0, 1] with p(0) = 1 exactly: at most 7.4e-8, 1.6e-7
+// when evaluated in float32) and VSCALEFPS multiplies by 2^floor(y) itself: 8 vector operations,
+// no clamp and no rounding step. y = -inf, or y far below -149, gives exactly 0; a NaN stays NaN,
+// so a NaN in the row makes the sum NaN and the caller needs no separate NaN scan. d = 0 gives
+// exactly 1, so a row with one finite entry has confidence exactly 1. The kernel is bound by
+// vector arithmetic on the 2-core machines here (about as long as reading the row from memory),
+// so every operation counts.
+constexpr float kR1 = 0.69315105676651f, kR2 = 0.24016660451889038f, kR3 = 0.05579448491334915f,
+                kR4 = 0.009022697806358337f, kR5 = 0.001865033758804202f;
+
+__attribute__((target("avx512f,avx512dq"))) inline __m512 exp_avx512(__m512 d) {
+  const __m512 y = _mm512_mul_ps(d, _mm512_set1_ps(kLog2e));
+  const __m512 f = _mm512_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kR5), f, _mm512_set1_ps(kR4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kR3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kR2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kR1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // p * 2^n
+  return _mm512_scalef_ps(p, y);  // p * 2^floor(y)
 }
 
-__attribute__((target("avx512f"))) RowStat row_stat_avx512(const float* x, int64_t C) {
+__attribute__((target("avx512f,avx512dq"))) RowStat row_stat_avx512(const float* x, int64_t C, const float* ahead) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
   int64_t j = 0;
@@ -144,19 +153,33 @@ __attribute__((target("avx512f"))) RowStat row_stat_avx512(const float* x, int64
 
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   for (j = 0; j + 32 <= C; j += 32) {
-    s0 = _mm512_add_ps(s0, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
-    s1 = _mm512_add_ps(s1, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vm)));
+    if (ahead) {
+      __builtin_prefetch(ahead + j, 0, 3);
+      __builtin_prefetch(ahead + j + 16, 0, 3);
+    }
+    s0 = _mm512_add_ps(s0, exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+    s1 = _mm512_add_ps(s1, exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vm)));
   }
   for (; j + 16 <= C; j += 16) {
-    s0 = _mm512_add_ps(s0, exp_nonpositive_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
+    if (ahead) __builtin_prefetch(ahead + j, 0, 3);
+    s0 = _mm512_add_ps(s0, exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm)));
   }
   if (rest > 0) {
-    const __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(vm, tail, x + j), vm));
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(vm, tail, x + j), vm));
     s1 = _mm512_mask_add_ps(s1, tail, s1, e);
   }
+  if (ahead) __builtin_prefetch(ahead + C - 1, 0, 3);  // the row's last line
   const float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
   return {arg, m, s};
 }
+
+// AVX2 (no VREDUCEPS / VSCALEFPS): exp(x) for x <= 0 as 2^n * 2^f with n = round(x * log2(e)),
+// f = x * log2(e) - n in [-1/2, 1/2] taken with one FMA, 2^f by a degree-5 polynomial (a
+// relative-error fit: at most 1.9e-7 when evaluated in float32) and 2^n built in the exponent
+// field. x is clamped at -87 (exp ~1e-38, nothing against a sum >= 1) by max(-87, x), which passes
+// a NaN through.
+constexpr float kC1 = 0.6931470036506653f, kC2 = 0.24022242426872253f, kC3 = 0.05550733581185341f,
+                kC4 = 0.009671512991189957f, kC5 = 0.001326472731307149f;
 
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
   x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // a NaN x is the second operand: it stays NaN
@@ -187,7 +210,7 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-__attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_t C) {
+__attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_t C, const float* ahead) {
   const float inf = std::numeric_limits<float>::infinity();
   const __m256 ninf = _mm256_set1_ps(-inf);
   __m256 m0 = ninf, m1 = ninf;
@@ -221,11 +244,16 @@ __attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_
 
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (j = 0; j + 16 <= vec_end; j += 16) {
+    if (ahead) __builtin_prefetch(ahead + j, 0, 3);
     s0 = _mm256_add_ps(s0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
     s1 = _mm256_add_ps(s1, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm)));
   }
   for (; j < vec_end; j += 8) {
     s0 = _mm256_add_ps(s0, exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+  }
+  if (ahead) {
+    __builtin_prefetch(ahead + j, 0, 3);
+    __builtin_prefetch(ahead + C - 1, 0, 3);
   }
   float s = hsum_avx2(_mm256_add_ps(s0, s1));
   for (j = vec_end; j < C; ++j) s += std::exp(x[j] - m);
@@ -233,7 +261,7 @@ __attribute__((target("avx2,fma"))) RowStat row_stat_avx2(const float* x, int64_
 }
 #endif  // COFT_X86
 
-using RowFn = RowStat (*)(const float*, int64_t);
+using RowFn = RowStat (*)(const float* row, int64_t C, const float* ahead);
 
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
@@ -243,7 +271,7 @@ bool isa_supported(int isa) {
 #ifdef COFT_X86
   __builtin_cpu_init();
   if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (isa == kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 #endif
   return false;
 }
@@ -300,9 +328,12 @@ const float* float_row(const scalar_t* row, int64_t C, std::vector<float>& buffe
   return buffer.data();
 }
 
-// Rows ahead of the current one whose cache lines are requested before the current row is worked
-// on: the SIMD passes over a row are compute-bound and the hardware prefetcher does not run far
-// enough ahead on its own, so without this the memory sits idle while a row's exponentials run.
+// How many rows ahead of the current one the row functions request cache lines: the SIMD passes
+// over a row are compute-bound and the hardware prefetcher does not run far enough ahead on its
+// own, so without this the memory sits idle while a row's exponentials run. Float rows pass the
+// row to the row function, which spreads the requests over its exponential pass (one burst of
+// requests at the start of each row was slower); converted rows (half, bfloat16, double) are
+// requested in one burst here.
 #ifndef COFT_PREFETCH_ROWS
 #define COFT_PREFETCH_ROWS 2
 #endif
@@ -340,8 +371,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_stats_cp
         int64_t* hist = counts + chunk * cells;
         const int64_t row_end = N * (chunk + 1) / chunks;
         for (int64_t r = N * chunk / chunks; r < row_end; ++r) {
-          if (r + kPrefetchRows < row_end) prefetch_row(x + (r + kPrefetchRows) * C, C);
-          const RowStat st = fn(float_row(x + r * C, C, buffer), C);
+          const float* ahead = nullptr;
+          if (r + kPrefetchRows < row_end) {
+            if (std::is_same_v<scalar_t, float>) {
+              ahead = reinterpret_cast<const float*>(x + (r + kPrefetchRows) * C);
+            } else {
+              prefetch_row(x + (r + kPrefetchRows) * C, C);
+            }
+          }
+          const RowStat st = fn(float_row(x + r * C, C, buffer), C, ahead);
           if (std::isnan(st.sum) || !std::isfinite(st.max)) {
             if (first_bad[chunk] == N) first_bad[chunk] = r;
             out_labels[r] = 0;
