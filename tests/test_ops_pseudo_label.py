@@ -262,6 +262,27 @@ def test_stats_every_cpu_simd_path_finds_a_nan_anywhere(cpu_isa, num_classes):
     assert_stats_match(ops.pseudo_label_stats(clean, 10), clean, 10)
 
 
+@pytest.mark.parametrize("num_classes", [7, 70, 1000])
+def test_stats_every_cpu_simd_path_handles_values_far_below_the_max(cpu_isa, num_classes):
+    """Entries far below the row maximum (where exp underflows to subnormals or to 0, and where the
+    AVX-512 exponential has no clamp) add nothing wrong: confidences match the reference, and a row
+    whose other entries all underflow has confidence exactly 1."""
+    g = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(8, num_classes, generator=g) * 3
+    far = torch.tensor([-88.0, -95.0, -103.0, -110.0, -150.0, -1e4, -1e30, float("-inf")])
+    for row in range(8):  # each row gets the far values at spread-out columns, as offsets from its max
+        columns = torch.randperm(num_classes, generator=g)[: min(num_classes - 1, 8)]
+        logits[row, columns] = logits[row].max() + 10.0 + far[: len(columns)]
+    assert_stats_match(ops.pseudo_label_stats(logits, 10), logits, 10)
+    lonely = torch.full((3, num_classes), -1e30)
+    lonely[:, 1] = torch.tensor([0.0, 50.0, -7.5])
+    lonely[1, 2:] = float("-inf")
+    lonely[2, 2:] = torch.linspace(-7.5 - 104.0, -7.5 - 200.0, num_classes - 2)  # all below exp's range
+    got = ops.pseudo_label_stats(lonely, 10)
+    assert got.labels.tolist() == [1, 1, 1]
+    assert got.confidence.tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_stats_validation_names_the_argument(device):
     with pytest.raises(ValueError, match="logits must be a 2-D"):
