@@ -112,19 +112,21 @@ def main() -> None:
     plus_runs = [(seed, runs[(m, seed)]) for m, seed in runs if m == "coft+"]
     if plus_runs:
         lines += ["CoFT+ phase I rounds (label accuracy in %: the round's training subset / the whole pool, "
-                  "model 1 and model 2; the pool column of round r is its models' labels):", "",
-                  "| seed | round | subset model 1 | subset model 2 | pool model 1 | pool model 2 | seconds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "model 1 and model 2; the pool column of round r is its models' labels; 'models agree': the share of "
+                  "the pool on which the round's two models give the same label, which needs no labels):", "",
+                  "| seed | round | subset model 1 | subset model 2 | pool model 1 | pool model 2 | models agree | seconds |",
+                  "|---|---|---|---|---|---|---|---|"]
         for seed, metrics in plus_runs:
             for entry in metrics["rounds"]:
                 m1, m2 = entry["model1"], entry["model2"]
                 lines.append(f"| {seed} | {entry['round']} | {fmt(m1['subset_label_accuracy'])} | "
                              f"{fmt(m2['subset_label_accuracy'])} | {fmt(m1.get('pool_label_accuracy'))} | "
-                             f"{fmt(m2.get('pool_label_accuracy'))} | {entry['seconds']:.0f} |")
+                             f"{fmt(m2.get('pool_label_accuracy'))} | {fmt(entry.get('agreement'))} | "
+                             f"{entry['seconds']:.0f} |")
             losses = metrics["phase2"]["s1"].get("contrastive_loss", [])
             if losses:
                 lines.append(f"| {seed} | phase II contrastive loss per epoch | "
-                             + ", ".join(f"{v:.3f}" for v in losses) + " | | | | |")
+                             + ", ".join(f"{v:.3f}" for v in losses) + " | | | | | |")
         lines.append("")
     means = {method: final for method, final, _ in summary}
     zero_mean = summary[0][2]

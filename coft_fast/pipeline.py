@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -53,6 +53,16 @@ def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]
     if not bool(known.any()):
         return None
     return (labels[known] == truth[known]).double().mean().item()
+
+
+def record_pool_labels(entry: Dict, labels1: torch.Tensor, labels2: torch.Tensor, names: Sequence[str]) -> None:
+    """Label-free signs of a CoFT+ round in its metrics entry: how often its two models agree on the
+    pool, and how many pool images each model gives each class (a class that swallows its look-alike
+    round after round shows here even where the pool has no labels)."""
+    entry["agreement"] = (labels1 == labels2).double().mean().item()
+    for index, labels in ((1, labels1), (2, labels2)):
+        counts = torch.bincount(labels, minlength=len(names)).tolist()
+        entry[f"model{index}"]["pool_class_counts"] = dict(zip(names, counts))
 
 
 @dataclass
@@ -332,6 +342,7 @@ class CoftRun:
             chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names)
             entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], self.truth)
             subsets.append((chosen.rows, chosen.labels))
+        record_pool_labels(entry, state["views"][0]["labels"], state["views"][1]["labels"], self.names)
         return subsets
 
     def filter(self) -> None:
@@ -358,6 +369,8 @@ class CoftRun:
             phase1[f"model{index}"]["pool_label_accuracy"] = label_accuracy(labels, truth)
             if self.state.metrics.get("rounds"):  # the last round's models are the filter's
                 self.state.metrics["rounds"][-1][f"model{index}"]["pool_label_accuracy"] = phase1[f"model{index}"]["pool_label_accuracy"]
+        if self.state.metrics.get("rounds"):
+            record_pool_labels(self.state.metrics["rounds"][-1], result.labels1, result.labels2, self.names)
         self.state.metrics["filter"] = {
             "threshold": cfg.filter.threshold,
             "agreement": (result.labels1 == result.labels2).double().mean().item(),

@@ -154,6 +154,13 @@ def test_coft_plus_writes_rounds_and_the_contrastive_loss(coft_plus_run):
             assert 0 <= entry[model]["subset_label_accuracy"] <= 1 and 0 <= entry[model]["pool_label_accuracy"] <= 1
     assert rounds[0]["model1"]["subset_size"] == metrics["selection"]["size"]  # round 1 trains on S*
     assert rounds[-1]["model1"]["pool_label_accuracy"] == metrics["phase1"]["model1"]["pool_label_accuracy"]
+    pool_size = metrics["pool"]["num_images"]
+    for entry in rounds:  # label-free signs of each round: agreement, and what each model calls the pool
+        assert 0 <= entry["agreement"] <= 1
+        for model in ("model1", "model2"):
+            counts = entry[model]["pool_class_counts"]
+            assert list(counts) == list(metrics["selection"]["per_class"]) and sum(counts.values()) == pool_size
+    assert rounds[-1]["agreement"] == metrics["filter"]["agreement"]  # the last round's models are the filter's
     losses = metrics["phase2"]["s1"]["contrastive_loss"]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     assert metrics["contrastive"]["queue_size"] == max(int(0.25 * metrics["pool"]["num_images"]), 64)

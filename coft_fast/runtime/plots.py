@@ -59,7 +59,8 @@ def plot_clean_probability(path: Path, p_clean: torch.Tensor, keep: torch.Tensor
 
 
 def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
-    """CoFT+: each model's subset size and label accuracies (subset, whole pool) per phase-I round."""
+    """CoFT+: each model's subset size and label accuracies (subset, whole pool), and the two models'
+    agreement on the pool, per phase-I round."""
     plt = _figure()
     fig, (acc_ax, size_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
     numbers = [entry["round"] for entry in rounds]
@@ -71,6 +72,10 @@ def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
                 acc_ax.plot(numbers, [100 * v if v is not None else float("nan") for v in values], style,
                             label=f"{model}, {key.replace('_label_accuracy', '')}")
         size_ax.plot(numbers, [entry[model]["subset_size"] for entry in rounds], "-o", label=model)
+    agreement = [entry.get("agreement") for entry in rounds]
+    if any(v is not None for v in agreement):  # label-free: the two models' agreement on the pool
+        acc_ax.plot(numbers, [100 * v if v is not None else float("nan") for v in agreement], ":^k",
+                    label="models agree on the pool")
     acc_ax.set_xlabel("round")
     acc_ax.set_ylabel("label accuracy (%)")
     acc_ax.set_xticks(numbers)
