@@ -77,7 +77,7 @@ def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
         acc_ax.plot(numbers, [100 * v if v is not None else float("nan") for v in agreement], ":^k",
                     label="models agree on the pool")
     acc_ax.set_xlabel("round")
-    acc_ax.set_ylabel("label accuracy (%)")
+    acc_ax.set_ylabel("label accuracy, agreement (%)")
     acc_ax.set_xticks(numbers)
     if acc_ax.lines:
         acc_ax.legend(fontsize=7)
