@@ -64,6 +64,15 @@ def fmt(value, percent=True):
     return f"{100 * value:.2f}" if percent else f"{value:.0f}"
 
 
+def largest_class(model_entry: dict) -> str:
+    """'truck 20.0' for a round's model: the class it gives most pool images, and their share (label-free)."""
+    counts = model_entry.get("pool_class_counts")
+    if not counts:
+        return "-"
+    name = max(counts, key=counts.get)
+    return f"{name} {100 * counts[name] / sum(counts.values()):.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -114,19 +123,20 @@ def main() -> None:
         lines += ["CoFT+ phase I rounds (label accuracy in %: the round's training subset / the whole pool, "
                   "model 1 and model 2; the pool column of round r is its models' labels; 'models agree': the share of "
                   "the pool on which the round's two models give the same label, which needs no labels):", "",
-                  "| seed | round | subset model 1 | subset model 2 | pool model 1 | pool model 2 | models agree | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| seed | round | subset model 1 | subset model 2 | pool model 1 | pool model 2 | models agree | "
+                  "most-labelled class, % of the pool (model 1 / model 2) | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for seed, metrics in plus_runs:
             for entry in metrics["rounds"]:
                 m1, m2 = entry["model1"], entry["model2"]
                 lines.append(f"| {seed} | {entry['round']} | {fmt(m1['subset_label_accuracy'])} | "
                              f"{fmt(m2['subset_label_accuracy'])} | {fmt(m1.get('pool_label_accuracy'))} | "
                              f"{fmt(m2.get('pool_label_accuracy'))} | {fmt(entry.get('agreement'))} | "
-                             f"{entry['seconds']:.0f} |")
+                             f"{largest_class(m1)} / {largest_class(m2)} | {entry['seconds']:.0f} |")
             losses = metrics["phase2"]["s1"].get("contrastive_loss", [])
             if losses:
                 lines.append(f"| {seed} | phase II contrastive loss per epoch | "
-                             + ", ".join(f"{v:.3f}" for v in losses) + " | | | | | |")
+                             + ", ".join(f"{v:.3f}" for v in losses) + " | | | | | | |")
         lines.append("")
     means = {method: final for method, final, _ in summary}
     zero_mean = summary[0][2]
