@@ -55,11 +55,16 @@ def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]
     return (labels[known] == truth[known]).double().mean().item()
 
 
+def agreement(labels1: torch.Tensor, labels2: torch.Tensor) -> float:
+    """The share of the pool on which two models give the same label."""
+    return (labels1 == labels2).double().mean().item()
+
+
 def record_pool_labels(entry: Dict, labels1: torch.Tensor, labels2: torch.Tensor, names: Sequence[str]) -> None:
     """Label-free signs of a CoFT+ round in its metrics entry: how often its two models agree on the
     pool, and how many pool images each model gives each class (a class that swallows its look-alike
     round after round shows here even where the pool has no labels)."""
-    entry["agreement"] = (labels1 == labels2).double().mean().item()
+    entry["agreement"] = agreement(labels1, labels2)
     for index, labels in ((1, labels1), (2, labels2)):
         counts = torch.bincount(labels, minlength=len(names)).tolist()
         entry[f"model{index}"]["pool_class_counts"] = dict(zip(names, counts))
@@ -367,13 +372,14 @@ class CoftRun:
         phase1 = self.state.metrics.setdefault("phase1", {})
         for index, labels in ((1, result.labels1), (2, result.labels2)):
             phase1[f"model{index}"]["pool_label_accuracy"] = label_accuracy(labels, truth)
-            if self.state.metrics.get("rounds"):  # the last round's models are the filter's
-                self.state.metrics["rounds"][-1][f"model{index}"]["pool_label_accuracy"] = phase1[f"model{index}"]["pool_label_accuracy"]
-        if self.state.metrics.get("rounds"):
-            record_pool_labels(self.state.metrics["rounds"][-1], result.labels1, result.labels2, self.names)
+        rounds = self.state.metrics.get("rounds")
+        if rounds:  # the last round's models are the filter's
+            for index in (1, 2):
+                rounds[-1][f"model{index}"]["pool_label_accuracy"] = phase1[f"model{index}"]["pool_label_accuracy"]
+            record_pool_labels(rounds[-1], result.labels1, result.labels2, self.names)
         self.state.metrics["filter"] = {
             "threshold": cfg.filter.threshold,
-            "agreement": (result.labels1 == result.labels2).double().mean().item(),
+            "agreement": agreement(result.labels1, result.labels2),
             "s1": {"size": int(result.keep1.sum()), **(filter_quality(result.labels1, result.keep1, truth) if (truth >= 0).any() else {})},
             "s2": {"size": int(result.keep2.sum()), **(filter_quality(result.labels2, result.keep2, truth) if (truth >= 0).any() else {})},
         }

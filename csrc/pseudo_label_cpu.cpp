@@ -65,15 +65,19 @@ struct RowStat {
   float sum;
 };
 
-// Every row function takes `ahead`, a row whose cache lines it requests while it works (nullptr:
-// none); the SIMD paths spread those requests over their exponential pass.
-inline void prefetch_floats(const float* row, int64_t C) {
-  for (int64_t j = 0; j < C; j += 16) __builtin_prefetch(row + j, 0, 3);
-  __builtin_prefetch(row + C - 1, 0, 3);  // rows need not start on a cache line
+// Requests every cache line of a row of C values in one burst (the row need not start on a line).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t C) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = C * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
+  __builtin_prefetch(bytes + size - 1, 0, 3);
 }
 
+// Every row function takes `ahead`, a row whose cache lines it requests while it works (nullptr:
+// none); the SIMD paths spread those requests over their exponential pass.
 RowStat row_stat_scalar(const float* x, int64_t C, const float* ahead) {
-  if (ahead) prefetch_floats(ahead, C);
+  if (ahead) prefetch_row(ahead, C);
   float m = -std::numeric_limits<float>::infinity();
   int64_t arg = 0;
   for (int64_t j = 0; j < C; ++j) {
@@ -338,13 +342,6 @@ const float* float_row(const scalar_t* row, int64_t C, std::vector<float>& buffe
 #define COFT_PREFETCH_ROWS 2
 #endif
 constexpr int64_t kPrefetchRows = COFT_PREFETCH_ROWS;
-
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* row, int64_t C) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  const int64_t size = C * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 3);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_stats_cpu(const at::Tensor& logits_in,
                                                                                   int64_t num_bins) {
