@@ -39,8 +39,9 @@ def testbed_settings(testbed_dir) -> str:
     return ", ".join([f"seed {built.get('seed')}"] + settings)
 
 
-def frozen_features(model_dir, root: Path) -> dict:
-    """{split: (normalised image features, true labels)} of cifar10/pool and cifar10/test."""
+def frozen_features(model_dir, root: Path, paths: dict = None) -> dict:
+    """{split: (normalised image features, true labels)} of cifar10/pool and cifar10/test; when a
+    dict is given as ``paths``, it receives {split: the image path of each feature row}."""
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
     from coft_fast.pseudo import encode_images
@@ -51,6 +52,8 @@ def frozen_features(model_dir, root: Path) -> dict:
         source = from_folder(root / split)
         feats, positions = encode_images(clip, source, torch.device("cpu"), batch_size=512, progress=False)
         features[split] = (feats, torch.tensor(source.labels)[positions])
+        if paths is not None:
+            paths[split] = [source.paths[i] for i in positions.tolist()]
     return features
 
 

@@ -1,6 +1,6 @@
 """How much can a few labels teach the test bed's frozen features? (Why CoFT gains or not.)
 
-    python bench/diagnose_testbed.py --testbed DIR [--tag NAME]
+    python bench/diagnose_testbed.py --testbed DIR [--run RUN_DIR ...] [--tag NAME]
 
 On the frozen image features of cifar10/pool, a linear head that starts as the zero-shot classifier
 (the class text embeddings at the model's logit scale, as phase II's head does) is trained with Adam
@@ -8,11 +8,16 @@ on: zero-shot top-K pseudo-labels (what S* holds), K TRUE labels per class (few-
 all TRUE labels of the pool (the ceiling). Each is scored on cifar10/test. CoFT's premise is that
 features learn much from a few clean labels (CLIP's do): when the K-shot oracle is barely above
 zero-shot, phase I cannot label the pool much better than zero-shot did, and neither can CoFT.
-Writes bench/results/testbed_diagnosis[_TAG].md.
+With ``--run``, a finished CoFT run folder on the same test bed, the same head is also trained on
+that run's clean set S1: with the run's pseudo-labels (what phase II learns from) and with the same
+images' TRUE labels (what a perfect filter would give), which says how much the filter's label noise
+costs. Writes bench/results/testbed_diagnosis[_TAG].md.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 from pathlib import Path
 
 import torch
@@ -39,15 +44,42 @@ def head_accuracy(train_x, train_y, text, scale, test_x, test_y, steps=300, lr=1
         return ((test_x @ F.normalize(weight, dim=1).T).argmax(1) == test_y).double().mean().item()
 
 
+def clean_set_of_run(run: Path, pool_paths, names):
+    """(pool rows, pseudo-labels, final acc1) of a CoFT run's clean set S1, the rows indexing
+    ``pool_paths`` (the frozen features' order)."""
+    table = run / "pseudo_labels.csv"
+    if not table.is_file():
+        raise SystemExit(f"{run}: no pseudo_labels.csv (is it a finished run folder?)")
+    position = {str(Path(p).resolve()): i for i, p in enumerate(pool_paths)}
+    class_index = {name: i for i, name in enumerate(names)}
+    rows, labels = [], []
+    with open(table, newline="") as handle:
+        for record in csv.DictReader(handle):
+            if record["kept1"] != "1":
+                continue
+            path = str(Path(record["path"]).resolve())
+            if path not in position:
+                raise SystemExit(f"{table}: {record['path']} is not an image of cifar10/pool")
+            rows.append(position[path])
+            labels.append(class_index[record["model1_label"]])
+    if not rows:
+        raise SystemExit(f"{table}: no kept1 rows (only CoFT and CoFT+ runs have a clean set)")
+    final = json.loads((run / "metrics.json").read_text())["final"]["acc1"]
+    return torch.tensor(rows), torch.tensor(labels), final
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", required=True, help="a built test-bed folder")
+    parser.add_argument("--run", action="append", default=[],
+                        help="a finished CoFT run folder on this test bed (repeatable)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     root = data_root() / "cifar10"
-    features = frozen_features(args.testbed, root)
+    paths = {}
+    features = frozen_features(args.testbed, root, paths)
     (pool_x, pool_y), (test_x, test_y) = features["pool"], features["test"]
     clip = load_clip(f"local-dir:{args.testbed}")
     names = [line for line in (Path(args.testbed) / "classes.txt").read_text().splitlines() if line]
@@ -71,14 +103,26 @@ def main() -> None:
         rows_out.append((f"{k} true labels per class (oracle)", len(rows), "100 %", accuracy(rows, pool_y[rows])))
     everything = torch.arange(len(pool_y))
     rows_out.append(("all true labels of the pool (oracle)", len(everything), "100 %", accuracy(everything, pool_y)))
+    run_notes = []
+    for run in args.run:
+        rows, pseudo, final = clean_set_of_run(Path(run), paths["pool"], names)
+        precision = (pseudo == pool_y[rows]).double().mean().item()
+        rows_out.append((f"clean set S1 of {run}, its pseudo-labels", len(rows), f"{100 * precision:.1f} %",
+                         accuracy(rows, pseudo)))
+        rows_out.append((f"clean set S1 of {run}, TRUE labels (perfect filter)", len(rows), "100 %",
+                         accuracy(rows, pool_y[rows])))
+        run_notes.append(f"{run}: its phase II (full fine-tuning on S1's pseudo-labels) scored {100 * final:.2f} %.")
 
+    command = "python bench/diagnose_testbed.py --testbed DIR" + " --run RUN_DIR" * len(args.run)
     lines = [f"# What a few labels teach the test bed's features ({args.testbed})", "",
-             "`python bench/diagnose_testbed.py --testbed DIR" + (f" --tag {args.tag}" if args.tag else "") + "`. "
+             f"`{command}" + (f" --tag {args.tag}" if args.tag else "") + "`. "
              "A linear head started from the zero-shot classifier, trained on frozen cifar10/pool features "
              "(Adam, 300 full-batch steps), scored on cifar10/test.", "",
              "| training labels | images | label precision | test top-1 |", "|---|---|---|---|"]
     for name, count, precision, acc in rows_out:
         lines.append(f"| {name} | {count} | {precision} | {100 * acc:.2f} % |")
+    if run_notes:
+        lines += [""] + run_notes
     settings = testbed_settings(args.testbed)
     if settings:
         lines += ["", f"Test bed: {settings}."]
