@@ -11,7 +11,8 @@ zero-shot, phase I cannot label the pool much better than zero-shot did, and nei
 With ``--run``, a finished CoFT run folder on the same test bed, the same head is also trained on
 that run's clean set S1: with the run's pseudo-labels (what phase II learns from) and with the same
 images' TRUE labels (what a perfect filter would give), which says how much the filter's label noise
-costs. Writes bench/results/testbed_diagnosis[_TAG].md.
+costs, and how well the filter's clean probabilities rank model 1's labels (ROC AUC) next to
+zero-shot confidence ranking zero-shot labels. Writes bench/results/testbed_diagnosis[_TAG].md.
 """
 from __future__ import annotations
 
@@ -44,28 +45,41 @@ def head_accuracy(train_x, train_y, text, scale, test_x, test_y, steps=300, lr=1
         return ((test_x @ F.normalize(weight, dim=1).T).argmax(1) == test_y).double().mean().item()
 
 
-def clean_set_of_run(run: Path, pool_paths, names):
-    """(pool rows, pseudo-labels, final acc1) of a CoFT run's clean set S1, the rows indexing
-    ``pool_paths`` (the frozen features' order)."""
+def read_run(run: Path, pool_paths, names) -> dict:
+    """A finished CoFT run's per-image labels, in the frozen features' row order ("rows" maps the
+    run's pool positions to feature rows), its filter's clean probabilities and its final acc1."""
     table = run / "pseudo_labels.csv"
     if not table.is_file():
         raise SystemExit(f"{run}: no pseudo_labels.csv (is it a finished run folder?)")
     position = {str(Path(p).resolve()): i for i, p in enumerate(pool_paths)}
     class_index = {name: i for i, name in enumerate(names)}
-    rows, labels = [], []
+    columns = {"rows": [], "zero_shot": [], "confidence": [], "model1": [], "kept1": []}
     with open(table, newline="") as handle:
         for record in csv.DictReader(handle):
-            if record["kept1"] != "1":
-                continue
             path = str(Path(record["path"]).resolve())
             if path not in position:
                 raise SystemExit(f"{table}: {record['path']} is not an image of cifar10/pool")
-            rows.append(position[path])
-            labels.append(class_index[record["model1_label"]])
-    if not rows:
-        raise SystemExit(f"{table}: no kept1 rows (only CoFT and CoFT+ runs have a clean set)")
-    final = json.loads((run / "metrics.json").read_text())["final"]["acc1"]
-    return torch.tensor(rows), torch.tensor(labels), final
+            if not record["model1_label"]:
+                raise SystemExit(f"{table}: no model1_label (only CoFT and CoFT+ runs have a clean set)")
+            columns["rows"].append(position[path])
+            columns["zero_shot"].append(class_index[record["zero_shot_label"]])
+            columns["confidence"].append(float(record["zero_shot_confidence"]))
+            columns["model1"].append(class_index[record["model1_label"]])
+            columns["kept1"].append(record["kept1"] == "1")
+    out = {name: torch.tensor(values) for name, values in columns.items()}
+    # The filter checkpoint holds model 2's clean probability of each model-1 label, by run position.
+    checkpoint = torch.load(run / "checkpoints" / "filter.pt", weights_only=False)
+    out["p_clean1"] = torch.empty(len(out["rows"]))
+    out["p_clean1"][checkpoint["positions"]] = checkpoint["result"]["p_clean1"].float()
+    out["final"] = json.loads((run / "metrics.json").read_text())["final"]["acc1"]
+    return out
+
+
+def ranking_auc(score: torch.Tensor, correct: torch.Tensor) -> float:
+    """Probability that a correct label scores above a wrong one (ROC AUC, ties counted half)."""
+    good, bad = score[correct].double(), score[~correct].double()
+    above = (good[:, None] > bad[None, :]).double().sum() + 0.5 * (good[:, None] == bad[None, :]).double().sum()
+    return (above / (len(good) * len(bad))).item()
 
 
 def main() -> None:
@@ -105,13 +119,21 @@ def main() -> None:
     rows_out.append(("all true labels of the pool (oracle)", len(everything), "100 %", accuracy(everything, pool_y)))
     run_notes = []
     for run in args.run:
-        rows, pseudo, final = clean_set_of_run(Path(run), paths["pool"], names)
-        precision = (pseudo == pool_y[rows]).double().mean().item()
+        labels = read_run(Path(run), paths["pool"], names)
+        truth = pool_y[labels["rows"]]
+        kept = labels["kept1"]
+        rows, pseudo = labels["rows"][kept], labels["model1"][kept]
+        precision = (pseudo == truth[kept]).double().mean().item()
         rows_out.append((f"clean set S1 of {run}, its pseudo-labels", len(rows), f"{100 * precision:.1f} %",
                          accuracy(rows, pseudo)))
         rows_out.append((f"clean set S1 of {run}, TRUE labels (perfect filter)", len(rows), "100 %",
                          accuracy(rows, pool_y[rows])))
-        run_notes.append(f"{run}: its phase II (full fine-tuning on S1's pseudo-labels) scored {100 * final:.2f} %.")
+        filter_auc = ranking_auc(labels["p_clean1"], labels["model1"] == truth)
+        zero_shot_auc = ranking_auc(labels["confidence"], labels["zero_shot"] == truth)
+        run_notes.append(f"{run}: its phase II (full fine-tuning on S1's pseudo-labels) scored "
+                         f"{100 * labels['final']:.2f} %. How well scores rank labels (ROC AUC of correct "
+                         f"against wrong): model 2's clean probability of model 1's labels {filter_auc:.3f}, "
+                         f"zero-shot confidence of zero-shot labels {zero_shot_auc:.3f}.")
 
     command = "python bench/diagnose_testbed.py --testbed DIR" + " --run RUN_DIR" * len(args.run)
     lines = [f"# What a few labels teach the test bed's features ({args.testbed})", "",
