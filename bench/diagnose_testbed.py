@@ -68,8 +68,11 @@ def read_run(run: Path, pool_paths, names) -> dict:
             columns["kept1"].append(record["kept1"] == "1")
     out = {name: torch.tensor(values) for name, values in columns.items()}
     # The filter checkpoint holds model 2's clean probability of each model-1 label, by run position.
-    checkpoint = torch.load(run / "checkpoints" / "filter.pt", weights_only=False)
-    out["p_clean1"] = torch.empty(len(out["rows"]))
+    checkpoint_file = run / "checkpoints" / "filter.pt"
+    if not checkpoint_file.is_file():
+        raise SystemExit(f"{run}: no {checkpoint_file.name} in checkpoints/ (did the run reach the filter?)")
+    checkpoint = torch.load(checkpoint_file, weights_only=False)
+    out["p_clean1"] = torch.full((len(out["rows"]),), float("nan"))
     out["p_clean1"][checkpoint["positions"]] = checkpoint["result"]["p_clean1"].float()
     out["final"] = json.loads((run / "metrics.json").read_text())["final"]["acc1"]
     return out
@@ -128,7 +131,8 @@ def main() -> None:
                          accuracy(rows, pseudo)))
         rows_out.append((f"clean set S1 of {run}, TRUE labels (perfect filter)", len(rows), "100 %",
                          accuracy(rows, pool_y[rows])))
-        filter_auc = ranking_auc(labels["p_clean1"], labels["model1"] == truth)
+        scored = labels["p_clean1"].isfinite()  # images the run could not read have no score
+        filter_auc = ranking_auc(labels["p_clean1"][scored], (labels["model1"] == truth)[scored])
         zero_shot_auc = ranking_auc(labels["confidence"], labels["zero_shot"] == truth)
         run_notes.append(f"{run}: its phase II (full fine-tuning on S1's pseudo-labels) scored "
                          f"{100 * labels['final']:.2f} %. How well scores rank labels (ROC AUC of correct "
