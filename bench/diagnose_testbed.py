@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from coft_fast.models import load_clip
 from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.selection import select_top_k
+from coft_fast.runtime.checkpoint import load_state
 from coft_fast.runtime.io import atomic_write_text
 
 from common import RESULTS, data_root, frozen_features, machine, testbed_settings
@@ -67,11 +68,10 @@ def read_run(run: Path, pool_paths, names) -> dict:
             columns["model1"].append(class_index[record["model1_label"]])
             columns["kept1"].append(record["kept1"] == "1")
     out = {name: torch.tensor(values) for name, values in columns.items()}
-    # The filter checkpoint holds model 2's clean probability of each model-1 label, by run position.
-    checkpoint_file = run / "checkpoints" / "filter.pt"
-    if not checkpoint_file.is_file():
-        raise SystemExit(f"{run}: no {checkpoint_file.name} in checkpoints/ (did the run reach the filter?)")
-    checkpoint = torch.load(checkpoint_file, weights_only=False)
+    # The filter stage holds model 2's clean probability of each model-1 label, by run position.
+    checkpoint = load_state(run / "checkpoints" / "filter.pt")
+    if checkpoint is None:
+        raise SystemExit(f"{run}: no filter stage in checkpoints/ (did the run reach the filter?)")
     out["p_clean1"] = torch.full((len(out["rows"]),), float("nan"))
     out["p_clean1"][checkpoint["positions"]] = checkpoint["result"]["p_clean1"].float()
     out["final"] = json.loads((run / "metrics.json").read_text())["final"]["acc1"]
@@ -80,9 +80,10 @@ def read_run(run: Path, pool_paths, names) -> dict:
 
 def ranking_auc(score: torch.Tensor, correct: torch.Tensor) -> float:
     """Probability that a correct label scores above a wrong one (ROC AUC, ties counted half)."""
-    good, bad = score[correct].double(), score[~correct].double()
-    above = (good[:, None] > bad[None, :]).double().sum() + 0.5 * (good[:, None] == bad[None, :]).double().sum()
-    return (above / (len(good) * len(bad))).item()
+    good, bad = score[correct].double(), score[~correct].double().sort().values
+    below = torch.searchsorted(bad, good, right=False)  # wrong labels scored strictly lower
+    not_above = torch.searchsorted(bad, good, right=True)  # ... lower or equal
+    return ((below + not_above).double().sum() / (2 * len(good) * len(bad))).item()
 
 
 def main() -> None:

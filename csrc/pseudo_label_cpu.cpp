@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pseudo_label_stats_cp
         for (int64_t r = N * chunk / chunks; r < row_end; ++r) {
           const float* ahead = nullptr;
           if (r + kPrefetchRows < row_end) {
-            if (std::is_same_v<scalar_t, float>) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
               ahead = reinterpret_cast<const float*>(x + (r + kPrefetchRows) * C);
             } else {
               prefetch_row(x + (r + kPrefetchRows) * C, C);
