@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP
-from tqdm.auto import tqdm
+from coft_fast.runtime.progress import progress_bar
 
 from coft_fast.config import TestbedConfig
 from coft_fast.data import ImageSource, decode_rgb
@@ -90,7 +90,7 @@ def decode_labelled_images(source: ImageSource, image_size: int, progress: bool 
     from PIL import Image
 
     images, labels = [], []
-    for path, label in tqdm(list(zip(source.paths, source.labels)), desc="reading images", disable=not progress, leave=False):
+    for path, label in progress_bar(list(zip(source.paths, source.labels)), desc="reading images", disable=not progress, leave=False):
         try:
             image = decode_rgb(path)
         except Exception as exc:
@@ -138,7 +138,7 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
     normalised = _normalise(images)
     pad = max(1, cfg.image_size // 8)
     correct = seen = 0
-    bar = tqdm(total=cfg.image_epochs * steps_per_epoch, desc="test bed: image tower", disable=not progress, leave=False)
+    bar = progress_bar(total=cfg.image_epochs * steps_per_epoch, desc="test bed: image tower", disable=not progress, leave=False)
     for epoch in range(cfg.image_epochs):
         order = torch.randperm(len(images), generator=generator)
         correct = seen = 0
@@ -214,7 +214,7 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
     num_classes = len(class_names)
     max_logit_scale = math.log(100.0)
     model.train()
-    bar = tqdm(range(cfg.text_steps), desc="test bed: text tower", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.text_steps), desc="test bed: text tower", disable=not progress, leave=False)
     loss = torch.tensor(0.0)
     for _ in bar:
         batch = torch.randint(0, len(features), (cfg.text_batch_size,), generator=generator)

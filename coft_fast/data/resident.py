@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from tqdm.auto import tqdm
+from coft_fast.runtime.progress import progress_bar
 
 from coft_fast.data.loading import epoch_order, iterate_batches
 from coft_fast.data.sources import ImageSource
@@ -44,7 +44,7 @@ class ResidentImages:
             T.PILToTensor(),
         ])
         chunks, positions = [], []
-        bar = tqdm(total=len(indices), desc="decoding into memory", unit="img", disable=not progress, leave=False)
+        bar = progress_bar(total=len(indices), desc="decoding into memory", unit="img", disable=not progress, leave=False)
         for batch in iterate_batches(source, base, batch_size, num_workers, indices):
             chunks.append(batch.images)
             positions.append(batch.indices)

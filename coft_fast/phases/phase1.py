@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from coft_fast.runtime.progress import progress_bar
 
 from coft_fast import ops
 from coft_fast.config import Phase1Config
@@ -132,7 +132,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
     forward = data_parallel(PromptTraining(model), device, find_unused_parameters=cfg.lam == 0)
-    bar = tqdm(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
         complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
@@ -192,7 +192,7 @@ def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indic
     per_model: List[List[torch.Tensor]] = [[] for _ in models]
     positions = []
     total = len(source) if indices is None else len(indices)
-    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
     for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
         images = batch.images.to(device, non_blocking=True)
         for store, model in zip(per_model, models):

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from coft_fast.runtime.progress import progress_bar
 
 from coft_fast.config import Phase2Config
 from coft_fast.data import ImageSource
@@ -183,7 +183,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase II {tag}")
     forward = data_parallel(Phase2Training(classifier, encoder, contrastive.module if contrastive else None), device)
-    bar = tqdm(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
         # (cross-entropy, contrastive) summed over batches, each a batch mean times the batch size:
@@ -263,7 +263,7 @@ def classifier_logits(classifier: nn.Module, source: ImageSource, preprocess, de
     forward = torch.compile(classifier) if compile_model else classifier
     logits, positions = [], []
     total = len(source) if indices is None else len(indices)
-    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
     for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
         images = batch.images.to(device, non_blocking=True)
         with autocast(precision, device):

@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from coft_fast.runtime.progress import progress_bar
 
 from coft_fast.data import ImageSource, iterate_batches
 from coft_fast.models import ClipModel
@@ -58,7 +58,7 @@ def encode_images(
     features: List[torch.Tensor] = []
     positions: List[torch.Tensor] = []
     total = len(source) if indices is None else len(indices)
-    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
     pin = device.type == "cuda"
     encode = torch.compile(clip.model.encode_image) if compile_model else clip.model.encode_image
     for batch in iterate_batches(source, clip.preprocess_eval, batch_size, num_workers, indices, pin_memory=pin):

@@ -1,0 +1,66 @@
+"""Progress bars that fit where they go: tqdm on a terminal, one plain line every few seconds elsewhere.
+
+Redirected to a log file or a CI console, a tqdm bar writes a carriage-return redraw many times a
+second (megabytes for a long stage). When the stream is not a terminal, :func:`progress_bar`
+writes one newline-terminated line at most every ``COFT_PROGRESS_SECONDS`` seconds (default 10)
+and a last line when the bar closes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm as terminal_tqdm
+from tqdm.std import tqdm as plain_tqdm
+
+LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %) [{elapsed}<{remaining}, {rate_fmt}]"
+LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}]"
+
+
+def line_seconds() -> float:
+    """Seconds between two progress lines when the output is not a terminal."""
+    raw = os.environ.get("COFT_PROGRESS_SECONDS", "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"COFT_PROGRESS_SECONDS must be a number of seconds, got {raw!r}") from None
+    return max(seconds, 0.0)
+
+
+def is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or stream-like objects without isatty
+        return False
+
+
+class LineProgress(plain_tqdm):
+    """tqdm's counting and rate, displayed as whole lines (no redraws), at most one per interval."""
+
+    def __init__(self, *args, **kwargs):
+        self._shown_n = None
+        total = kwargs.get("total")
+        if total is None and args and hasattr(args[0], "__len__"):
+            total = len(args[0])
+        kwargs.setdefault("bar_format", LINE_FORMAT if total else LINE_FORMAT_NO_TOTAL)
+        kwargs["mininterval"] = line_seconds()
+        kwargs["miniters"] = 1
+        kwargs["dynamic_ncols"] = False
+        kwargs["leave"] = False  # lines stay written anyway; no blank line or redraw at the end
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        # msg == "" is tqdm's request to erase the bar on close: write the last count instead
+        if self.n != self._shown_n:
+            self._shown_n = self.n
+            self.fp.write(self.__str__() + "\n")
+            self.fp.flush()
+        return msg != ""  # False: tqdm writes no carriage return after the erase
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar for a terminal; elsewhere a :class:`LineProgress`. Takes tqdm's arguments."""
+    stream = kwargs.get("file") or sys.stderr
+    if kwargs.get("disable") or is_terminal(stream):
+        return terminal_tqdm(iterable, **kwargs)
+    return LineProgress(iterable, **kwargs)
