@@ -3,7 +3,7 @@
     python bench/phase1_variants.py --testbed DIR [--variant NAME=key=value,key=value ...]
 
 S* is the default top-K selection of zero-shot pseudo-labels on cifar10/pool; each variant trains
-one phase-I model (seed 1) on it with the default config plus its overrides, then scores its
+one phase-I model (seed 1) on it with the `testbed` recipe plus its overrides, then scores its
 positive prompts on cifar10/test. Zero-shot is the baseline in the same run. Writes
 bench/results/phase1_variants.md.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from coft_fast.config import Config
+from coft_fast.config import Config, load_recipe
 from coft_fast.data import from_folder
 from coft_fast.data.resident import ResidentImages, preprocess_stats
 from coft_fast.models import load_clip
@@ -58,7 +58,7 @@ def main() -> None:
     results = [("zero-shot (baseline)", "-", accuracy(test_features, text, test_labels), None)]
     for spec in args.variant or DEFAULT_VARIANTS:
         name, _, overrides = spec.partition("=")
-        cfg = Config().override([o for o in overrides.split(",") if o]).validate()
+        cfg = load_recipe("testbed").config().override([o for o in overrides.split(",") if o]).validate()
         model = make_prompt_model(clip, names, cfg.phase1, cfg.phase1.seeds[0], device)
         started = time.perf_counter()
         train_phase1(model, images, torch.arange(len(selection.rows)), selection.labels, cfg.phase1,
@@ -73,7 +73,8 @@ def main() -> None:
     lines = [f"# Phase I variants on the test bed ({Path(args.testbed).name})", "",
              f"`python bench/phase1_variants.py --testbed DIR`. S*: top-{Config().pseudo.top_k} zero-shot "
              f"pseudo-labels of cifar10/pool ({len(selection.rows)} images); one model (seed "
-             f"{Config().phase1.seeds[0]}) per variant; top-1 of its positive prompts on cifar10/test.", "",
+             f"{Config().phase1.seeds[0]}) per variant, recipe testbed plus its overrides; top-1 of its positive prompts "
+             "on cifar10/test.", "",
              "| variant | overrides | test top-1 | training seconds |", "|---|---|---|---|"]
     lines += [f"| {n} | {o} | {100 * a:.2f} % | {'-' if s is None else f'{s:.0f}'} |" for n, o, a, s in results]
     lines += ["", f"Machine: {machine()}.", ""]

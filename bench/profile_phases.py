@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from coft_fast import ops
-from coft_fast.config import Config
+from coft_fast.config import Config, load_recipe
 from coft_fast.data import from_folder
 from coft_fast.data.resident import ResidentImages, preprocess_stats
 from coft_fast.data.streaming import StreamedImages
@@ -147,12 +147,13 @@ def main() -> None:
         source = pool.subset(order[:count])
         labels = torch.tensor(source.labels)
         for name, overrides in CONFIGS.items():
-            cfg = Config().override(overrides).validate()
+            cfg = load_recipe("testbed").config().override(overrides).validate()
             results[(phase, name)] = run(cfg, clip, source, labels, args.steps, device)
             print(phase, name, {k: round(v, 1) for k, v in results[(phase, name)].items()}, flush=True)
     lines = [f"# Where a training step's time goes ({machine()})", "",
              f"`python bench/profile_phases.py` with {model}, {args.steps} timed steps each after 3 warm-up steps; "
-             f"milliseconds per step (batch: phase I {Config().phase1.batch_size}, phase II {Config().phase2.batch_size}). "
+             f"milliseconds per step (recipe testbed; batch: phase I {load_recipe('testbed').config().phase1.batch_size}, "
+             f"phase II {Config().phase2.batch_size}). "
              "Data includes each epoch's DataLoader start-up when images are decoded per epoch. Phase II has no "
              "text encoder (its head starts from the zero-shot text embeddings, computed once).", "",
              "| phase | config | " + " | ".join(PARTS) + " | total | data share |", "|" + "---|" * (len(PARTS) + 4)]

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-from coft_fast.config import Config, ConfigError, set_value
+from coft_fast.config import Config, ConfigError, apply_file, load_recipe, resolve_auto, set_value
 from coft_fast.data import ImageSource, load_source
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
-from coft_fast.pseudo import ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo import ZeroShotResult, class_name_mapping, class_prompts, prompt_names, templates_record, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.runtime import distributed
 from coft_fast.runtime.device import resolve_device, seed_everything
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
@@ -26,20 +26,27 @@ PathLike = Union[str, os.PathLike]
 UNSET = object()
 
 
-def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (), **fields) -> Config:
-    """A validated Config: a copy of ``config`` (object or YAML path), then ``overrides`` ("a.b=v"),
-    then the explicit ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``)."""
-    if config is None:
-        cfg = Config()
-    elif isinstance(config, Config):
+def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
+                   recipe: Optional[PathLike] = None, command: str = "train", **fields) -> Config:
+    """A validated Config, each layer over the one before: the defaults, the ``recipe`` (a name from
+    `coft-fast recipes` or a recipe file), ``config`` (a YAML file; or a Config object, which replaces
+    the defaults and cannot be combined with a recipe), ``overrides`` ("a.b=v"), then the explicit
+    ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``). Values that depend
+    on others (``zeroshot.templates=auto``, an unset ``phase2.pretrained``) are resolved for ``command``."""
+    if isinstance(config, Config):
+        if recipe is not None:
+            raise ConfigError("give a recipe or a Config object, not both (a recipe's Config is "
+                              "coft_fast.config.load_recipe(name).config())")
         cfg = copy.deepcopy(config)
     else:
-        cfg = Config.load(config)
+        cfg = load_recipe(recipe).config() if recipe is not None else Config()
+        if config is not None:
+            apply_file(cfg, config)
     cfg.override(list(overrides))
     for key, value in fields.items():
         if value is not UNSET:
             set_value(cfg, key.replace("__", "."), value)
-    return cfg.validate()
+    return resolve_auto(cfg.validate(), command)
 
 
 def _pretrained_value(pretrained):
@@ -65,15 +72,17 @@ def zeroshot(
     out: Optional[PathLike] = UNSET,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
+    recipe: Optional[PathLike] = None,
 ) -> ZeroShotResult:
     """Zero-shot CLIP classification of ``images`` into ``classes``.
 
     ``images`` is a class-folder tree, a flat folder, a CSV (``path[,label]``) or a CoOp split JSON;
     ``classes`` a list of names or a text file (one per line; optional for class folders).
-    With ``out``, writes ``predictions.csv``, ``metrics.json`` (when labels exist) and ``config.yaml``.
+    With ``out``, writes ``predictions.csv``, ``metrics.json`` (when labels exist), ``class_names.json``
+    and ``config.yaml``. ``recipe``: a named recipe under ``config`` (see ``resolve_config``).
     """
     cfg = resolve_config(
-        config, overrides, model__name=model, model__pretrained=_pretrained_value(pretrained),
+        config, overrides, recipe=recipe, command="zeroshot", model__name=model, model__pretrained=_pretrained_value(pretrained),
         zeroshot__templates=templates, run__out_dir=UNSET if out is UNSET else (out and str(out)),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
@@ -94,6 +103,7 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
+        atomic_write_json(out_dir / "class_names.json", class_name_mapping(source.class_names))
     text = class_text_embeddings(clip, prompts, source.class_names, device, cfg.model.precision)
     features, positions = encode_images(
         clip, source, device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
@@ -103,7 +113,8 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
     result = ZeroShotResult(source, positions, probabilities, text.cpu(), features)
     if not len(positions):
         raise RuntimeError(f"{source.origin}: none of the {len(source)} images could be decoded")
-    metrics = {"num_images": int(len(positions)), "num_skipped": len(source.skipped)}
+    metrics = {"num_images": int(len(positions)), "num_skipped": len(source.skipped),
+               "templates": templates_record(cfg.zeroshot.templates)}
     if source.has_labels:
         metrics.update(classification_metrics(probabilities, result.labels))
     metrics["seconds"] = time.perf_counter() - started
@@ -136,6 +147,7 @@ def testbed(
     seed: int = UNSET,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
+    recipe: Optional[PathLike] = None,
 ) -> dict:
     """Build the offline test-bed model from labelled images into ``out`` (an open_clip local-dir folder).
 
@@ -143,7 +155,7 @@ def testbed(
     """
     from coft_fast.testbed import build_testbed
 
-    cfg = resolve_config(config, overrides, testbed__per_class=per_class, seed=seed, run__out_dir=str(out))
+    cfg = resolve_config(config, overrides, recipe=recipe, testbed__per_class=per_class, seed=seed, run__out_dir=str(out))
     source = load_images(images, classes, cfg)
     if cfg.testbed.per_class is not None:
         source = first_per_class(source, cfg.testbed.per_class)
@@ -170,9 +182,12 @@ def first_per_class(source: ImageSource, per_class: int) -> ImageSource:
     return source.subset(keep)
 
 
-def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, overrides: Iterable[str] = ()) -> dict:
+def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, overrides: Iterable[str] = (),
+         recipe: Optional[PathLike] = "testbed") -> dict:
     """The offline demo: scikit-learn's digits as image folders, a test bed pre-trained on 40 % of
-    them, then CoFT on a 30 % unlabelled pool, evaluated on the last 30 %. Returns the run's metrics."""
+    them, then CoFT on a 30 % unlabelled pool, evaluated on the last 30 %. Returns the run's metrics.
+    It runs the ``testbed`` recipe (the settings tuned on the test beds) unless ``recipe`` names
+    another (None: the defaults, the paper's)."""
     import shutil
 
     from coft_fast.data.demo import digit_class_names, write_digits
@@ -180,7 +195,8 @@ def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, over
 
     out_dir = Path(out)
     folders = write_digits(out_dir / "data", image_size=digits_config().image_size, seed=seed)
-    base = Config(seed=seed)
+    base = load_recipe(recipe).config() if recipe is not None else Config()
+    base.seed = seed
     base.testbed = digits_config()
     base.run.progress = progress
     base.data.num_workers = 0
@@ -241,15 +257,17 @@ class TrainResult:
             source = ImageSource([str(p) for p in images], [-1] * len(images), self.class_names, "image list")
         else:
             source = load_images(images, self.class_names, self._cfg)
-        total = None
-        for classifier in self._classifiers.values():
-            logits, positions = classifier_logits(classifier, source, self._preprocess, self._device,
-                                                  self._cfg.model.precision, self._cfg.data.batch_size,
-                                                  self._cfg.data.num_workers, progress=False)
-            probabilities = logits.softmax(1)
-            total = probabilities if total is None else total + probabilities
-        total = total / len(self._classifiers)
-        return PredictionResult([source.paths[i] for i in positions.tolist()], total, self.class_names)
+        from coft_fast.pipeline import ensemble_logits, check_same_positions
+
+        all_logits, positions = [], None
+        for classifier in self._classifiers.values():  # train_on=both: the logit ensemble of the two heads
+            logits, found = classifier_logits(classifier, source, self._preprocess, self._device,
+                                              self._cfg.model.precision, self._cfg.data.batch_size,
+                                              self._cfg.data.num_workers, progress=False)
+            positions = found if positions is None else check_same_positions(found, positions, source.origin)
+            all_logits.append(logits)
+        probabilities = ensemble_logits(all_logits).softmax(1)
+        return PredictionResult([source.paths[i] for i in positions.tolist()], probabilities, self.class_names)
 
 
 def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
@@ -279,18 +297,20 @@ def train(
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     resume: bool = False,
+    recipe: Optional[PathLike] = None,
 ) -> TrainResult:
     """Adapt CLIP to ``classes`` on the unlabelled ``images`` (CoFT by default; see ``method``).
 
     Labels the images carry (class sub-folders) are used only for diagnostics. With ``eval_images``
     (labelled), zero-shot and final accuracy are measured there. With ``out``, the run folder gets
     metrics.json, pseudo_labels.csv, config.yaml, checkpoints, TensorBoard logs and plots, and a
-    killed run continues with ``resume=True``.
+    killed run continues with ``resume=True``. ``recipe``: a named recipe (`coft-fast recipes`) under
+    ``config`` and ``overrides``; the defaults are the paper's (``paper-coft``).
     """
     from coft_fast.pipeline import CoftRun
 
     cfg = resolve_config(
-        config, overrides, model__name=model, model__pretrained=_pretrained_value(pretrained), method=method,
+        config, overrides, recipe=recipe, model__name=model, model__pretrained=_pretrained_value(pretrained), method=method,
         run__out_dir=UNSET if out is UNSET else (out and str(out)),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
@@ -328,7 +348,7 @@ def train(
                  if distributed.world_size() > 1 else "")
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
         if cfg.method in ("coft", "coft+"):  # fail before any image is scored (zero-shot templates are checked first thing)
-            check_dual_prompts_fit(clip.tokenizer, pool.class_names, cfg.phase1.n_ctx, clip.context_length)
+            check_dual_prompts_fit(clip.tokenizer, prompt_names(pool.class_names), cfg.phase1.n_ctx, clip.context_length)
         run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
         try:
             sets, clip2 = run.execute()

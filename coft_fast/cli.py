@@ -15,6 +15,9 @@ log = logging.getLogger("coft_fast")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", metavar="NAME",
+                        help="a named recipe (`coft-fast recipes` lists them) or a recipe .yaml file; "
+                             "precedence: defaults < --recipe < --config < --set")
     parser.add_argument("--config", help="YAML config file (see `coft-fast config` for the defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 (repeatable)")
@@ -83,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
     tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
-    cf = commands.add_parser("config", help="print the default config as YAML (with --config/--set applied)")
+    cf = commands.add_parser("config", help="print the default config as YAML (with --recipe/--config/--set applied)")
     _common(cf)
+
+    commands.add_parser("recipes", help="list the named recipes (--recipe NAME), one line each")
     return parser
 
 
@@ -111,6 +116,8 @@ def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "templates":
         return _templates_command(args)
+    if args.command == "recipes":
+        return _recipes_command()
     from coft_fast import api
     from coft_fast.runtime.logs import log_to_console
 
@@ -123,19 +130,23 @@ def run(argv: Optional[List[str]] = None) -> int:
     if args.command == "config":
         import yaml
 
-        print(yaml.safe_dump(api.resolve_config(args.config, overrides).to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(api.resolve_config(args.config, overrides, recipe=args.recipe).to_dict(), sort_keys=False),
+              end="")
         return 0
     if args.command == "zeroshot":
-        result = api.zeroshot(args.images, args.classes, config=args.config, overrides=overrides, out=args.out)
+        result = api.zeroshot(args.images, args.classes, config=args.config, overrides=overrides, out=args.out,
+                              recipe=args.recipe)
         _print_metrics("zero-shot", result.metrics)
         print(f"predictions: {args.out}/predictions.csv")
     elif args.command == "testbed":
-        report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides)
+        report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides,
+                             recipe=args.recipe)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
     elif args.command == "train":
         try:
             result = api.train(args.images, args.classes, eval_images=args.eval_images, config=args.config,
+                               recipe=args.recipe,
                                overrides=overrides, out=args.out, resume=args.resume)
         finally:
             distributed.shutdown()
@@ -145,11 +156,24 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
-        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides)
-        print("demo: CoFT on scikit-learn's digits with the offline test-bed model")
+        recipe = args.recipe or "testbed"
+        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides, recipe=recipe)
+        print(f"demo: CoFT on scikit-learn's digits with the offline test-bed model, recipe {recipe}")
         _print_train_summary(metrics)
         print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "
               f"(outputs in {args.out}/)")
+    return 0
+
+
+def _recipes_command() -> int:
+    """`coft-fast recipes`: every named recipe, one line each."""
+    from coft_fast.config import list_recipes
+
+    recipes = list_recipes()
+    width = max(len(recipe.name) for recipe in recipes)
+    for recipe in recipes:
+        print(f"{recipe.name:<{width}}  v{recipe.version}  {recipe.summary}")
+    print("use: coft-fast train --recipe NAME ...; coft-fast config --recipe NAME prints one")
     return 0
 
 

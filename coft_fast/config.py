@@ -12,6 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
@@ -62,9 +63,12 @@ class DataConfig:
 
 @dataclass
 class ZeroShotConfig:
-    # "single" ("a photo of a {}."), "ensemble" (CLIP's 80 ImageNet templates), or a JSON file:
-    # a list of templates with "{}" for the class name, or a mapping class -> list of sentences.
-    templates: str = "ensemble"
+    # "single" ("a photo of a {}."), "ensemble" (CLIP's 80 ImageNet templates), a JSON file (a list
+    # of templates with "{}" for the class name, or a mapping class -> list of sentences), or "auto",
+    # resolved before the config is printed or saved: the paper's hand template ("single") for coft
+    # and self-train; for coft+ (which averages LLM-written templates) the 80-template ensemble when no
+    # file is given, with a warning; "ensemble" for `coft-fast zeroshot` (CLIP's own practice).
+    templates: str = "auto"
 
 
 @dataclass
@@ -79,7 +83,7 @@ class PseudoConfig:
 
 @dataclass
 class Phase1Config:
-    """Prompt tuning of the two models on S* (defaults: DEFT's, the schedule counted in steps)."""
+    """Prompt tuning of the two models on S* (defaults: the paper's, else DeFT's; the schedule counted in steps)."""
 
     # Context vectors per prompt (M), shared by all classes, initialised N(0, init_std).
     n_ctx: int = 16
@@ -94,16 +98,22 @@ class Phase1Config:
     # Optimiser steps: at least `steps`, and at least `min_epochs` passes over S*.
     steps: int = 1000
     min_epochs: int = 10
-    batch_size: int = 32
+    # DeFT's batch (the method doc); the `testbed` recipe uses 32.
+    batch_size: int = 64
     lr: float = 0.03
-    # The visual prompts learn at lr * vpt_lr_scale (the text contexts at lr). Not in the method doc
-    # (DEFT uses one lr); at 1.0 the deep prompts overfit S* on the test bed (bench/phase1_variants.py:
-    # a phase I model scores 43.2 % on cifar10/test at 1.0, 47.4 % at 0.1, zero-shot 42.3 %).
-    vpt_lr_scale: float = 0.1
+    # The visual prompts learn at lr * vpt_lr_scale (the text contexts at lr). 1: one learning rate,
+    # as DeFT. The `testbed` recipe uses 0.1: at 1.0 the deep prompts overfit S* on the test bed
+    # (bench/results/phase1_variants.md: a phase I model scores 43.2 % on cifar10/test at 1.0, 47.4 %
+    # at 0.1, zero-shot 42.3 %).
+    vpt_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 50
-    # Random-resized-crop scale range lower bound for augmentation (1.0 = no crop).
+    # Training augmentation: "deft" (DeFT's transform for both phases: Resize(256) -> RandomCrop(224)
+    # -> horizontal flip for 224-px models, the same ratios for other input sizes) or
+    # "random_resized_crop" (area in [crop_scale_min, 1], aspect 3/4..4/3, flip; the `testbed` recipe).
+    augment: str = "deft"
+    # Random-resized-crop scale range lower bound (augment=random_resized_crop only; 1.0 = no crop).
     crop_scale_min: float = 0.5
     # "joint": positive and negative prompts in one text-encoder call, cut after the last end-of-text
     # token (exact); "separate": two calls over the full context, as the research code does.
@@ -127,7 +137,7 @@ class Phase2Config:
     """Full fine-tuning of a fresh visual encoder plus a linear head on the clean set."""
 
     # Which clean set to train on: "s1" (model 1's labels validated by model 2), "s2", or "both"
-    # (two runs, reported separately and as a logit ensemble).
+    # (two runs, reported separately and as a logit ensemble: the mean of the two heads' logits).
     train_on: str = "s1"
     epochs: int = 10
     batch_size: int = 64
@@ -137,12 +147,16 @@ class Phase2Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
+    # Training augmentation of the labelled images, as phase1.augment (CoFT+'s contrastive views are
+    # always random resized crops with crop_scale_min, as MoCo's).
+    augment: str = "deft"
     crop_scale_min: float = 0.5
     # Logit-adjusted cross-entropy (beyond the paper; Menon et al. 2021): tau * log(prior of the
     # training labels) is added to the logits inside the loss, so classes that the pseudo-labels
-    # under-represent (a biased text side starves tail classes) are not learnt as rare. 1.0 is the
-    # value that targets balanced accuracy; 0: plain cross-entropy (the paper's).
-    logit_adjust: float = 1.0
+    # under-represent (a biased text side starves tail classes) are not learnt as rare. 0: plain
+    # cross-entropy (the paper's Eq. 7, the default); 1.0 targets balanced accuracy (the `testbed`
+    # recipe, bench/results/e2e_cifar10_logit_adjust.md).
+    logit_adjust: float = 0.0
     # "zeroshot": the head starts as the zero-shot classifier (training starts at zero-shot
     # accuracy); "random": a freshly initialised head.
     head_init: str = "zeroshot"
@@ -152,6 +166,8 @@ class Phase2Config:
     knn_k: int = 20
     # Distillation: another open_clip backbone for phase II (None: the phase I model).
     model: Optional[str] = None
+    # Its pre-trained tag or checkpoint. None: model.pretrained when phase2.model has that tag (the
+    # resolved config shows it); otherwise the run stops with an error naming phase2.pretrained.
     pretrained: Optional[str] = None
 
 
@@ -230,6 +246,7 @@ class RunConfig:
 
 
 METHODS = ("coft", "coft+", "self-train")
+AUGMENTATIONS = ("deft", "random_resized_crop")
 
 
 @dataclass
@@ -266,21 +283,7 @@ class Config:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Config":
-        try:
-            with open(path, "r", encoding="utf-8") as handle:
-                data = yaml.safe_load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-        try:
-            return cls.from_dict(data)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return apply_file(cls(), path)
 
     def validate(self) -> "Config":
         """Check values that types alone cannot; returns self."""
@@ -301,6 +304,7 @@ class Config:
                 raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
                    "phase1.text_encoding": ("joint", "separate"),
+                   "phase1.augment": AUGMENTATIONS, "phase2.augment": AUGMENTATIONS,
                    "run.op_backend": ("auto", "reference", "triton", "eager")}
         for key, allowed in choices.items():
             section, name = key.split(".")
@@ -456,3 +460,141 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------- auto values
+def resolve_auto(cfg: Config, command: str = "train") -> Config:
+    """Replace the values that depend on others by what they resolve to (in place; returns ``cfg``),
+    so that a printed or saved config shows what a run uses:
+
+    - ``zeroshot.templates=auto``: "ensemble" for the ``zeroshot`` command and for coft+ (with a
+      warning: the paper's CoFT+ averages LLM-written templates, give them with --templates), else
+      "single" (the paper's hand template);
+    - ``phase2.pretrained`` unset while ``phase2.model`` is another open_clip model: ``model.pretrained``
+      when ``phase2.model`` has that pre-trained tag, else a ConfigError naming ``phase2.pretrained``
+      (a phase II backbone with random weights is never built by accident).
+    """
+    import logging
+
+    if cfg.zeroshot.templates == "auto":
+        if command == "zeroshot":
+            cfg.zeroshot.templates = "ensemble"
+        elif cfg.method == "coft+":
+            logging.getLogger("coft_fast").warning(
+                "method coft+: no --templates file given, so zero-shot pseudo-labels use CLIP's 80-template ensemble; "
+                "the paper's CoFT+ averages LLM-written templates (see `coft-fast templates`)")
+            cfg.zeroshot.templates = "ensemble"
+        else:
+            cfg.zeroshot.templates = "single"
+    phase2 = cfg.phase2
+    if phase2.model and phase2.pretrained is None and not phase2.model.startswith("local-dir:"):
+        inherited = cfg.model.pretrained
+        if inherited is not None:  # model.pretrained=null: the user asked for random weights, kept for both
+            if inherited not in pretrained_tags(phase2.model):
+                raise ConfigError(
+                    f"config key 'phase2.pretrained' is not set and phase2.model={phase2.model!r} has no pre-trained "
+                    f"tag {inherited!r} (model.pretrained) to inherit: set phase2.pretrained to one of its tags "
+                    f"({', '.join(pretrained_tags(phase2.model)) or 'none known'}) or to a checkpoint file")
+            phase2.pretrained = inherited
+    return cfg
+
+
+def pretrained_tags(model_name: str) -> List[str]:
+    """open_clip's pre-trained tags of ``model_name`` (empty for a name it does not know)."""
+    import open_clip
+
+    try:
+        return list(open_clip.list_pretrained_tags_by_model(model_name))
+    except Exception:
+        return []
+
+
+# ---------------------------------------------------------------------------------------- recipes
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPE_KEYS = ("recipe", "version", "summary", "config")
+
+
+@dataclass
+class Recipe:
+    """A named, versioned config shipped with the package (coft_fast/recipes/NAME.yaml): ``config``
+    holds the fields it sets over the defaults, each with a comment saying where its value comes from."""
+
+    name: str
+    version: int
+    summary: str
+    settings: Dict[str, Any]
+    path: Path
+
+    def config(self) -> Config:
+        """The defaults with this recipe's settings applied (validated)."""
+        cfg = Config()
+        try:
+            _update(cfg, self.settings, prefix="")
+            return cfg.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {self.name} ({self.path}): {exc}") from None
+
+
+def recipe_names() -> List[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name: Union[str, os.PathLike]) -> Recipe:
+    """A shipped recipe by name (``paper-coft``), or a recipe file by path (``my-recipe.yaml``)."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPES_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown recipe {str(name)!r}: the recipes are {', '.join(recipe_names())} "
+                              f"(`coft-fast recipes` lists them), or give a recipe file ending in .yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {path} must hold a mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(map(str, data)) - set(RECIPE_KEYS))
+    missing = [key for key in RECIPE_KEYS if key not in data]
+    if unknown or missing:
+        raise ConfigError(f"recipe file {path}: " + "; ".join(
+            ([f"unknown keys {', '.join(unknown)}"] if unknown else []) + ([f"missing keys {', '.join(missing)}"] if missing else [])))
+    settings = data["config"] or {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"recipe file {path}: 'config' must be a mapping of config keys")
+    if not isinstance(data["version"], int) or isinstance(data["version"], bool):
+        raise ConfigError(f"recipe file {path}: 'version' must be an integer, got {data['version']!r}")
+    recipe = Recipe(str(data["recipe"]), data["version"], str(data["summary"]), settings, path)
+    recipe.config()  # fail here, naming the file and key, on a bad field
+    return recipe
+
+
+def list_recipes() -> List[Recipe]:
+    return [load_recipe(name) for name in recipe_names()]
+
+
+def config_file_settings(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The mapping a YAML config file holds (an error naming the file when it is not one)."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_file(cfg: Config, path: Union[str, os.PathLike]) -> Config:
+    """Apply a YAML config file over ``cfg`` (the file's keys win); returns ``cfg``."""
+    data = config_file_settings(path)
+    try:
+        _update(cfg, data, prefix="")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return cfg

@@ -25,12 +25,14 @@ from coft_fast.models.momentum import MomentumContrast
 from coft_fast.neighbors import knn_accuracy, knn_vote
 from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, NormalizedEncoder, build_classifier,
                                      classifier_logits, train_phase2)
-from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
+                              prompt_names, templates_record, zeroshot_probabilities)
 from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
 from coft_fast.runtime.distributed import all_gather_rows, gather_objects, gather_rows, is_main, shard
+from coft_fast.runtime.io import atomic_write_json
 from coft_fast.runtime.metrics import classification_metrics
 
 log = logging.getLogger("coft_fast")
@@ -46,6 +48,24 @@ def sharded(encode, indices: List[int]):
         return [gather(item) for item in value]
 
     return gather(encode(shard(indices)))
+
+
+def check_same_positions(found: torch.Tensor, expected: torch.Tensor, origin: str) -> torch.Tensor:
+    """``found`` (the images a later pass decoded) when it equals ``expected`` (an earlier pass's);
+    otherwise a RuntimeError: an image that decoded before and failed now would shift every later
+    row, pairing features or labels with the wrong images."""
+    if not torch.equal(found.cpu(), expected.cpu()):
+        missing = sorted(set(expected.tolist()) - set(found.tolist()))
+        raise RuntimeError(f"{origin}: {len(missing) or 'some'} image(s) that decoded in an earlier pass failed to "
+                           f"decode again (source positions {missing[:5]}{' ...' if len(missing) > 5 else ''}): "
+                           "the rows would no longer match their images, so the run stops; fix or remove the file(s) "
+                           "and resume")
+    return found
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
+    return torch.stack(list(logits)).mean(0)
 
 
 def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:
@@ -95,6 +115,7 @@ class CoftRun:
         self.state = RunState()
         self._pool_resident: Optional[ResidentImages] = None
         self.names = pool.class_names
+        self.prompt_names = prompt_names(self.names)  # what goes into the prompts (underscores as spaces)
         self.truth_all = torch.tensor(pool.labels, dtype=torch.long)
         self.logit_scale = logit_scale_of(clip)
         self.progress = cfg.run.progress and is_main()  # one set of progress bars
@@ -181,6 +202,9 @@ class CoftRun:
                     "features": features if cfg.pseudo.knn_refine else None}
 
         state = self._stage("zero_shot", "zero_shot", compute)
+        self.state.metrics.setdefault("zero_shot", {})["templates"] = templates_record(cfg.zeroshot.templates)
+        if self.out_dir and is_main():
+            atomic_write_json(self.out_dir / "class_names.json", class_name_mapping(self.names))
         self.pool.skipped[:] = state["skipped"]
         self.state.positions = state["positions"]
         self.state.zs_probabilities = state["probabilities"]
@@ -297,7 +321,7 @@ class CoftRun:
         cfg = self.cfg
         model_seed = self.round_seed(self.cfg.seed * 1000 + seed, round_)
         name = f"phase1_model{index}" if round_ == 1 else f"round{round_}_phase1_model{index}"
-        model = make_prompt_model(self.clip, self.names, cfg.phase1, model_seed, self.device)
+        model = make_prompt_model(self.clip, self.prompt_names, cfg.phase1, model_seed, self.device)
 
         def compute():
             report = train_phase1(
@@ -359,6 +383,7 @@ class CoftRun:
                 models, self.pool, shard, self.device, cfg.model.precision, cfg.data.batch_size,
                 cfg.data.num_workers, self.progress, description="labelling the pool", decoder=self.decoder,
                 reuse=cfg.run.reuse), self.state.positions.tolist())
+            check_same_positions(positions, self.state.positions, self.pool.origin)
             with torch.no_grad():
                 texts = [model.text_features() for model in models]
             views = [ModelView(f, pos.cpu(), neg.cpu()) for f, (pos, neg) in zip(features, texts)]
@@ -407,6 +432,9 @@ class CoftRun:
         cfg = self.cfg
         if not cfg.phase2.model:
             return self.clip, self.zero_shot_text(self.clip)
+        if cfg.phase2.pretrained is None and cfg.model.pretrained is not None and not cfg.phase2.model.startswith("local-dir:"):
+            raise ValueError("config key 'phase2.pretrained' is not set: phase II would fine-tune a randomly initialised "
+                             f"{cfg.phase2.model} (resolve the config with coft_fast.config.resolve_auto, or set it)")
         clip2 = load_clip(cfg.phase2.model, cfg.phase2.pretrained, self.device, None, cfg.model.cache_dir)
         self._prepare(clip2)
         return clip2, self.zero_shot_text(clip2)
@@ -500,10 +528,11 @@ class CoftRun:
         zero_shot.update(classification_metrics(zs, truth))
         zero_shot["num_images"] = int(len(positions))
         if self.state.prompt_models:
-            model_features, _ = sharded(lambda shard: encode_with_models(
+            model_features, model_positions = sharded(lambda shard: encode_with_models(
                 self.state.prompt_models, source, shard, device, cfg.model.precision, cfg.data.batch_size,
                 cfg.data.num_workers, self.progress, description="evaluating phase I", decoder=self.decoder,
                 reuse=cfg.run.reuse), positions.tolist())
+            check_same_positions(model_positions, positions, source.origin)
             for index, (model, feats) in enumerate(zip(self.state.prompt_models, model_features), start=1):
                 with torch.no_grad():
                     pos, _ = model.text_features()
@@ -512,15 +541,15 @@ class CoftRun:
                 metrics["phase1"][f"model{index}"]["acc1"] = metrics["phase1"][f"model{index}"]["eval"]["acc1"]
         all_logits = {}
         for tag, classifier in self.state.classifiers.items():
-            logits, _ = sharded(lambda shard: classifier_logits(
+            logits, found = sharded(lambda shard: classifier_logits(
                 classifier, source, clip2.preprocess_eval, device, cfg.model.precision, cfg.data.batch_size,
                 cfg.data.num_workers, shard, self.progress, f"evaluating {tag}", self.decoder,
                 preprocess_stats(clip2.model), self.compile), positions.tolist())
+            check_same_positions(found, positions, source.origin)
             all_logits[tag] = logits
             final[tag] = classification_metrics(logits, truth)
-        if len(all_logits) > 1:
-            ensemble = sum(logits.softmax(1) for logits in all_logits.values())
-            final["ensemble"] = classification_metrics(ensemble, truth)
+        if len(all_logits) > 1:  # train_on=both: the logit ensemble
+            final["ensemble"] = classification_metrics(ensemble_logits(all_logits.values()), truth)
         main = "ensemble" if "ensemble" in final else next(iter(all_logits))
         final.update({key: final[main][key] for key in ("acc1", "acc5", "mean_per_class_recall")})
         final["classifier"] = main

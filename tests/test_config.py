@@ -6,7 +6,11 @@ from coft_fast.config import Config, ConfigError
 def test_defaults_follow_the_docs():
     cfg = Config()
     assert cfg.model.name == "ViT-B-16" and cfg.model.pretrained == "openai"
-    assert cfg.zeroshot.templates == "ensemble"
+    # the paper's method (issue 19): auto templates (the hand template for CoFT), plain cross-entropy,
+    # one learning rate, DeFT's batch and transform
+    assert cfg.zeroshot.templates == "auto"
+    assert cfg.phase2.logit_adjust == 0.0 and cfg.phase1.vpt_lr_scale == 1.0 and cfg.phase1.batch_size == 64
+    assert cfg.phase1.augment == "deft" and cfg.phase2.augment == "deft"
     assert cfg.testbed.context_length >= 32
     assert cfg.validate() is cfg
     # CoFT+ (method doc): R = 3 rounds; MoCo's momentum and queue; gamma 1; no projection head

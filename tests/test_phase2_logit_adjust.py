@@ -15,8 +15,11 @@ def test_the_adjustment_is_tau_times_the_log_of_the_smoothed_prior():
     assert torch.equal(logit_adjustment(labels, 3, tau=0.0), torch.zeros(3))
 
 
-def test_the_default_is_the_balanced_error_value():
-    assert Config().phase2.logit_adjust == 1.0
+def test_the_default_is_the_papers_plain_cross_entropy_and_the_testbed_recipe_the_balanced_value():
+    from coft_fast.config import load_recipe
+
+    assert Config().phase2.logit_adjust == 0.0
+    assert load_recipe("testbed").config().phase2.logit_adjust == 1.0
 
 
 def _train(parts, labels, tau):

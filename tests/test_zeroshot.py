@@ -90,7 +90,8 @@ def test_unlabelled_flat_folder_writes_predictions_only(tiny_testbed, digits, tm
     out = tmp_path / "out"
     result = coft_fast.zeroshot(flat, digit_class_names(), model=f"local-dir:{tiny_testbed}", out=out,
                                 overrides=["data.num_workers=0", "run.progress=false"])
-    assert result.metrics == {"num_images": 5, "num_skipped": 0, "seconds": result.metrics["seconds"]}
+    assert result.metrics == {"num_images": 5, "num_skipped": 0, "templates": "ensemble",
+                              "seconds": result.metrics["seconds"]}
     assert (out / "predictions.csv").is_file() and not (out / "metrics.json").exists()
 
 

@@ -5,8 +5,10 @@ Both read rows of an :class:`ImageSource` in a given order, shard them across ra
 normalised float batches (B, 3, S, S):
 
 - evaluation: resize the shorter side to S (bicubic, antialiased), centre crop S x S, normalise;
-- training: random resized crop to S (area in [scale_min, 1] of the image, aspect 3/4..4/3), a
-  horizontal flip with probability 0.5, normalise.
+- training, ``augment="random_resized_crop"``: random resized crop to S (area in [scale_min, 1] of
+  the image, aspect 3/4..4/3), a horizontal flip with probability 0.5, normalise;
+- training, ``augment="deft"`` (DeFT's transform): resize the shorter side to base_size(S)
+  (256 for S = 224), a random S x S crop, a horizontal flip with probability 0.5, normalise.
 
 The evaluation pipeline is deterministic; tests compare DALI's to torchvision's on real images.
 DALI decodes whatever its decoders support and stops on a file it cannot read, so it is meant for
@@ -36,9 +38,20 @@ def dali_available() -> bool:
     return True
 
 
-def torchvision_transform(image_size: int, mean, std, train: bool = False, scale_min: float = 0.5):
+def train_base_size(image_size: int) -> int:
+    """DeFT's resize before its random crop: 256 for 224, the same ratio for other sizes."""
+    return int(round(image_size * 256 / 224))
+
+
+def torchvision_transform(image_size: int, mean, std, train: bool = False, scale_min: float = 0.5,
+                          augment: str = "random_resized_crop"):
     """The torchvision/PIL pipeline with DALI's semantics (see the module docstring)."""
-    if train:
+    if train and augment == "deft":
+        steps = [T.Resize(train_base_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
+                 T.RandomCrop(image_size), T.RandomHorizontalFlip()]
+    elif train:
+        if augment != "random_resized_crop":
+            raise ValueError(f"augment must be deft or random_resized_crop, got {augment!r}")
         steps = [T.RandomResizedCrop(image_size, scale=(scale_min, 1.0), ratio=ASPECT_RANGE,
                                      interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()]
     else:
@@ -58,10 +71,11 @@ class Views:
 
 def iterate_torchvision(source: ImageSource, indices: Sequence[int], image_size: int, mean, std, batch_size: int,
                         train: bool = False, scale_min: float = 0.5, num_workers: int = 0, shard_id: int = 0,
-                        num_shards: int = 1, pin_memory: bool = False, views: int = 1) -> Iterator[Batch]:
+                        num_shards: int = 1, pin_memory: bool = False, views: int = 1,
+                        augment: str = "random_resized_crop") -> Iterator[Batch]:
     """Batches of ``indices`` (this rank's shard, in the given order) decoded by PIL in DataLoader workers;
     with ``views`` > 1 each image is decoded once and augmented ``views`` times: images (B, views, 3, S, S)."""
-    transform = torchvision_transform(image_size, mean, std, train, scale_min)
+    transform = torchvision_transform(image_size, mean, std, train, scale_min, augment)
     if views > 1:
         transform = Views(transform, views)
     yield from iterate_batches(source, transform, batch_size, num_workers, shard(indices, shard_id, num_shards),
@@ -69,7 +83,7 @@ def iterate_torchvision(source: ImageSource, indices: Sequence[int], image_size:
 
 
 def _dali_pipeline(paths: Sequence[str], image_size: int, mean, std, batch_size: int, train: bool, scale_min: float,
-                   seed: int, num_threads: int, device_id: Optional[int]):
+                   seed: int, num_threads: int, device_id: Optional[int], augment: str = "random_resized_crop"):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
@@ -82,7 +96,13 @@ def _dali_pipeline(paths: Sequence[str], image_size: int, mean, std, batch_size:
         encoded, order = fn.readers.file(files=list(paths), labels=list(range(len(paths))), random_shuffle=False,
                                          name="reader", pad_last_batch=False)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        if train:
+        crop_x = crop_y = 0.5
+        if train and augment == "deft":
+            images = fn.resize(images, resize_shorter=train_base_size(image_size), interp_type=types.INTERP_CUBIC,
+                               antialias=True)
+            crop_x, crop_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+            mirror = fn.random.coin_flip(probability=0.5)
+        elif train:
             images = fn.random_resized_crop(images, size=(image_size, image_size), random_area=(scale_min, 1.0),
                                             random_aspect_ratio=ASPECT_RANGE, interp_type=types.INTERP_CUBIC,
                                             antialias=True)
@@ -91,7 +111,7 @@ def _dali_pipeline(paths: Sequence[str], image_size: int, mean, std, batch_size:
             images = fn.resize(images, resize_shorter=image_size, interp_type=types.INTERP_CUBIC, antialias=True)
             mirror = 0
         images = fn.crop_mirror_normalize(
-            images, crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+            images, crop=(image_size, image_size), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=mirror,
             mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], dtype=types.FLOAT, output_layout="CHW")
         return images, order
 
@@ -100,7 +120,8 @@ def _dali_pipeline(paths: Sequence[str], image_size: int, mean, std, batch_size:
 
 def iterate_dali(source: ImageSource, indices: Sequence[int], image_size: int, mean, std, batch_size: int,
                  train: bool = False, scale_min: float = 0.5, device: torch.device = torch.device("cpu"),
-                 seed: int = 0, num_threads: int = 2, shard_id: int = 0, num_shards: int = 1) -> Iterator[Batch]:
+                 seed: int = 0, num_threads: int = 2, shard_id: int = 0, num_shards: int = 1,
+                 augment: str = "random_resized_crop") -> Iterator[Batch]:
     """Batches of ``indices`` (this rank's shard, in the given order) decoded by DALI: on the GPU
     (``device="mixed"``, nvJPEG) when ``device`` is CUDA, with DALI's CPU operators otherwise."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -111,7 +132,7 @@ def iterate_dali(source: ImageSource, indices: Sequence[int], image_size: int, m
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
     paths = [source.paths[i] for i in rows]
     pipeline = _dali_pipeline(paths, image_size, mean, std, min(batch_size, len(rows)), train, scale_min, seed,
-                              num_threads, device_id)
+                              num_threads, device_id, augment)
     pipeline.build()
     lookup = torch.tensor(rows, dtype=torch.long)
     iterator = DALIGenericIterator(pipeline, ["images", "order"], reader_name="reader",

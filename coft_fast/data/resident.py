@@ -1,4 +1,4 @@
-"""Decoded images kept in memory, with batched training augmentation (random resized crop + flip).
+"""Decoded images kept in memory, with batched training augmentation (random resized or DeFT's crop + flip).
 
 Small training sets (S* in phase I, the clean set in phase II when it fits) are decoded once, at a
 base size a little above the model's input size (as "Resize 256, crop 224" does) but never above
@@ -62,20 +62,33 @@ class ResidentImages:
         return (images / 255.0 - self.mean) / self.std
 
     def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5,
-                    keep: slice = slice(None)) -> torch.Tensor:
-        """Float (n, 3, S, S): random resized crops (area in [scale_min, 1], aspect 3/4..4/3) with flips.
+                    keep: slice = slice(None), augment: str = "random_resized_crop") -> torch.Tensor:
+        """Float (n, 3, S, S) with horizontal flips: ``augment="random_resized_crop"`` cuts random resized
+        crops (area in [scale_min, 1], aspect 3/4..4/3); ``"deft"`` DeFT's Resize(256) -> RandomCrop(224):
+        a square of side S * B0 / base_size(S) of the stored side B (B0 = base_size(S), so S itself when
+        the images were stored at B0, and the same 224/256 share of the short side when they were
+        smaller) at a whole-pixel offset, resampled to S (an exact copy when the side is S).
         The crops of all ``rows`` are drawn; only those of ``rows[keep]`` are cut (a rank's part)."""
         n, b, s = len(rows), self.base_size, self.image_size
-        area = b * b * (scale_min + (1 - scale_min) * torch.rand(n, generator=generator))
-        log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3)
-        ratio = torch.exp(log_ratio)
-        w = torch.sqrt(area * ratio).clamp(max=b)
-        h = torch.sqrt(area / ratio).clamp(max=b)
-        x0 = torch.rand(n, generator=generator) * (b - w)
-        y0 = torch.rand(n, generator=generator) * (b - h)
+        if augment == "deft":
+            side = torch.full((n,), b * s / base_size(s), dtype=torch.float64).clamp(max=b)
+            room = torch.floor(b - side) + 1  # whole-pixel offsets 0 .. floor(b - side)
+            x0 = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * room).clamp(max=b - side)
+            y0 = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * room).clamp(max=b - side)
+            w = h = side
+        elif augment == "random_resized_crop":
+            area = b * b * (scale_min + (1 - scale_min) * torch.rand(n, generator=generator))
+            log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3)
+            ratio = torch.exp(log_ratio)
+            w = torch.sqrt(area * ratio).clamp(max=b)
+            h = torch.sqrt(area / ratio).clamp(max=b)
+            x0 = torch.rand(n, generator=generator) * (b - w)
+            y0 = torch.rand(n, generator=generator) * (b - h)
+        else:
+            raise ValueError(f"augment must be deft or random_resized_crop, got {augment!r}")
         flip = torch.rand(n, generator=generator) < 0.5
         device = self.images.device
-        boxes = torch.stack([x0, y0, w, h, flip.float()], dim=1)[keep].to(device)  # one copy per batch
+        boxes = torch.stack([x0.float(), y0.float(), w.float(), h.float(), flip.float()], dim=1)[keep].to(device)  # one copy per batch
         x0, y0, w, h, flip = boxes.unbind(1)
         across = resample_matrix(x0, w, b, s)
         across = torch.where(flip[:, None, None] > 0, across.flip(1), across)
@@ -92,16 +105,18 @@ class ResidentImages:
         return self._normalise(crop.float())
 
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
-                      views: int = 1, shuffle: bool = True, drop_last: bool = False):
+                      views: int = 1, shuffle: bool = True, drop_last: bool = False,
+                      augment: str = "random_resized_crop"):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
+        ``augment``: "random_resized_crop" or "deft" (see :meth:`train_batch`).
         In a distributed run the images are this rank's part of the batch (``batch_part(len(positions))``),
         cut exactly as a single process would cut them."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
             keep = batch_part(len(picked)).rows
-            augmented = tuple(self.train_batch(rows[picked], generator, scale_min, keep) for _ in range(views))
+            augmented = tuple(self.train_batch(rows[picked], generator, scale_min, keep, augment) for _ in range(views))
             yield (augmented[0] if views == 1 else augmented), picked
 
 

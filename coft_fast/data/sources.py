@@ -255,7 +255,7 @@ def from_coop_split(
         missing = [i for i in range(count) if i not in json_names]
         if missing:
             raise DataError(f"{json_path}: no class name for label(s) {missing[:5]}: pass the class names")
-        names = [json_names[i].replace("_", " ") for i in range(count)]
+        names = [json_names[i] for i in range(count)]  # as CoOp's loaders keep them; prompts read "_" as " "
     else:
         names = read_class_names(class_names)
     root = Path(image_root) if image_root is not None else _find_image_root(json_path, entries[0][0])

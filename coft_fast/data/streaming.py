@@ -58,17 +58,19 @@ class StreamedImages:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int, views: int = 1):
+    def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int, views: int = 1,
+                augment: str = "random_resized_crop"):
         """Augmented batches of ``rows`` in order: images (B, 3, S, S), or (B, views, 3, S, S) for PIL views."""
         indices = self.positions[rows].tolist()
         if self.decoder == "dali":
             batches = iterate_dali(self.source, indices, self.image_size, self.mean, self.std, batch_size, train=True,
                                    scale_min=scale_min, device=self.device, seed=seed,
-                                   num_threads=max(1, self.num_workers))
+                                   num_threads=max(1, self.num_workers), augment=augment)
         else:
             torch.manual_seed(seed)  # the workers' augmentation streams derive from it
             batches = iterate_torchvision(self.source, indices, self.image_size, self.mean, self.std, batch_size,
-                                          train=True, scale_min=scale_min, num_workers=self.num_workers, views=views)
+                                          train=True, scale_min=scale_min, num_workers=self.num_workers, views=views,
+                                          augment=augment)
         expected = iter(torch.split(torch.as_tensor(indices), batch_size))
         for batch in batches:
             if not torch.equal(batch.indices, next(expected)):
@@ -76,7 +78,8 @@ class StreamedImages:
             yield batch.images
 
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
-                      views: int = 1, shuffle: bool = True, drop_last: bool = False):
+                      views: int = 1, shuffle: bool = True, drop_last: bool = False,
+                      augment: str = "random_resized_crop"):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
         ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
         In a distributed run each rank decodes only its part of each batch (``batch_part(len(positions))``)."""
@@ -89,9 +92,9 @@ class StreamedImages:
         # every part but the last has the size of the first, so decoding in chunks of it gives the parts back
         local, part_size = (torch.cat(parts), len(parts[0])) if parts else (order, batch_size)
         if self.decoder == "dali":  # one pipeline a view (each decodes the files again)
-            streams = zip(*[self._decode(rows[local], part_size, scale_min, seed) for seed in seeds])
+            streams = zip(*[self._decode(rows[local], part_size, scale_min, seed, augment=augment) for seed in seeds])
         else:  # PIL decodes each image once and augments it ``views`` times
             streams = (images.unbind(1) if views > 1 else (images,)
-                       for images in self._decode(rows[local], part_size, scale_min, seeds[0], views))
+                       for images in self._decode(rows[local], part_size, scale_min, seeds[0], views, augment))
         for picked, images in zip(batches, streams):
             yield (images[0] if views == 1 else tuple(images)), picked

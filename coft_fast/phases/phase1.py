@@ -86,6 +86,11 @@ def make_prompt_model(clip: ClipModel, class_names: Sequence[str], cfg: Phase1Co
     return PromptModel(clip, prompts.to(device), visual_prompts.to(device))
 
 
+def unused_parameters_possible(cfg: Phase1Config) -> bool:
+    """Whether a phase I step can leave a trained parameter without a gradient (DDP's find_unused_parameters)."""
+    return cfg.lam == 0 or cfg.vpt_tokens == 0
+
+
 def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """A label drawn uniformly from the other C - 1 classes, per sample."""
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
@@ -131,12 +136,15 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     labels = labels.to(device)
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
-    forward = data_parallel(PromptTraining(model), device, find_unused_parameters=cfg.lam == 0)
+    # parameters without a gradient in some steps: the negative context when lam == 0 (L1 alone), the
+    # visual prompts when there are none (vpt_tokens == 0); DDP must be told, or it stops the run
+    forward = data_parallel(PromptTraining(model), device, find_unused_parameters=unused_parameters_possible(cfg))
     bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
         complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
-        for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min):
+        for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
+                                                         augment=cfg.augment):
             if step >= total:
                 break
             part = batch_part(len(picked))  # this rank's images (all of them in one process)

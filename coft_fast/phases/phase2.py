@@ -195,7 +195,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
             views = _pool_views(images, contrastive.pool_rows, cfg.batch_size, per_epoch,
                                 epoch_generator(seed + 1, epoch), cfg.crop_scale_min)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
-                                                         drop_last=drop_last):
+                                                         drop_last=drop_last, augment=cfg.augment):
             part = batch_part(len(picked))  # this rank's images (all of them in one process)
             mine = picked[part.rows].to(device)
             batch_images = batch_images.to(device, non_blocking=True)

@@ -1,6 +1,7 @@
 """Prompt templates: one template, CLIP's ensemble, or a JSON file (per dataset or per class)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, List, Sequence, Union
@@ -12,6 +13,34 @@ SINGLE_TEMPLATE = "a photo of a {}."
 
 class TemplateError(ValueError):
     """A template file or prompt is unusable; the message names it."""
+
+
+def prompt_name(class_name: str) -> str:
+    """The name that goes into prompts: underscores read as spaces ("sea_lion" -> "sea lion"), as CoOp
+    and DeFT write class names into prompts. Files, metrics and exports keep the original name."""
+    return class_name.replace("_", " ")
+
+
+def prompt_names(class_names: Sequence[str]) -> List[str]:
+    return [prompt_name(name) for name in class_names]
+
+
+def class_name_mapping(class_names: Sequence[str]) -> dict:
+    """What a run writes to class_names.json: {original name: the name its prompts use}, in class order."""
+    return {name: prompt_name(name) for name in class_names}
+
+
+def templates_record(spec: Union[str, Path]):
+    """What metrics.json records as the zero-shot templates: "single", "ensemble", or
+    {"file": path, "sha256": hash of its bytes} for a template file."""
+    if str(spec) in ("single", "ensemble", "auto"):
+        return str(spec)
+    path = Path(spec)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    return {"file": str(path), "sha256": digest}
 
 
 def clip_ensemble_templates() -> List[str]:
@@ -30,7 +59,11 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
 
     A JSON file holds either a list of templates with "{}" (the same for every class), or a
     mapping from class name to a list of sentences (used as they are; "{}" in them is filled in).
+    Class names go into prompts as :func:`prompt_name` writes them (underscores as spaces); a JSON
+    mapping is keyed by the original names.
     """
+    if str(spec) == "auto":
+        raise TemplateError("zeroshot.templates=auto must be resolved first (coft_fast.config.resolve_auto)")
     if isinstance(spec, (list, tuple)):
         templates, origin = list(spec), "template list"
     elif str(spec) == "single":
@@ -41,7 +74,7 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
         return _prompts_from_file(Path(spec), class_names)
     if not templates:
         raise TemplateError(f"{origin}: no templates")
-    return [[_format(t, name, origin) for t in templates] for name in class_names]
+    return [[_format(t, prompt_name(name), origin) for t in templates] for name in class_names]
 
 
 def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]]:
@@ -54,13 +87,13 @@ def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]
     if isinstance(data, list):
         if not data or not all(isinstance(t, str) for t in data):
             raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
-        return [[_format(t, name, str(path)) for t in data] for name in class_names]
+        return [[_format(t, prompt_name(name), str(path)) for t in data] for name in class_names]
     if not isinstance(data, dict):
         raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
     from coft_fast.pseudo.llm_templates import validate_class_sentences  # here: that module imports this one
 
     sentences = validate_class_sentences(data, class_names, f"template file {path}")
-    return [[s.replace("{}", name) for s in sentences[name]] for name in class_names]
+    return [[s.replace("{}", prompt_name(name)) for s in sentences[name]] for name in class_names]
 
 
 def prompt_token_count(tokenizer: Callable, text: str) -> int:
