@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from coft_fast.config import Config, ConfigError, apply_file, load_recipe, resolve_auto, set_value
 from coft_fast.data import ImageSource, load_source
+from coft_fast.inference import PredictionResult, RunModel, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_name_mapping, class_prompts, prompt_names, templates_record, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
@@ -209,23 +210,6 @@ def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, over
     return result.metrics
 
 
-class PredictionResult:
-    """Predictions of a fine-tuned model: one row per decodable image."""
-
-    def __init__(self, paths, probabilities, class_names):
-        self.paths = paths
-        self.probabilities = probabilities
-        self.class_names = list(class_names)
-
-    @property
-    def labels(self):
-        return self.probabilities.argmax(1)
-
-    @property
-    def predictions(self):
-        return [self.class_names[i] for i in self.labels.tolist()]
-
-
 class TrainResult:
     """What `train()` returns: metrics, the filtered sets, and `predict()` with the fine-tuned model."""
 
@@ -235,10 +219,9 @@ class TrainResult:
         self.pool = pool
         self.out_dir = out_dir
         self._positions = positions
-        self._classifiers = classifiers
-        self._preprocess = preprocess
-        self._device = device
         self._cfg = cfg
+        # the fine-tuned classifier(s) as load_run(out_dir) would return them, without reading the folder
+        self.model = RunModel(out_dir, classifiers, preprocess, class_names, cfg, metrics, device)
         self.clean_sets = {
             name: [(pool.paths[int(positions[r])], class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()
@@ -250,24 +233,9 @@ class TrainResult:
         return self._cfg
 
     def predict(self, images) -> PredictionResult:
-        """Classify new images: a folder, CSV or CoOp JSON path, or a list of image file paths."""
-        from coft_fast.phases.phase2 import classifier_logits
-
-        if isinstance(images, (list, tuple)):
-            source = ImageSource([str(p) for p in images], [-1] * len(images), self.class_names, "image list")
-        else:
-            source = load_images(images, self.class_names, self._cfg)
-        from coft_fast.pipeline import ensemble_logits, check_same_positions
-
-        all_logits, positions = [], None
-        for classifier in self._classifiers.values():  # train_on=both: the logit ensemble of the two heads
-            logits, found = classifier_logits(classifier, source, self._preprocess, self._device,
-                                              self._cfg.model.precision, self._cfg.data.batch_size,
-                                              self._cfg.data.num_workers, progress=False)
-            positions = found if positions is None else check_same_positions(found, positions, source.origin)
-            all_logits.append(logits)
-        probabilities = ensemble_logits(all_logits).softmax(1)
-        return PredictionResult([source.paths[i] for i in positions.tolist()], probabilities, self.class_names)
+        """Classify new images: a folder, CSV or CoOp JSON path, or a list of image file paths
+        (with ``phase2.train_on=both``, the logit ensemble of the two classifiers)."""
+        return self.model.predict(images)
 
 
 def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
@@ -363,10 +331,49 @@ def train(
             write_train_outputs(run, out_dir)
             atomic_write_json(out_dir / "metrics.json", metrics)
             (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
+            _write_report(out_dir)
         distributed.barrier()  # every rank returns once the outputs are written
         _log_summary(metrics)
         return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                            clip2.preprocess_eval, device, cfg, out_dir)
+
+
+def _write_report(out_dir: Path) -> None:
+    """report.html of a finished run; a failure is logged, never fatal (`coft-fast report` retries it)."""
+    from coft_fast.run_report import build_report
+
+    try:
+        log.info("report: %s", build_report(out_dir))
+    except Exception:
+        log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir, out_dir)
+
+
+def predict(run: PathLike, images, out: Optional[PathLike] = None, classifier: Optional[str] = None,
+            device: str = "auto", batch_size: Optional[int] = None, num_workers: Optional[int] = None,
+            split: Optional[str] = None, top5: bool = False, progress: bool = True) -> dict:
+    """Classify ``images`` with a finished run's model (``load_run``), streaming ``predictions.csv``
+    (and ``metrics.json`` when the images carry labels, ``skipped.csv`` for unreadable files) into
+    ``out``. Returns the metrics (zero-shot's keys)."""
+    model = load_run(run, classifier=classifier, device=device)
+    out_dir = Path(out) if out else None
+    with log_to_file(out_dir / "predict.log" if out_dir else None):
+        log.info("predict: run %s (classifier %s) on %s", run, ", ".join(model.classifiers), model.device)
+        return predict_to_folder(model, images, out_dir, batch_size, num_workers, top5, progress, split)
+
+
+def export(run: PathLike, fmt: str, out: PathLike, classifier: Optional[str] = None) -> Path:
+    """Export a finished run's fine-tuned model as an open_clip folder (``fmt="open_clip"``) or
+    ``model.onnx`` (``fmt="onnx"``) into ``out``; ``classifier`` s1 (default) or s2."""
+    from coft_fast.exporters import export_run
+
+    return export_run(load_run(run, classifier=classifier, device="cpu"), out, fmt, classifier)
+
+
+def report(run: PathLike) -> Path:
+    """Rebuild ``run``/report.html from the run folder's files."""
+    from coft_fast.run_report import build_report
+
+    return build_report(run)
 
 
 def _check_world(cfg: Config, pool: ImageSource) -> None:
@@ -418,10 +425,12 @@ def write_train_outputs(run, out_dir: Path) -> None:
         kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
     zs_names = [names[i] for i in zs_labels.tolist()]
     confidences = [f"{c:.6f}" for c in confidence.tolist()]
-    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2)
+    # the pool's own labels (class folders), for diagnostics and the report only; empty where unknown
+    pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
+    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels)
     atomic_write_csv(out_dir / "pseudo_labels.csv",
-                     ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2"],
-                     rows)
+                     ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2",
+                      "pool_label"], rows)
     if run.pool.skipped:
         atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
     truth = run.truth

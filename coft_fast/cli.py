@@ -86,6 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
     tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
+    pr = commands.add_parser("predict", help="classify images with a finished run's fine-tuned model")
+    pr.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
+    pr.add_argument("--images", required=True,
+                    help="a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON")
+    pr.add_argument("--out", help="output folder for predictions.csv (and metrics.json when the images have labels)")
+    pr.add_argument("--split", help="split of a CoOp JSON file (default: the run's data.eval_split)")
+    pr.add_argument("--batch-size", type=int, help="images per batch (default: the run's data.batch_size)")
+    pr.add_argument("--num-workers", type=int, help="decoding worker processes (default: the run's)")
+    pr.add_argument("--device", default="auto", help="auto (the run's model.device), cpu, cuda, cuda:1 ...")
+    pr.add_argument("--top5", action="store_true", help="add top5 and top5_confidence columns")
+    pr.add_argument("--classifier", choices=["s1", "s2"],
+                    help="one classifier of a phase2.train_on=both run (default: the run's ensemble)")
+    pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pr.add_argument("--verbose", action="store_true", help="debug logging")
+
+    ex = commands.add_parser("export", help="export a finished run's model as an open_clip folder or ONNX")
+    ex.add_argument("--run", required=True, help="a finished training run folder")
+    ex.add_argument("--format", required=True, choices=["open_clip", "onnx"], help="open_clip (local-dir folder) or onnx")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--classifier", choices=["s1", "s2"], help="which clean set's classifier (default s1)")
+    ex.add_argument("--verbose", action="store_true", help="debug logging")
+
+    rp = commands.add_parser("report", help="rebuild a run folder's report.html")
+    rp.add_argument("--run", required=True, help="a finished training run folder")
+    rp.add_argument("--verbose", action="store_true", help="debug logging")
+
     cf = commands.add_parser("config", help="print the default config as YAML (with --recipe/--config/--set applied)")
     _common(cf)
 
@@ -120,6 +146,10 @@ def run(argv: Optional[List[str]] = None) -> int:
         return _recipes_command()
     from coft_fast import api
     from coft_fast.runtime.logs import log_to_console
+
+    if args.command in ("predict", "export", "report"):
+        log_to_console(args.verbose)
+        return _run_folder_command(api, args)
 
     log_to_console(args.verbose)
     from coft_fast.runtime import distributed
@@ -162,6 +192,26 @@ def run(argv: Optional[List[str]] = None) -> int:
         _print_train_summary(metrics)
         print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "
               f"(outputs in {args.out}/)")
+    return 0
+
+
+def _run_folder_command(api, args) -> int:
+    """`predict`, `export` and `report`: what a finished run folder gives."""
+    if args.command == "predict":
+        metrics = api.predict(args.run, args.images, out=args.out, classifier=args.classifier, device=args.device,
+                              batch_size=args.batch_size, num_workers=args.num_workers, split=args.split,
+                              top5=args.top5, progress=not args.no_progress)
+        _print_metrics("predictions", metrics)
+        rate = metrics["num_images"] / metrics["seconds"] if metrics["seconds"] > 0 else float("nan")
+        print(f"  {metrics['seconds']:.1f} s ({rate:.1f} images/s)")
+        if args.out:
+            print(f"predictions: {args.out}/predictions.csv")
+    elif args.command == "export":
+        path = api.export(args.run, args.format, args.out, classifier=args.classifier)
+        print(f"exported {args.run} as {args.format}: {path}")
+        print(f"how to load it: {args.out}/README.md")
+    else:
+        print(f"report: {api.report(args.run)}")
     return 0
 
 

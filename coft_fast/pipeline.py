@@ -18,6 +18,7 @@ from coft_fast.config import Config
 from coft_fast.data import ImageSource
 from coft_fast.data.resident import ResidentImages, decoded_bytes, preprocess_stats
 from coft_fast.data.streaming import StreamedImages, resolve_decoder
+from coft_fast.inference import CLASSIFIER_FILE, classifier_metadata
 from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
 from coft_fast.models.attention import use_batch_major_attention
@@ -474,8 +475,8 @@ class CoftRun:
             classifier.load_state_dict(state["model"])
             classifier.eval()
             if self.out_dir:
-                save_tensors(self.out_dir / f"finetuned_{tag}.safetensors", state["model"],
-                             {"class_names": "\n".join(self.names), "model": cfg.phase2.model or cfg.model.name})
+                save_tensors(self.out_dir / CLASSIFIER_FILE.format(tag), state["model"],
+                             classifier_metadata(clip2, self.names, tag))
             self.state.classifiers[tag] = classifier
             history = state["report"]["history"]
             self.state.metrics.setdefault("phase2", {})[tag] = {

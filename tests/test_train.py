@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def test_train_writes_the_run_folder(coft_run):
     with open(out / "pseudo_labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label",
-                             "kept1", "kept2"]
+                             "kept1", "kept2", "pool_label"]
+    assert all(row["pool_label"] == Path(row["path"]).parent.name for row in rows)  # the digits' class folders
     assert len(rows) == metrics["pool"]["num_images"]
     assert sum(int(r["kept1"]) for r in rows) == metrics["filter"]["s1"]["size"]
     for name in ("prompts_model1.safetensors", "prompts_model2.safetensors", "finetuned_s1.safetensors",

@@ -10,12 +10,14 @@ OpenAI weights were trained with QuickGELU; it is switched on for them automatic
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import open_clip
 import torch
@@ -39,6 +41,13 @@ class ClipModel:
     preprocess_eval: Callable
     name: str
     pretrained: Optional[str]
+    # open_clip's architecture config (with the activation actually used) and evaluation preprocessing:
+    # what rebuilds the model without its original source (coft_fast.inference.load_run)
+    model_cfg: Optional[Dict[str, Any]] = None
+
+    @property
+    def preprocess_cfg(self) -> Dict[str, Any]:
+        return dict(getattr(self.model.visual, "preprocess_cfg", {}))
 
     @property
     def context_length(self) -> int:
@@ -122,4 +131,17 @@ def load_clip(
         raise
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     model.eval()
-    return ClipModel(model, tokenizer, preprocess_train, preprocess_eval, name, pretrained)
+    return ClipModel(model, tokenizer, preprocess_train, preprocess_eval, name, pretrained,
+                     architecture_config(name, force_quick_gelu))
+
+
+def architecture_config(name: str, quick_gelu: bool) -> Dict[str, Any]:
+    """open_clip's model config of ``name`` (a built-in name or a local-dir folder), as built."""
+    if name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
+        config = copy.deepcopy(json.loads(path.read_text(encoding="utf-8"))["model_cfg"])
+    else:
+        config = copy.deepcopy(open_clip.get_model_config(name))
+    if quick_gelu:
+        config["quick_gelu"] = True
+    return config

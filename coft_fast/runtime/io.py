@@ -1,27 +1,29 @@
 """Atomic writes: a file is either the old version or the complete new one, never half-written."""
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
 TEMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """A temporary file beside ``path`` to write; when the block ends without an error it is fsynced
+    and renamed over ``path``, else deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -29,6 +31,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def remove_stale_temporaries(folder: PathLike) -> int:
@@ -54,8 +62,26 @@ def atomic_write_json(path: PathLike, data: Any) -> None:
 
 
 def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    with atomic_csv_writer(path, header) as writer:
+        writer.writerows(rows)
+
+
+class _DroppedRows:
+    def writerow(self, row) -> None:
+        pass
+
+    def writerows(self, rows) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def atomic_csv_writer(path: Optional[PathLike], header: Sequence[str]) -> Iterator[Any]:
+    """A csv writer whose rows stream to a temporary file (never held in memory), renamed over ``path``
+    when the block ends without an error. With ``path`` None the rows are dropped."""
+    if path is None:
+        yield _DroppedRows()
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        yield writer
