@@ -1,6 +1,7 @@
 """Issue 19's defects, each with a test that failed before its fix: the filter and the evaluation
 check that a re-decoded pass gives back the images of the first, distributed phase I runs without
 visual prompts, and phase2.train_on=both ensembles logits."""
+import json
 import shutil
 
 import pytest
@@ -114,6 +115,8 @@ def test_a_train_on_both_run_scores_and_predicts_with_the_mean_of_the_two_heads_
     truth = torch.tensor(source.labels)[positions]
     mean = (l1 + l2) / 2
     assert result.metrics["final"]["classifier"] == "ensemble"
+    assert result.metrics["zero_shot"]["templates"] == "single"  # what zero-shot scoring used, in metrics.json
+    assert json.loads((tmp_path / "run" / "class_names.json").read_text()) == {n: n for n in source.class_names}
     assert result.metrics["final"]["ensemble"] == pytest.approx(classification_metrics(mean, truth))
     predicted = result.predict(digits["test"])
     torch.testing.assert_close(predicted.probabilities, mean.softmax(1), rtol=1e-4, atol=1e-5)

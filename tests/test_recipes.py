@@ -153,3 +153,17 @@ def test_recipes_are_package_data_and_found_from_outside_the_checkout(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from coft_fast.config import recipe_names; print(*recipe_names())"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split() == NAMES, out.stderr
+
+
+def test_prompts_read_underscores_as_spaces_and_metrics_record_the_templates(tmp_path):
+    import hashlib
+
+    from coft_fast.pseudo import class_name_mapping, class_prompts, templates_record
+
+    assert class_prompts("single", ["sea_lion", "cat"]) == [["a photo of a sea lion."], ["a photo of a cat."]]
+    assert class_name_mapping(["sea_lion"]) == {"sea_lion": "sea lion"}
+    file = tmp_path / "t.json"
+    file.write_text('{"sea_lion": ["a {} on a rock."], "cat": ["a {}."]}')
+    assert class_prompts(str(file), ["sea_lion", "cat"]) == [["a sea lion on a rock."], ["a cat."]]
+    assert templates_record("single") == "single" and templates_record("ensemble") == "ensemble"
+    assert templates_record(str(file)) == {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
