@@ -65,3 +65,41 @@ def dot_precision(*dtypes: torch.dtype) -> str:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Shared memory one block may use (opt-in maximum), by compute capability (CUDA programming guide,
+# "Technical specifications per compute capability"): A100 / H100 / H200 / B200 and the consumer parts.
+SHARED_MEMORY_BY_CAPABILITY = {
+    (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
+    (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448, (11, 0): 232_448, (12, 0): 101_376, (12, 1): 101_376,
+}
+UNKNOWN_TARGET_SHARED_MEMORY = 101_376  # the smallest of the table, for a capability it does not list
+INTERPRETER_SHARED_MEMORY = 232_448  # the interpreter has no limit; prune as for sm_90
+
+
+def shared_memory_limit(capability) -> int:
+    """Bytes of shared memory a block may use on a GPU of ``capability`` ((major, minor) or e.g. 90)."""
+    if isinstance(capability, int):
+        capability = divmod(capability, 10)
+    return SHARED_MEMORY_BY_CAPABILITY.get(tuple(capability), UNKNOWN_TARGET_SHARED_MEMORY)
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """Shared memory per block on ``device`` (the driver's figure where torch reports it)."""
+    if device.type != "cuda":
+        return INTERPRETER_SHARED_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    reported = getattr(props, "shared_memory_per_block_optin", 0)
+    return int(reported) if reported else shared_memory_limit((props.major, props.minor))
+
+
+def deterministic() -> bool:
+    """Whether kernels must use one fixed reduction order: ``torch.use_deterministic_algorithms(True)``
+    (which ``run.deterministic`` sets). Then the autotuners are bypassed for one fixed config and the
+    dual-prompt backward replaces its atomic adds by a GEMM."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def bucket(n: int) -> int:
+    """Autotune key of a size: its next power of two, so a new batch size rarely re-tunes."""
+    return next_power_of_2(max(1, int(n)))

@@ -71,7 +71,7 @@ def fp64_reference(x, pos, neg, labels, comp, scale, lam=1.0, detach=(False, Fal
 
 
 def triton_loss(*args, splits=None):
-    from coft_fast.kernels.dual_prompt import dual_prompt_loss_triton
+    from coft_fast.ops.dual_prompt import dual_prompt_loss_triton
 
     return dual_prompt_loss_triton(*args, splits=splits)
 
@@ -265,7 +265,7 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path must not run for CPU tensors under backend='auto'")
 
-    monkeypatch.setattr(kernel_module, "dual_prompt_loss_triton", boom)
+    monkeypatch.setattr(kernel_module, "dual_forward_triton", boom)
     monkeypatch.setattr(kernel_module, "clean_probability_triton", boom)
     x, pos, neg, y, yc = make_inputs(5, 3, 16, torch.float32, dev=torch.device("cpu"))
     got = ops.dual_prompt_loss(x, pos, neg, y, yc, SCALE)

@@ -64,7 +64,7 @@ def eager64(q, k, queue, temperature=T):
 
 
 def triton_loss(q, k, queue, temperature, splits=None):
-    from coft_fast.kernels.queue_loss import queue_info_nce_triton
+    from coft_fast.ops.queue_loss import queue_info_nce_triton
 
     return queue_info_nce_triton(q, k, queue, temperature, splits=splits)
 
@@ -181,6 +181,7 @@ def test_triton_skips_the_weighted_sum_without_grad(monkeypatch):
     which only the gradient of q needs (it would double the work)."""
     kernels_or_skip()
     import coft_fast.kernels.queue_loss as kernel_module
+    from coft_fast.ops.queue_loss import queue_info_nce_triton
 
     seen = []
     original = kernel_module._queue_forward
@@ -193,9 +194,9 @@ def test_triton_skips_the_weighted_sum_without_grad(monkeypatch):
     q, k, queue = make_inputs(4, 100, 16, torch.float32)
     q.requires_grad_(True)
     with torch.no_grad():
-        kernel_module.queue_info_nce_triton(q, k, queue, T)
-    kernel_module.queue_info_nce_triton(q, k, queue, T)
-    kernel_module.queue_info_nce_triton(q.detach(), k.requires_grad_(True), queue, T)
+        queue_info_nce_triton(q, k, queue, T)
+    queue_info_nce_triton(q, k, queue, T)
+    queue_info_nce_triton(q.detach(), k.requires_grad_(True), queue, T)
     assert seen == [False, True, False]
 
 
@@ -249,7 +250,7 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path must not run for CPU tensors under backend='auto'")
 
-    monkeypatch.setattr(kernel_module, "queue_info_nce_triton", boom)
+    monkeypatch.setattr(kernel_module, "queue_statistics_triton", boom)
     q, k, queue = make_inputs(5, 100, 16, torch.float32, dev=torch.device("cpu"))
     torch.testing.assert_close(ops.queue_info_nce(q, k, queue, T), queue_info_nce_reference(q, k, queue, T),
                                rtol=0, atol=0)

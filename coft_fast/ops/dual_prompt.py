@@ -11,7 +11,7 @@ with an online log-sum-exp, no N x C tensor in the forward; see that module), ch
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,125 @@ def dual_prompt_loss_eager(
         return l1 + lam * l2, l1, l2
 
 
+# ------------------------------------------------------------------- the Triton path as custom ops
+# Registered with torch.library so that torch.compile sees each as one node (whatever runs inside:
+# the GPU kernels or the interpreter), with fake kernels for tracing and the backward as an op too.
+
+def _scale_arg(scale, value):
+    return scale if scale is not None else value
+
+
+@torch.library.custom_op("coft_fast::dual_prompt_loss", mutates_args=())
+def _dual_prompt_op(image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor, labels: torch.Tensor,
+                    complement_labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float, lam: float,
+                    detach_image_in_neg: bool, detach_pos_in_l2: bool, splits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
+    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels; the logit scale is ``scale`` (0-dim, read on
+    the device) or, when None, ``scale_value``. The detach flags matter to the backward only."""
+    from coft_fast.kernels.dual_prompt import dual_forward_triton
+
+    return dual_forward_triton(image_feats, pos_text, neg_text, labels, complement_labels,
+                               _scale_arg(scale, scale_value), lam, splits or None)
+
+
+@_dual_prompt_op.register_fake
+def _(image_feats, pos_text, neg_text, labels, complement_labels, scale, scale_value, lam, detach_image_in_neg,
+      detach_pos_in_l2, splits):
+    n = image_feats.shape[0]
+    scalar = [image_feats.new_empty((), dtype=torch.float32) for _ in range(3)]
+    rows = [image_feats.new_empty((n,), dtype=torch.float32) for _ in range(3)]
+    return tuple(scalar + rows)
+
+
+@torch.library.custom_op("coft_fast::dual_prompt_loss_backward", mutates_args=())
+def _dual_prompt_backward_op(
+    image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor, labels: torch.Tensor,
+    complement_labels: torch.Tensor, lse: torch.Tensor, p_y: torch.Tensor, p_c: torch.Tensor,
+    scale: Optional[torch.Tensor], scale_value: float, grad_loss: torch.Tensor, grad_l1: torch.Tensor,
+    grad_l2: torch.Tensor, lam: float, detach_image_in_neg: bool, detach_pos_in_l2: bool, need_x: bool,
+    need_pos: bool, need_neg: bool, need_scale: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d image_feats, d pos_text, d neg_text, d scale); an empty tensor for each one not needed."""
+    from coft_fast.kernels.dual_prompt import dual_backward_triton
+
+    grads = dual_backward_triton(image_feats, pos_text, neg_text, labels, complement_labels, lse, p_y, p_c,
+                                 _scale_arg(scale, scale_value), (grad_loss, grad_l1, grad_l2), lam,
+                                 detach_image_in_neg, detach_pos_in_l2, need_x, need_pos, need_neg, need_scale)
+    return tuple(g if g is not None else image_feats.new_empty(0) for g in grads)
+
+
+@_dual_prompt_backward_op.register_fake
+def _(image_feats, pos_text, neg_text, labels, complement_labels, lse, p_y, p_c, scale, scale_value, grad_loss,
+      grad_l1, grad_l2, lam, detach_image_in_neg, detach_pos_in_l2, need_x, need_pos, need_neg, need_scale):
+    def like(t, needed):
+        return torch.empty_like(t) if needed else image_feats.new_empty(0)
+
+    return (like(image_feats, need_x), like(pos_text, need_pos), like(neg_text, need_neg),
+            like(scale, need_scale) if scale is not None else image_feats.new_empty(0))
+
+
+def _dual_setup_context(ctx, inputs, output):
+    x, pos, neg, labels, complements, scale, scale_value, lam, detach_image_in_neg, detach_pos_in_l2, _ = inputs
+    _, _, _, lse, p_y, p_c = output
+    ctx.save_for_backward(x, pos, neg, labels, complements, lse, p_y, p_c, scale)
+    ctx.scale_value, ctx.lam = scale_value, lam
+    ctx.detach_image_in_neg, ctx.detach_pos_in_l2 = detach_image_in_neg, detach_pos_in_l2
+
+
+def _dual_backward(ctx, grad_loss, grad_l1, grad_l2, *_row_grads):
+    x, pos, neg, labels, complements, lse, p_y, p_c, scale = ctx.saved_tensors
+    need_x, need_pos, need_neg = ctx.needs_input_grad[:3]
+    need_scale = scale is not None and ctx.needs_input_grad[5]
+    zero = x.new_zeros((), dtype=torch.float32)
+    grads = [g if g is not None else zero for g in (grad_loss, grad_l1, grad_l2)]
+    dx, dpos, dneg, dscale = _dual_prompt_backward_op(
+        x, pos, neg, labels, complements, lse, p_y, p_c, scale, ctx.scale_value, *grads, ctx.lam,
+        ctx.detach_image_in_neg, ctx.detach_pos_in_l2, need_x, need_pos, need_neg, need_scale)
+    return (dx if need_x else None, dpos if need_pos else None, dneg if need_neg else None, None, None,
+            dscale if need_scale else None, None, None, None, None, None)
+
+
+_dual_prompt_op.register_autograd(_dual_backward, setup_context=_dual_setup_context)
+
+
+@torch.library.custom_op("coft_fast::clean_probability", mutates_args=())
+def _clean_probability_op(image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor,
+                          labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float) -> torch.Tensor:
+    from coft_fast.kernels.dual_prompt import clean_probability_triton as kernel
+
+    return kernel(image_feats, pos_text, neg_text, labels, _scale_arg(scale, scale_value))
+
+
+@_clean_probability_op.register_fake
+def _(image_feats, pos_text, neg_text, labels, scale, scale_value):
+    return image_feats.new_empty((image_feats.shape[0],), dtype=torch.float32)
+
+
+def _split_scale(scale):
+    return (scale, 1.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
+
+
+def dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
+                            detach_image_in_neg=False, detach_pos_in_l2=False, splits=None):
+    """The Triton path: (loss, l1, l2), fp32 0-dim. ``logit_scale``: a float or a 0-dim tensor on the
+    features' device. ``splits`` (tests only) fixes how many column slices the forward uses."""
+    from coft_fast.kernels.dual_prompt import _check_inputs
+
+    _check_inputs(image_feats, pos_text, neg_text)
+    scale, scale_value = _split_scale(logit_scale)
+    out = _dual_prompt_op(image_feats, pos_text, neg_text, labels, complement_labels, scale, scale_value, float(lam),
+                          bool(detach_image_in_neg), bool(detach_pos_in_l2), int(splits or 0))
+    return out[0], out[1], out[2]
+
+
+def clean_probability_triton(image_feats, pos_text, neg_text, labels, logit_scale):
+    """The Triton path of :func:`clean_probability`: (N,) fp32."""
+    from coft_fast.kernels.dual_prompt import _check_inputs
+
+    _check_inputs(image_feats, pos_text, neg_text)
+    return _clean_probability_op(image_feats, pos_text, neg_text, labels, *_split_scale(logit_scale))
+
+
 def dual_prompt_loss(
     image_feats: torch.Tensor,
     pos_text: torch.Tensor,
@@ -114,8 +233,6 @@ def dual_prompt_loss(
         return dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
                                       detach_image_in_neg, detach_pos_in_l2)
     if use_triton(backend, image_feats, image_feats.dtype):
-        from coft_fast.kernels.dual_prompt import dual_prompt_loss_triton
-
         return dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels,
                                        _on_device(scale, image_feats), lam,
                                        detach_image_in_neg, detach_pos_in_l2)
@@ -136,7 +253,5 @@ def clean_probability(image_feats, pos_text, neg_text, labels, logit_scale, back
     """(N,) p_clean(label) = sigmoid(s+_label - s-_label), float32 (float64 for float64 inputs), no gradient."""
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend)
     if use_triton(backend, image_feats, image_feats.dtype):
-        from coft_fast.kernels.dual_prompt import clean_probability_triton
-
         return clean_probability_triton(image_feats, pos_text, neg_text, labels, _on_device(scale, image_feats))
     return clean_probability_reference(image_feats, pos_text, neg_text, labels, scale)

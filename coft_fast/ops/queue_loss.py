@@ -6,14 +6,21 @@ Gradients reach q and k; the queue is a constant.
 Three implementations:
 - ``queue_info_nce_eager``: MoCo's einsum + cat + cross-entropy, plain autograd. It holds several
   N x (K + 1) tensors at once; kept as the ground truth of the tests and the baseline of the benchmark.
-- ``queue_info_nce_reference`` (the CPU path): chunked over the queue with an online log-sum-exp
-  inside a ``torch.autograd.Function``. When a gradient is needed the same pass accumulates the
-  softmax-weighted sum of the queue rows, so the backward pass is elementwise; only per-row
-  statistics (N and N x d) are saved. Peak memory O(N * chunk) instead of O(N * K).
-- ``coft_fast.kernels.queue_loss.queue_info_nce_triton``: the same algorithm as a fused Triton kernel,
-  split over the queue (flash-decoding style).
+- ``queue_info_nce_reference`` (the CPU path): chunked over the queue with an online log-sum-exp.
+  When a gradient is needed the same pass accumulates the softmax-weighted sum of the queue rows,
+  so the backward pass is elementwise; only per-row statistics (N and N x d) are saved. Peak memory
+  O(N * chunk) instead of O(N * K).
+- ``queue_info_nce_triton``: the same algorithm as a fused Triton kernel
+  (``coft_fast.kernels.queue_loss``), split over the queue (flash-decoding style). When no kernel
+  config fits the GPU (OutOfResources) it falls back to the reference, with one log line.
+Both run as one torch.library custom op, ``coft_fast::queue_info_nce``, with a fake kernel and a
+registered backward, so torch.compile traces a training step through it without graph breaks.
+``enqueue_`` advances a device-side pointer without a host synchronisation.
 """
 from __future__ import annotations
+
+import logging
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +40,7 @@ from coft_fast.ops._checks import (
 # a half-precision queue chunk; chunk = clamp(budget // (N [+ d]), 256, 16384), so at most ~16 MiB of
 # fp32 whatever the queue size (larger chunks keep the CPU GEMMs efficient)
 _CHUNK_ELEMENTS = 1 << 22
+log = logging.getLogger(__name__)
 
 
 def _check_queue_args(q, k, queue, temperature, backend):
@@ -67,28 +75,14 @@ def _chunk_rows(n: int, d: int, converts: bool) -> int:
     return max(256, min(16384, _CHUNK_ELEMENTS // (n + (d if converts else 0))))
 
 
-def no_autocast_method(forward):
-    """Run a Function's forward with autocast off (its matmuls stay in float32 or wider)."""
-
-    def wrapped(ctx, q, *args):
-        with no_autocast(q):
-            return forward(ctx, q, *args)
-
-    return wrapped
-
-
-class _ChunkedQueueInfoNCE(torch.autograd.Function):
-    """Online log-sum-exp over queue chunks; saves only per-row statistics for backward."""
-
-    @staticmethod
-    @no_autocast_method
-    def forward(ctx, q, k, queue, temperature, chunk, grad_enabled):
-        compute = torch.promote_types(q.dtype, torch.float32)
+def _chunked_statistics(q, k, queue, temperature, with_o, chunk):
+    """(loss, w0 - 1, R) in float32 or wider, the queue read ``chunk`` rows at a time with an online
+    log-sum-exp; R_i = sum_j w_ij queue_j + (w_i0 - 1) k_i (so dloss/dq_i = R_i / (N T)), or an empty
+    tensor without ``with_o``. Peak memory O(N * chunk)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    with no_autocast(q):
         qc, kc = q.to(compute), k.to(compute)
         inv_t = 1.0 / temperature
-        # (needs_input_grad says True under torch.no_grad() too, hence the caller's grad mode)
-        with_o = grad_enabled and bool(ctx.needs_input_grad[0])  # the weighted queue sum serves dq only
-        need_grad = with_o or (grad_enabled and bool(ctx.needs_input_grad[1]))
         pos = (qc * kc).sum(-1).mul_(inv_t)  # (N,)
         m = pos.clone()  # running max, started at the positive logit
         total = torch.ones_like(pos)  # running sum of exp(logit - m); exp(pos - m) = 1
@@ -110,34 +104,95 @@ class _ChunkedQueueInfoNCE(torch.autograd.Function):
         del logits
         lse = m + torch.log(total)
         loss = (lse - pos).mean()
-        if need_grad:
-            w0m1 = torch.exp(pos - lse) - 1.0  # softmax weight of the positive key, minus its target 1
-            # R_i = sum_j w_ij queue_j + (w_i0 - 1) k_i, so that dloss/dq_i = R_i / (N T)
-            r = weighted.div_(total[:, None]).add_(w0m1[:, None] * kc) if with_o else None
-            ctx.save_for_backward(qc, r, w0m1)
-        ctx.inv_t = inv_t
-        ctx.dtypes = (q.dtype, k.dtype)
-        return loss
+        w0m1 = torch.exp(pos - lse) - 1.0  # softmax weight of the positive key, minus its target 1
+        r = weighted.div_(total[:, None]).add_(w0m1[:, None] * kc) if with_o else qc.new_empty(0)
+        return loss, w0m1, r
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        qc, r, w0m1 = ctx.saved_tensors
-        coef = grad * (ctx.inv_t / qc.shape[0])
-        dq = (r * coef).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dk = (qc * (w0m1 * coef)[:, None]).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return dq, dk, None, None, None, None
+
+_fallbacks_logged = set()
+
+
+def _log_fallback(q, queue, error) -> None:
+    key = (str(q.device), q.shape[1], q.dtype, queue.dtype)
+    if key not in _fallbacks_logged:
+        _fallbacks_logged.add(key)
+        log.warning("queue_info_nce: no Triton config fits %s for d=%d, q %s, queue %s (%s); using the "
+                    "chunked reference for these shapes", q.device, q.shape[1], q.dtype, queue.dtype, error)
+
+
+@torch.library.custom_op("coft_fast::queue_info_nce", mutates_args=())
+def _queue_info_nce_op(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, with_o: bool,
+                       backend: str, splits: int, chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, w0 - 1, R) of the Triton kernel (``backend`` "triton", ``splits`` 0: chosen) or of the
+    chunked reference (``chunk`` 0: chosen); the Triton path falls back to the reference, with one
+    log line, when no config fits the GPU (OutOfResources)."""
+    if backend == "triton":
+        from coft_fast.kernels import queue_loss as kernel
+
+        try:
+            loss, w0m1, r = kernel.queue_statistics_triton(q, k, queue, temperature, with_o, splits or None)
+            return loss, w0m1, (r if r is not None else q.new_empty(0, dtype=torch.float32))
+        except kernel.OutOfResources as error:
+            _log_fallback(q, queue, error)
+    if not chunk:
+        chunk = _chunk_rows(q.shape[0], q.shape[1], queue.dtype != torch.promote_types(q.dtype, torch.float32))
+    return _chunked_statistics(q, k, queue, temperature, with_o, chunk)
+
+
+@_queue_info_nce_op.register_fake
+def _(q, k, queue, temperature, with_o, backend, splits, chunk):
+    compute = torch.promote_types(q.dtype, torch.float32)
+    n, d = q.shape
+    return (q.new_empty((), dtype=compute), q.new_empty((n,), dtype=compute),
+            q.new_empty((n, d) if with_o else (0,), dtype=compute))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, _, temperature, _, _, _, _ = inputs
+    _, w0m1, r = output
+    ctx.save_for_backward(q, r, w0m1)  # per-row statistics only: nothing of size N x K
+    ctx.inv_t = 1.0 / temperature
+    ctx.k_dtype = k.dtype
+
+
+def _backward(ctx, grad, _grad_w0m1, _grad_r):
+    q, r, w0m1 = ctx.saved_tensors
+    coef = grad * (ctx.inv_t / q.shape[0])
+    dq = dk = None
+    if ctx.needs_input_grad[0]:
+        if r.numel() == 0:
+            raise RuntimeError("queue_info_nce: q needs a gradient but the forward pass ran without it "
+                               "(q.requires_grad was False or grad mode was off)")
+        dq = (r * coef).to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        dk = (q.to(w0m1.dtype) * (w0m1 * coef)[:, None]).to(ctx.k_dtype)
+    return dq, dk, None, None, None, None, None, None
+
+
+_queue_info_nce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused(q, k, queue, temperature, backend, splits=0, chunk=0) -> torch.Tensor:
+    # the weighted queue sum serves dq only, so it is skipped in evaluation (it doubles the work)
+    with_o = torch.is_grad_enabled() and q.requires_grad
+    loss, _, _ = _queue_info_nce_op(q, k, queue.detach(), float(temperature), with_o, backend, int(splits or 0),
+                                    int(chunk or 0))
+    return loss
 
 
 def queue_info_nce_reference(q, k, queue, temperature, chunk: int | None = None) -> torch.Tensor:
     """Plain-torch InfoNCE chunked over the queue (float32 or wider); peak memory O(N * chunk)."""
-    if chunk is None:
-        compute = torch.promote_types(q.dtype, torch.float32)
-        chunk = _chunk_rows(q.shape[0], q.shape[1], queue.dtype != compute)
-    chunk = int(chunk)
-    if chunk < 1:
+    if chunk is not None and int(chunk) < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    return _ChunkedQueueInfoNCE.apply(q, k, queue.detach(), float(temperature), chunk, torch.is_grad_enabled())
+    return _fused(q, k, queue, temperature, "reference", chunk=chunk)
+
+
+def queue_info_nce_triton(q, k, queue, temperature, splits: int | None = None) -> torch.Tensor:
+    """The Triton kernel (``splits``, tests only, fixes the number of queue slices)."""
+    from coft_fast.kernels.queue_loss import check_triton_inputs
+
+    check_triton_inputs(q, k, queue)
+    return _fused(q, k, queue, temperature, "triton", splits=splits)
 
 
 def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
@@ -152,8 +207,6 @@ def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     if backend == "eager":
         return queue_info_nce_eager(q, k, queue, temperature)
     if use_triton(backend, q, q.dtype, queue.dtype):
-        from coft_fast.kernels.queue_loss import queue_info_nce_triton
-
         return queue_info_nce_triton(q, k, queue, temperature)
     return queue_info_nce_reference(q, k, queue, temperature)
 
