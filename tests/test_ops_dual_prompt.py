@@ -375,3 +375,42 @@ def test_eager_formulation_matches_the_reference(n, c, d, dtype, detach):
     grad_tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
     for name, got, want in zip(("x", "pos", "neg"), eager[1], expected[1]):
         assert_close(got, want, grad_tol, f"grad {name}", atol=1e-6)
+
+
+# ------------------------------------------------------------------------- GPU readiness (issue 20)
+
+@pytest.mark.parametrize("detach", [(False, False), (True, True)])
+def test_triton_deterministic_mode_gathers_rows_with_a_gemm(detach):
+    """Under torch.use_deterministic_algorithms(True) the gathered negative rows' gradient comes from one
+    GEMM over a one-hot coefficient matrix (no atomic adds) and the kernels use one fixed config; the
+    gradients (the logit scale's included) still match the fp64 reference, and repeat bitwise."""
+    kernels_or_skip()
+    x, pos, neg, y, yc = make_inputs(70, 37, 48, torch.float32, seed=13)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            scale = torch.tensor(SCALE, device=x.device, requires_grad=True)
+            out, grads = run(triton_loss, x, pos, neg, y, yc, scale, lam=0.7, detach=detach)
+            results.append((out, grads, scale.grad))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    scale64 = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
+    ref_out, ref_grads = fp64_reference(x, pos, neg, y, yc, scale64, lam=0.7, detach=detach)
+    out, grads, scale_grad = results[0]
+    for name, a, e in zip(("image_feats", "pos_text", "neg_text"), grads, ref_grads):
+        assert_close(a, e, GRAD_TOL[torch.float32], f"d {name}")
+    assert_close(scale_grad, scale64.grad, 1e-4, "d logit_scale")
+    for a, b in zip(results[0][1] + [results[0][2]], results[1][1] + [results[1][2]]):
+        assert torch.equal(a, b)
+
+
+def test_labels_checked_by_the_public_op_unless_told_otherwise():
+    x, pos, neg, y, yc = make_inputs(5, 3, 16, torch.float32, dev=torch.device("cpu"))
+    bad = y.clone()
+    bad[0] = 3
+    with pytest.raises(ValueError, match="labels"):
+        ops.dual_prompt_loss(x, pos, neg, bad, yc, SCALE, backend="reference")
+    # a caller that validated the labels once (phase I, per S*) skips the per-step host read
+    ops.dual_prompt_loss(x, pos, neg, y, yc, SCALE, backend="reference", check_label_range=False)

@@ -388,3 +388,75 @@ def test_the_eager_backend_is_mocos_formulation():
     want = run(queue_info_nce_eager, q, k, queue)
     for name, a, b in zip(("loss", "grad q", "grad k"), got, want):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------- GPU readiness (issue 20)
+
+def test_enqueue_on_device_matches_enqueue():
+    """enqueue_ keeps the pointer a device tensor (no host read) and writes what enqueue writes."""
+    size, g = 7, torch.Generator().manual_seed(1)
+    queue_a, queue_b = torch.zeros(size, 2), torch.zeros(size, 2)
+    ptr_a, ptr_b = 0, torch.zeros((), dtype=torch.int64)
+    for step in range(25):
+        count = int(torch.randint(0, size + 1, (1,), generator=g))
+        keys = torch.randn(count, 2, generator=g, dtype=torch.float64)  # converted to the queue's dtype
+        ptr_a = ops.enqueue(queue_a, keys, ptr_a)
+        ops.enqueue_(queue_b, keys, ptr_b)
+        assert int(ptr_b) == ptr_a
+        assert torch.equal(queue_a, queue_b)
+
+
+@pytest.mark.parametrize("ptr,name", [(3, "ptr"), (torch.tensor(3, dtype=torch.int32), "ptr"),
+                                      (torch.tensor([3]), "ptr")])
+def test_enqueue_on_device_errors(ptr, name):
+    queue = torch.zeros(10, 3)
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        ops.enqueue_(queue, torch.ones(2, 3), ptr)
+    with pytest.raises(ValueError, match="keys"):
+        ops.enqueue_(queue, torch.ones(11, 3), torch.zeros((), dtype=torch.int64))
+    assert queue.abs().sum() == 0
+
+
+def test_triton_feature_size_spanning_several_tiles():
+    """d = 100 with 32-wide tiles under the interpreter: four d-chunks of the logits and of the weighted
+    sum, the last one partly masked (on a GPU the same code runs at d = 512 / 768 / 1024)."""
+    kernels_or_skip()
+    q, k, queue = make_inputs(37, 300, 100, torch.float32, seed=11)
+    check_against_eager(triton_loss, q, k, queue, what="d=100")
+    q, k, queue = make_inputs(37, 300, 100, torch.float32, queue_dtype=torch.bfloat16, seed=12)
+    check_against_eager(triton_loss, q, k, queue, what="d=100, bf16 queue")
+
+
+def test_triton_out_of_resources_falls_back_to_the_reference_with_one_log_line(monkeypatch, caplog):
+    kernels_or_skip()
+    import logging
+
+    import coft_fast.kernels.queue_loss as kernel_module
+    import coft_fast.ops.queue_loss as op_module
+
+    def no_fit(*args, **kwargs):
+        raise kernel_module.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(kernel_module, "_queue_forward", no_fit)
+    monkeypatch.setattr(op_module, "_fallbacks_logged", set())
+    q, k, queue = make_inputs(9, 200, 24, torch.float32, seed=3)
+    with caplog.at_level(logging.WARNING, logger="coft_fast.ops.queue_loss"):
+        check_against_eager(triton_loss, q, k, queue, what="fallback")
+        check_against_eager(triton_loss, q, k, queue, what="fallback again")
+    lines = [r for r in caplog.records if "no Triton config fits" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_triton_deterministic_mode_repeats_bitwise():
+    kernels_or_skip()
+    q, k, queue = make_inputs(20, 300, 48, torch.float32, seed=5)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(triton_loss, q, k, queue)
+        second = run(triton_loss, q, k, queue)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    check_against_eager(triton_loss, q, k, queue, what="deterministic")

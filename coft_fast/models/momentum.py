@@ -86,4 +86,4 @@ class MomentumContrast(nn.Module):
     def push_(self, keys: torch.Tensor) -> None:
         """Queue the keys of this step (from every rank), overwriting the oldest."""
         keys = self.gather(keys)
-        self.ptr.fill_(ops.enqueue(self.queue, keys.to(self.queue.dtype), self.ptr))
+        ops.enqueue_(self.queue, keys, self.ptr)  # the pointer stays on the device: no synchronisation

@@ -2,7 +2,7 @@
 Triton kernels (``coft_fast.kernels``) or the C++/CUDA extension (``coft_fast._C``)."""
 from coft_fast.ops.dual_prompt import clean_probability, dual_prompt_loss
 from coft_fast.ops.pseudo_label import PseudoLabelStats, agreement_matrix, class_balanced_topk, pseudo_label_stats
-from coft_fast.ops.queue_loss import enqueue, queue_info_nce
+from coft_fast.ops.queue_loss import enqueue, enqueue_, queue_info_nce
 
 __all__ = [
     "PseudoLabelStats",
@@ -11,6 +11,7 @@ __all__ = [
     "clean_probability",
     "dual_prompt_loss",
     "enqueue",
+    "enqueue_",
     "pseudo_label_stats",
     "queue_info_nce",
 ]

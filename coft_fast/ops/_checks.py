@@ -20,13 +20,17 @@ def check_matrix(name: str, tensor, columns: Optional[int] = None, dtypes: Seque
         raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {tensor.dtype}")
 
 
-def check_labels(name: str, labels, rows: int, num_classes: int) -> None:
+def check_labels(name: str, labels, rows: int, num_classes: int, check_range: bool = True) -> None:
+    """Type, dtype and shape; with ``check_range`` also the values, which reads them on the host (one
+    synchronisation on a GPU, a graph break under torch.compile, where it is skipped)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{name} must be int64, got {labels.dtype}")
     if labels.shape != (rows,):
         raise ValueError(f"{name} must have shape ({rows},), got {tuple(labels.shape)}")
+    if not check_range or torch.compiler.is_compiling():
+        return
     if rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"{name} must lie in [0, {num_classes - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
 

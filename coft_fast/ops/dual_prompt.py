@@ -29,7 +29,8 @@ from coft_fast.ops._checks import (
 )
 
 
-def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels=None):
+def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels=None,
+                check_label_range=True):
     check_backend(backend)
     check_matrix("image_feats", image_feats)
     check_matrix("pos_text", pos_text, columns=image_feats.shape[1])
@@ -40,9 +41,10 @@ def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, c
     check_same_device(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text, labels=labels,
                       complement_labels=complement_labels)
     check_nonempty("image_feats", image_feats)
-    check_labels("labels", labels, image_feats.shape[0], pos_text.shape[0])
+    rows, classes = image_feats.shape[0], pos_text.shape[0]
+    check_labels("labels", labels, rows, classes, check_label_range)
     if complement_labels is not None:
-        check_labels("complement_labels", complement_labels, image_feats.shape[0], pos_text.shape[0])
+        check_labels("complement_labels", complement_labels, rows, classes, check_label_range)
     return scale_value(logit_scale)
 
 
@@ -220,15 +222,18 @@ def dual_prompt_loss(
     detach_image_in_neg: bool = False,
     detach_pos_in_l2: bool = False,
     backend: str = "auto",
+    check_label_range: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, l1, l2), each 0-dim: loss = l1 + lam * l2 (see the module docstring).
 
     ``detach_image_in_neg`` stops gradients to image_feats through the negative logits;
     ``detach_pos_in_l2`` treats the positive logits inside l2 as constants (DEFT: both on).
     ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton", "reference" or
-    "eager" (the unfused N x C formulation).
+    "eager" (the unfused N x C formulation). ``check_label_range`` reads the labels' range on the host
+    (a synchronisation); a training loop that checked its labels once passes False.
     """
-    scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels)
+    scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels,
+                        check_label_range)
     if backend == "eager":
         return dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
                                       detach_image_in_neg, detach_pos_in_l2)

@@ -233,3 +233,23 @@ def enqueue(queue: torch.Tensor, keys: torch.Tensor, ptr) -> int:
     if first < count:
         queue[:count - first].copy_(keys[first:])
     return (ptr + count) % size
+
+
+@torch.no_grad()
+def enqueue_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) -> None:
+    """``enqueue`` for a training loop: ``ptr`` (a 0-dim int64 tensor on the queue's device) is read and
+    advanced on the device, so no step waits for the GPU. Its range is not checked (it is taken
+    modulo K); shapes, dtypes and devices are."""
+    check_matrix("queue", queue)
+    check_matrix("keys", keys, columns=queue.shape[1])
+    check_same_device(queue=queue, keys=keys, ptr=ptr)
+    if not isinstance(ptr, torch.Tensor) or ptr.ndim != 0 or ptr.dtype != torch.int64:
+        raise ValueError(f"ptr must be a 0-dim int64 tensor, got {getattr(ptr, 'dtype', type(ptr).__name__)} "
+                         f"of shape {tuple(getattr(ptr, 'shape', ()))}")
+    size, count = queue.shape[0], keys.shape[0]
+    if count > size:
+        raise ValueError(f"keys has {count} rows, more than the queue's {size}")
+    rows = (ptr + torch.arange(count, device=queue.device)) % size
+    queue.index_copy_(0, rows, keys.to(queue.dtype))
+    ptr.copy_((ptr + count) % size)
+

@@ -21,6 +21,7 @@ from coft_fast.data.streaming import StreamedImages, eval_batches
 from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
 from coft_fast.models.visual_prompts import VisualPrompts
+from coft_fast.ops._checks import check_labels
 from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
@@ -133,6 +134,8 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
     if step:
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
+    # the labels' range is read once per S* here, not on every step (a host synchronisation each)
+    check_labels("labels", labels, len(rows), num_classes)
     labels = labels.to(device)
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
@@ -153,7 +156,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
                 image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
             loss, l1, l2 = ops.dual_prompt_loss(
                 image_feats, pos, neg, labels[mine], complements[mine], logit_scale, cfg.lam,
-                cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend,
+                cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend, check_label_range=False,
             )
             guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
