@@ -121,7 +121,7 @@ def coop_dataset(tmp_path):
 def test_coop_split_finds_the_image_folder(tmp_path):
     json_path, images = coop_dataset(tmp_path)
     source = from_coop_split(json_path, "test")
-    assert source.class_names == ["face", "sea horse"]
+    assert source.class_names == ["face", "sea_horse"]  # CoOp's names as they are; prompts say "sea horse"
     assert source.labels == [0, 0, 1, 1]
     assert source.paths[0] == str(images / "face" / "0.jpg")
     assert len(load_source(json_path, split="train")) == 3
