@@ -243,6 +243,13 @@ class RunConfig:
     # Reuse work across phases: decode each image once for both phase-I models, encode the zero-shot
     # prompts once. False recomputes them where they are used (the naive baseline).
     reuse: bool = True
+    # TF32 for float32 matmuls (torch's and the Triton kernels' float32 dots): faster, about 3 decimal
+    # digits; false keeps float32 accuracy (the kernels then use tf32x3). Under autocast (bf16, the
+    # default on CUDA) it only affects the float32 parts.
+    tf32: bool = False
+    # Deterministic algorithms (torch.use_deterministic_algorithms, which also switches it on): the
+    # kernels use one fixed config and no atomic adds, so a resumed run repeats bitwise on one GPU model.
+    deterministic: bool = False
 
 
 METHODS = ("coft", "coft+", "self-train")
@@ -311,6 +318,10 @@ class Config:
             value = getattr(getattr(self, section), name)
             if value not in allowed:
                 raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+        for key in ("run.tf32", "run.deterministic"):
+            value = getattr(self.run, key.split(".")[1])
+            if not isinstance(value, bool):
+                raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
         if self.model.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"config key 'model.precision' must be auto, fp32 or bf16, got {self.model.precision!r}")
         positive = {

@@ -122,6 +122,9 @@ class CoftRun:
         self.progress = cfg.run.progress and is_main()  # one set of progress bars
         self.decoder = resolve_decoder(cfg.data.decoder, device)
         self.compile = cfg.run.compile if cfg.run.compile is not None else device.type == "cuda"
+        from coft_fast.ops.numerics import set_numerics
+
+        set_numerics(cfg.run.tf32, cfg.run.deterministic)  # before any matmul or kernel of the run
         for parameter in clip.model.parameters():
             parameter.requires_grad_(False)
         self._prepare(clip)

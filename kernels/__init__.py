@@ -55,12 +55,26 @@ def sm_count(device: torch.device) -> int:
 def dot_precision(*dtypes: torch.dtype) -> str:
     """``tl.dot`` input precision for fp32 operands (half-precision operands ignore it).
 
-    Follows torch's matmul setting: "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is on,
+    Follows torch's matmul setting (``run.tf32``, see ``tf32_enabled``): "tf32" when TF32 is allowed,
     otherwise "tf32x3" (three TF32 tensor-core products, about fp32 accuracy at a fraction of the
     cost of "ieee" FMA). The interpreter computes in numpy and gets "ieee"."""
     if interpreting() or torch.float32 not in dtypes:
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if tf32_enabled() else "tf32x3"
+
+
+def tf32_enabled() -> bool:
+    """Whether torch's float32 matmuls may use TF32 (``run.tf32``), read through the API that set it:
+    torch >= 2.9 raises when the legacy ``allow_tf32`` flag is read after the new ``fp32_precision``
+    was set."""
+    matmul = torch.backends.cuda.matmul
+    for precision in (getattr(matmul, "fp32_precision", "none"), getattr(torch.backends, "fp32_precision", "none")):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # the two APIs mixed: torch's own state is ambiguous, take full precision
+        return False
 
 
 def next_power_of_2(n: int) -> int:

@@ -460,3 +460,27 @@ def test_triton_deterministic_mode_repeats_bitwise():
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     check_against_eager(triton_loss, q, k, queue, what="deterministic")
+
+
+def test_run_numerics_switches():
+    """run.tf32 reaches the kernels' fp32 dot precision; run.deterministic switches torch's mode on."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from coft_fast.kernels import dot_precision\n"
+        "from coft_fast.ops.numerics import set_numerics\n"
+        "set_numerics(False, False)\n"
+        "a = (dot_precision(torch.float32), torch.are_deterministic_algorithms_enabled())\n"
+        "set_numerics(True, True)\n"
+        "b = (dot_precision(torch.float32), torch.are_deterministic_algorithms_enabled(),\n"
+        "     os.environ.get('CUBLAS_WORKSPACE_CONFIG'))\n"
+        "set_numerics(False, False)\n"
+        "c = (dot_precision(torch.float32), torch.are_deterministic_algorithms_enabled())\n"
+        "print(a, b, c)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == ("('tf32x3', False) ('tf32', True, ':4096:8') ('tf32x3', True)"), out
