@@ -3,7 +3,10 @@
 //
 // pseudo_label_stats: one warp per row (grid-stride over rows). Each lane keeps an online
 //   softmax state (running max, sum of exp(l - max), first arg-max) over its strided columns, so
-//   the row is read once; the warp merges the 32 states with shuffles (ties to the lower class).
+//   the row is read once, kUnroll columns per lane at a time: their loads are issued together and
+//   the state is updated once per chunk, so a warp keeps kUnroll 128 B requests in flight instead of
+//   one (the per-element branches used to serialise the loads); the warp merges the 32 states with
+//   shuffles (ties to the lower class).
 //   Per-class confidence histograms are counted in a per-block shared-memory histogram and merged
 //   into the global one with one atomic per non-zero cell (global atomics when C * num_bins does
 //   not fit in shared memory).
@@ -46,6 +49,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
+constexpr int kUnroll = 8;  // columns per lane loaded together by the stats kernel
 
 // grid for a grid-stride kernel: enough blocks for the work, at most what fits on the GPU at once
 template <typename Kernel>
@@ -109,17 +113,32 @@ __global__ void __launch_bounds__(kThreads) pseudo_label_stats_kernel(
     float m = -INFINITY, s = 0.0f;
     int arg = 0;
     bool nan = false;
-    for (int64_t j = lane; j < C; j += kWarp) {
-      const float v = static_cast<float>(x[j]);
-      if (isnan(v)) {
-        nan = true;
-      } else if (v > m) {  // strict: the first maximal column of this lane
-        s = (m == -INFINITY) ? 1.0f : s * expf(m - v) + 1.0f;
-        m = v;
-        arg = static_cast<int>(j);
-      } else if (v != -INFINITY) {
-        s += expf(v - m);
+    for (int64_t base = 0; base < C; base += kWarp * kUnroll) {
+      // all kUnroll loads of the chunk first (kUnroll coalesced requests in flight per warp), then
+      // branch-free arithmetic: the next load never waits on the branches of the previous element
+      float v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = base + u * kWarp + lane;
+        v[u] = j < C ? static_cast<float>(x[j]) : -INFINITY;
       }
+      float chunk_max = -INFINITY;
+      int chunk_arg = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        nan |= isnan(v[u]);
+        const bool larger = v[u] > chunk_max;  // strict, in column order: the chunk's first maximum
+        chunk_max = larger ? v[u] : chunk_max;
+        chunk_arg = larger ? static_cast<int>(base + u * kWarp + lane) : chunk_arg;
+      }
+      if (chunk_max == -INFINITY) continue;  // no finite column here (NaNs are flagged above)
+      const float m_new = fmaxf(m, chunk_max);
+      float add = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) add += isnan(v[u]) ? 0.0f : expf(v[u] - m_new);
+      s = s * expf(m - m_new) + add;  // (s = 0 and expf(-inf) = 0 before the first finite chunk)
+      arg = chunk_max > m ? chunk_arg : arg;  // an equal later maximum keeps the earlier column
+      m = m_new;
     }
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
       const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
