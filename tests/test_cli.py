@@ -53,6 +53,8 @@ def test_demo_runs_offline(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "zero-shot" in out.stdout and "CoFT" in out.stdout
+    assert "zero-shot" in out.stdout and "CoFT" in out.stdout and "recipe testbed" in out.stdout
+    saved = yaml.safe_load((tmp_path / "demo" / "coft" / "config.yaml").read_text())
+    assert saved["phase2"]["logit_adjust"] == 1.0 and saved["zeroshot"]["templates"] == "ensemble"  # the testbed recipe
     metrics = __import__("json").loads((tmp_path / "demo" / "coft" / "metrics.json").read_text())
     assert 0 <= metrics["final"]["acc1"] <= 1
