@@ -46,8 +46,9 @@ def classifier_metadata(clip, class_names: Sequence[str], tag: str) -> Dict[str,
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The classifiers' mean logits (phase2.train_on=both); one classifier's logits unchanged."""
-    return logits[0] if len(logits) == 1 else torch.stack(list(logits)).mean(0)
+    """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
+    logits = list(logits)
+    return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
 
 
 class PredictionResult:
@@ -123,7 +124,7 @@ def _build_classifier(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]
 
 
 class RunModel:
-    """A finished run's fine-tuned classifier(s): ``predict``, ``logits``, export (see coft_fast.export)."""
+    """A finished run's fine-tuned classifier(s): ``predict``, ``logits``, export (coft_fast.exporters)."""
 
     def __init__(self, run_dir: Optional[Path], classifiers: Dict[str, FineTunedClassifier], preprocess, class_names,
                  config: Config, metrics: Dict, device: torch.device, metadata: Optional[Dict[str, str]] = None):

@@ -18,7 +18,7 @@ from coft_fast.config import Config
 from coft_fast.data import ImageSource
 from coft_fast.data.resident import ResidentImages, decoded_bytes, preprocess_stats
 from coft_fast.data.streaming import StreamedImages, resolve_decoder
-from coft_fast.inference import CLASSIFIER_FILE, classifier_metadata
+from coft_fast.inference import CLASSIFIER_FILE, classifier_metadata, ensemble_logits
 from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
 from coft_fast.models.attention import use_batch_major_attention
@@ -62,11 +62,6 @@ def check_same_positions(found: torch.Tensor, expected: torch.Tensor, origin: st
                            "the rows would no longer match their images, so the run stops; fix or remove the file(s) "
                            "and resume")
     return found
-
-
-def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
-    return torch.stack(list(logits)).mean(0)
 
 
 def label_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> Optional[float]:

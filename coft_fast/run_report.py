@@ -63,52 +63,78 @@ def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _read_rows(run_dir: Path) -> List[Dict[str, str]]:
+class PoolSummary:
+    """One streamed pass over pseudo_labels.csv: per-class counts and a seeded sample of the kept and
+    dropped rows of each class (reservoir sampling), so memory stays bounded for any pool size."""
+
+    def __init__(self, seed: int = 0, per_strip: int = THUMBNAILS_PER_STRIP):
+        self.zero_shot, self.truth, self.kept, self.correct = Counter(), Counter(), Counter(), Counter()
+        self.seen = Counter()  # rows per (class, kept or dropped), for the reservoirs
+        self.samples: Dict[tuple, List[Dict[str, str]]] = defaultdict(list)
+        self.filtered = self.labelled = False
+        self.rng = random.Random(seed)
+        self.per_strip = per_strip
+
+    def add(self, row: Dict[str, str]) -> None:
+        self.zero_shot[row["zero_shot_label"]] += 1
+        if row.get("pool_label"):
+            self.labelled = True
+            self.truth[row["pool_label"]] += 1
+        if row.get("kept1", "") == "":
+            return
+        self.filtered = True
+        label, kept = row["model1_label"], row["kept1"] == "1"
+        if kept:
+            self.kept[label] += 1
+            self.correct[label] += row.get("pool_label") == label
+        key = (label, "kept" if kept else "dropped")
+        self.seen[key] += 1
+        reservoir = self.samples[key]
+        if len(reservoir) < self.per_strip:
+            reservoir.append(row)
+        else:
+            slot = self.rng.randrange(self.seen[key])
+            if slot < self.per_strip:
+                reservoir[slot] = row
+
+
+def summarise_pool(run_dir: Path) -> PoolSummary:
+    summary = PoolSummary()
     table = run_dir / "pseudo_labels.csv"
-    if not table.is_file():
-        return []
-    with open(table, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    if table.is_file():
+        with open(table, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                summary.add(row)
+    return summary
 
 
-def class_table(rows: List[Dict[str, str]], metrics: Dict, names: List[str]) -> List[Dict]:
-    """One entry per class: pool images (by zero-shot label), S* size, kept by the filter (model 1's
-    labels validated by model 2) and those labels' precision where the pool has labels."""
-    zero_shot = Counter(row["zero_shot_label"] for row in rows)
-    kept = Counter(row["model1_label"] for row in rows if row.get("kept1") == "1")
-    correct = Counter(row["model1_label"] for row in rows
-                      if row.get("kept1") == "1" and row.get("pool_label") and row["pool_label"] == row["model1_label"])
-    labelled = any(row.get("pool_label") for row in rows)
-    truth = Counter(row["pool_label"] for row in rows if row.get("pool_label"))
+def class_table(summary: PoolSummary, metrics: Dict, names: List[str]) -> List[Dict]:
+    """One entry per class: pool images (by zero-shot label, and by true label where the pool has
+    labels), S* size, kept by the filter (model 1's labels validated by model 2) and their precision."""
     selection = metrics.get("selection", {}).get("per_class", {})
-    filtered = bool(rows) and rows[0].get("kept1", "") != ""
     table = []
     for name in names:
-        entry = {"class": name, "pool_images": zero_shot.get(name, 0), "s_star": selection.get(name)}
-        if labelled:
-            entry["pool_true"] = truth.get(name, 0)
-        if filtered:
-            entry["kept"] = kept.get(name, 0)
-            if labelled:
-                entry["precision"] = correct.get(name, 0) / kept[name] if kept.get(name) else None
+        entry = {"class": name, "pool_images": summary.zero_shot.get(name, 0)}
+        if summary.labelled:
+            entry["pool_true"] = summary.truth.get(name, 0)
+        entry["s_star"] = selection.get(name)
+        if summary.filtered:
+            entry["kept"] = summary.kept.get(name, 0)
+            if summary.labelled:
+                entry["precision"] = summary.correct[name] / summary.kept[name] if summary.kept.get(name) else None
         table.append(entry)
     return table
 
 
-def _strips(rows: List[Dict[str, str]], names: List[str], seed: int = 0) -> str:
-    if not rows or rows[0].get("kept1", "") == "":
+def _strips(summary: PoolSummary, names: List[str]) -> str:
+    if not summary.filtered:
         return "<p class='note'>This method has no filter (self-training): no kept or dropped images to show.</p>"
-    by_class = defaultdict(lambda: {"kept": [], "dropped": []})
-    for row in rows:
-        by_class[row["model1_label"]]["kept" if row["kept1"] == "1" else "dropped"].append(row)
-    rng = random.Random(seed)
+    classes = [name for name in names if summary.seen[(name, "kept")] or summary.seen[(name, "dropped")]]
     parts = []
-    shown = [name for name in names if name in by_class][:MAX_STRIP_CLASSES]
-    for name in shown:
+    for name in classes[:MAX_STRIP_CLASSES]:
         parts.append(f"<h3>{html.escape(name)}</h3><div class='strip'>")
         for kind in ("kept", "dropped"):
-            members = by_class[name][kind]
-            for row in rng.sample(members, min(THUMBNAILS_PER_STRIP, len(members))):
+            for row in summary.samples[(name, kind)]:
                 uri = _thumbnail(row["path"])
                 if uri is None:
                     continue
@@ -118,9 +144,9 @@ def _strips(rows: List[Dict[str, str]], names: List[str], seed: int = 0) -> str:
                              f"<img src='{uri}' alt='{kind} {html.escape(name, quote=True)}'>"
                              f"<figcaption>{caption}</figcaption></figure>")
         parts.append("</div>")
-    more = len([n for n in names if n in by_class]) - len(shown)
-    if more > 0:
-        parts.append(f"<p class='note'>{more} more classes not shown (at most {MAX_STRIP_CLASSES}).</p>")
+    if len(classes) > MAX_STRIP_CLASSES:
+        parts.append(f"<p class='note'>{len(classes) - MAX_STRIP_CLASSES} more classes not shown "
+                     f"(at most {MAX_STRIP_CLASSES}).</p>")
     return "".join(parts)
 
 
@@ -170,23 +196,23 @@ def build_report(run_dir: PathLike) -> Path:
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json: the report needs a finished run folder")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    rows = _read_rows(run_dir)
+    summary = summarise_pool(run_dir)
     names_path = run_dir / "class_names.json"
     if names_path.is_file():
         names = list(json.loads(names_path.read_text(encoding="utf-8")))
-    else:
-        names = list(dict.fromkeys(row["zero_shot_label"] for row in rows))
+    else:  # runs written before class_names.json: the classes in the order they occur
+        names = list(summary.zero_shot)
     plots = "".join(f"<h3>{html.escape(name)}</h3><img src='{_png(run_dir / name)}' alt='{html.escape(name)}'>"
                     for name in PLOTS if (run_dir / name).is_file())
     page = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>coft_fast run: {html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>Run {html.escape(run_dir.name)}</h1>{_headline(metrics)}"
-        f"<h2>Per class</h2>{_class_rows_html(class_table(rows, metrics, names))}"
+        f"<h2>Per class</h2>{_class_rows_html(class_table(summary, metrics, names))}"
         f"<h2>Plots</h2><div class='plots'>{plots or '<p class=note>No plots in this run.</p>'}</div>"
         "<h2>What the filter kept and dropped</h2><p class='note'>By model 1's label; green: kept (model 2 "
         "validated the label), red: dropped. m1, m2: the two phase I models' labels.</p>"
-        f"{_strips(rows, names)}</body></html>\n"
+        f"{_strips(summary, names)}</body></html>\n"
     )
     out = run_dir / REPORT
     atomic_write_text(out, page)

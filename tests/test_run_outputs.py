@@ -245,3 +245,24 @@ def test_report_renders_in_a_real_browser_with_every_image_and_the_runs_numbers(
         assert int(pool_true) == sum(r["pool_label"] == name for r in rows)
         assert int(s_star) == metrics["selection"]["per_class"][name]
         assert int(kept) == sum(r["model1_label"] == name and r["kept1"] == "1" for r in rows)
+
+
+def test_the_report_summary_is_one_bounded_pass_over_the_pool():
+    from coft_fast.run_report import THUMBNAILS_PER_STRIP, PoolSummary, class_table
+
+    summary = PoolSummary(seed=3)
+    rows = [{"path": f"{i}.png", "zero_shot_label": "cat" if i % 3 else "dog", "model1_label": "cat" if i % 2 else "dog",
+             "model2_label": "cat", "kept1": "1" if i % 5 else "0", "pool_label": "cat" if i % 4 else "dog"}
+            for i in range(1000)]
+    for row in rows:
+        summary.add(row)
+    for (label, kind), sample in summary.samples.items():
+        assert len(sample) == THUMBNAILS_PER_STRIP
+        assert all(r["model1_label"] == label and (r["kept1"] == "1") == (kind == "kept") for r in sample)
+    table = {entry["class"]: entry for entry in class_table(summary, {"selection": {"per_class": {"cat": 4}}},
+                                                            ["cat", "dog"])}
+    kept_cat = [r for r in rows if r["model1_label"] == "cat" and r["kept1"] == "1"]
+    assert table["cat"]["kept"] == len(kept_cat) and table["cat"]["s_star"] == 4 and table["dog"]["s_star"] is None
+    assert table["cat"]["precision"] == sum(r["pool_label"] == "cat" for r in kept_cat) / len(kept_cat)
+    assert table["dog"]["pool_images"] == sum(r["zero_shot_label"] == "dog" for r in rows)
+    assert table["dog"]["pool_true"] == sum(r["pool_label"] == "dog" for r in rows)
