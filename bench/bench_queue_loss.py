@@ -5,8 +5,8 @@
 Variants, all on the same inputs (unit-norm q, k (N, d) and queue (K, d), T = 0.07):
   eager      MoCo's loss as written: einsum for the positive and the queue logits, cat, / T, cross-entropy,
              in the inputs' dtype (plain autograd; it holds several N x (K + 1) tensors);
-  reference  the op's plain-torch path: chunked over the queue with an online log-sum-exp inside an
-             autograd.Function (O(N * chunk) memory);
+  reference  the op's plain-torch path: chunked over the queue with an online log-sum-exp, as one
+             torch.library custom op with a registered backward (O(N * chunk) memory);
   fused      the op's Triton kernel (GPU only: the CPU interpreter is ~1000x slower than torch).
 Passes: "fwd" is the training forward (q and k require grad, so eager keeps its graph), "fwd+bwd" is
 that plus backward to q and k, "fwd_nograd" the forward under torch.no_grad() (evaluation).

@@ -4,7 +4,9 @@ Kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1``), which is how CI checks them against the plain-torch references.
 
 Modules: ``dual_prompt`` (the phase-I head: loss and p_clean), ``queue_loss`` (InfoNCE against a
-momentum queue). Kernels upcast to fp32 when interpreting (the interpreter mishandles bf16
+momentum queue), ``aot`` (compiles them ahead of time for sm_80 / sm_90 without a GPU and reports
+shared memory and spills; tests/test_kernels_aot.py). Configs are pruned per GPU with
+``shared_memory_limit`` / ``device_shared_memory``. Kernels upcast to fp32 when interpreting (the interpreter mishandles bf16
 arithmetic) and then use one autotune config; on a GPU they keep half-precision operands for
 ``tl.dot`` with fp32 accumulation, and fp32 operands follow torch's TF32 setting (``dot_precision``).
 """
