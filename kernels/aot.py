@@ -149,6 +149,11 @@ def _kernel_args(jit, values: dict) -> dict:
     return {name: values[name] for name in jit.arg_names}
 
 
+def module_max_splits(module) -> int:
+    """The merge's largest S_PAD: the kernel module's slice cap (8 for a module without one)."""
+    return getattr(module, "MAX_SPLITS", 8)
+
+
 def queue_cases(capability: int, sizes_d=SIZES_D) -> List[Case]:
     """The queue InfoNCE kernels: (q, queue) dtypes fp32/fp32, bf16/bf16, fp16/fp16, fp32/bf16, with and
     without the weighted sum (a gradient to q or not), every config the op keeps on the target."""
@@ -187,8 +192,8 @@ def queue_cases(capability: int, sizes_d=SIZES_D) -> List[Case]:
             d_pad = next_power_of_2(d)
             values = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_o_ptr": "*fp32", "pos_ptr": "*fp32",
                       "k_ptr": f"*{q_dtype}", "loss_rows_ptr": "*fp32", "w0m1_ptr": "*fp32", "r_ptr": "*fp32",
-                      "N": BATCH, "D": d, "SPLITS": 8, "stride_k": d, "S_PAD": 8, "WITH_O": True, "BLOCK_M": 32,
-                      "BLOCK_D": min(128, d_pad)}
+                      "N": BATCH, "D": d, "SPLITS": 100, "stride_k": d, "S_PAD": module_max_splits(module),
+                      "WITH_O": True, "BLOCK_M": 32, "BLOCK_D": min(128, d_pad)}
             cases.append(Case("queue._queue_merge_kernel", capability, _kernel_args(merge, values), 4, 3,
                               f"merge {q_dtype} d={d}"))
     return cases

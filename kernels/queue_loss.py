@@ -47,6 +47,8 @@ from coft_fast.kernels import (
 _TL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # partial weighted sums (slices x N x d fp32) are kept under this many bytes when choosing slices
 _PARTIAL_BYTES = 16 * 1024 * 1024
+# the merge holds (slices x BLOCK_M) statistics in registers: at most 128 slices (checked by the AOT test)
+MAX_SPLITS = 128
 # fp32 accumulator elements one thread may hold (the logit tile, and the output chunk with a gradient)
 _ACCUMULATORS_PER_THREAD = 96
 
@@ -237,7 +239,7 @@ def choose_splits(n: int, k: int, d: int, device: torch.device, with_o: bool) ->
     splits = triton.cdiv(2 * sm_count(device), row_blocks)
     if with_o:
         splits = min(splits, max(1, _PARTIAL_BYTES // (n * d * 4)))
-    return max(1, min(splits, triton.cdiv(k, 256)))
+    return max(1, min(splits, triton.cdiv(k, 256), MAX_SPLITS))
 
 
 def fixed_partial_config(d: int, q_item: int, queue_item: int, with_o: bool, shared_memory: int):
@@ -290,7 +292,7 @@ def _queue_forward(q, k, queue, temperature, with_o, splits=None):
     device = q.device
     if splits is None:
         splits = choose_splits(n, size, d, device, with_o)
-    splits = max(1, min(int(splits), size))
+    splits = max(1, min(int(splits), size, MAX_SPLITS))
     rows_per_split = triton.cdiv(size, splits)
     if rows_per_split > 128:  # slice starts aligned to the largest queue tile
         rows_per_split = triton.cdiv(rows_per_split, 128) * 128
