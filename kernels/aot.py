@@ -235,7 +235,8 @@ def dual_cases(capability: int, sizes_d=SIZES_D) -> List[Case]:
                               4, 3, f"rows {dtype} d={d}"))
             clean = _kernel_args(jits["_clean_probability_kernel"], {**values, "BLOCK_N": 32})
             cases.append(Case("dual._clean_probability_kernel", capability, clean, 4, 3, f"clean {dtype} d={d}"))
-        finalize = _kernel_args(jits["_dual_finalize_kernel"], {**values, "BLOCK_N": 128})
+        finalize = _kernel_args(jits["_dual_finalize_kernel"],
+                                {**values, "BLOCK_N": 128, "S_PAD": getattr(module, "MAX_SPLITS", 8)})
         cases.append(Case("dual._dual_finalize_kernel", capability, finalize, 4, 3, "finalize"))
     return cases
 

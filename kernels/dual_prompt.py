@@ -380,9 +380,13 @@ def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+# the finalize kernel holds (slices x 128) statistics in registers: at most 32 slices (checked by the AOT test)
+MAX_SPLITS = 32
+
+
 def _splits(n: int, c: int, device: torch.device) -> int:
     row_blocks = triton.cdiv(n, 32)
-    return max(1, min(triton.cdiv(2 * sm_count(device), row_blocks), triton.cdiv(c, 128)))
+    return max(1, min(triton.cdiv(2 * sm_count(device), row_blocks), triton.cdiv(c, 128), MAX_SPLITS))
 
 
 def _block_d(d: int) -> int:
@@ -404,7 +408,7 @@ def _dual_forward(x, pos, neg, y, yc, scale, lam, splits=None):
     device = x.device
     if splits is None:
         splits = _splits(n, c, device)
-    splits = max(1, min(int(splits), c))
+    splits = max(1, min(int(splits), c, MAX_SPLITS))
     cols_per_split = triton.cdiv(c, splits)
     if cols_per_split > 128:  # slice starts aligned to the largest column tile
         cols_per_split = triton.cdiv(cols_per_split, 128) * 128
