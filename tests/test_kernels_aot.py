@@ -6,7 +6,7 @@ reports Triton's shared memory and ptxas's spills. A kept config must fit the ta
 stay within the op's own estimate (so the pruning is right) and spill at most a few bytes. The old
 queue kernel (one tile over the whole of d) fails here with 51 violations at sm_80 / sm_90 (up to
 590,080 B of shared memory, 24 KB of spills per thread): ``python -m coft_fast.kernels.aot
---queue-kernel OLD_FILE``. CI runs sm_80 and sm_90 (about 3 min on 2 cores); the slow test adds
+--queue-kernel OLD_FILE``. CI runs sm_80 and sm_90 (3-4 min on 2 shared cores); the slow test adds
 sm_86, sm_89 (99 KB of shared memory), sm_100 and sm_120.
 """
 from __future__ import annotations
