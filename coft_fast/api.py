@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from coft_fast.config import Config, ConfigError, apply_file, load_recipe, resolve_auto, set_value
 from coft_fast.data import ImageSource, load_source
-from coft_fast.inference import PredictionResult, RunModel, load_run, predict_to_folder
+from coft_fast.inference import PredictionResult, RunModel, classifier_metadata, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_name_mapping, class_prompts, prompt_names, templates_record, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
@@ -213,7 +213,8 @@ def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, over
 class TrainResult:
     """What `train()` returns: metrics, the filtered sets, and `predict()` with the fine-tuned model."""
 
-    def __init__(self, metrics, class_names, pool, positions, train_sets, classifiers, preprocess, device, cfg, out_dir):
+    def __init__(self, metrics, class_names, pool, positions, train_sets, classifiers, preprocess, device, cfg, out_dir,
+                 metadata=None):
         self.metrics = metrics
         self.class_names = class_names
         self.pool = pool
@@ -221,7 +222,7 @@ class TrainResult:
         self._positions = positions
         self._cfg = cfg
         # the fine-tuned classifier(s) as load_run(out_dir) would return them, without reading the folder
-        self.model = RunModel(out_dir, classifiers, preprocess, class_names, cfg, metrics, device)
+        self.model = RunModel(out_dir, classifiers, preprocess, class_names, cfg, metrics, device, metadata)
         self.clean_sets = {
             name: [(pool.paths[int(positions[r])], class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()
@@ -335,7 +336,8 @@ def train(
         distributed.barrier()  # every rank returns once the outputs are written
         _log_summary(metrics)
         return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
-                           clip2.preprocess_eval, device, cfg, out_dir)
+                           clip2.preprocess_eval, device, cfg, out_dir,
+                           classifier_metadata(clip2, pool.class_names, next(iter(sets))))
 
 
 def _write_report(out_dir: Path) -> None:

@@ -16,8 +16,9 @@ def test_not_a_terminal_writes_whole_lines_without_redraws(monkeypatch):
     stream = io.StringIO()
     bar = progress_bar(total=1000, desc="phase I model1", unit="step", file=stream, leave=False)
     assert isinstance(bar, LineProgress)
-    for _ in range(1000):
+    for step in range(1000):
         bar.update(1)
+        bar.set_postfix(loss=1.0 / (step + 1))  # forces a refresh each step, as the test bed's loop does
     bar.close()
     text = stream.getvalue()
     assert "\r" not in text

@@ -170,6 +170,11 @@ def test_export_open_clip_loads_with_open_clip_and_classifies_like_the_run(finis
     expected = run_model.predict(images)
     assert [classes[i] for i in logits.argmax(1).tolist()] == [run_model.class_names[i] for i in expected.labels.tolist()]
     torch.testing.assert_close(logits.softmax(1), expected.probabilities, rtol=1e-4, atol=1e-5)
+    # the object train() returns exports the same model without reading the run folder
+    from coft_fast.exporters import export_open_clip
+
+    export_open_clip(result.model, tmp_path / "from_memory", "s1")
+    assert (tmp_path / "from_memory" / "classes.txt").read_text() == (folder / "classes.txt").read_text()
     # the text tower is the pre-trained one: the zero-shot text embeddings are unchanged
     original = coft_fast.load_clip(result.config.model.name, device="cpu")
     tokens = original.tokenizer(["a photo of a seven."])

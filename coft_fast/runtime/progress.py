@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from tqdm.auto import tqdm as terminal_tqdm
 from tqdm.std import tqdm as plain_tqdm
@@ -38,7 +39,7 @@ class LineProgress(plain_tqdm):
     """tqdm's counting and rate, displayed as whole lines (no redraws), at most one per interval."""
 
     def __init__(self, *args, **kwargs):
-        self._shown_n = None
+        self._shown_n, self._shown_at = None, 0.0
         total = kwargs.get("total")
         if total is None and args and hasattr(args[0], "__len__"):
             total = len(args[0])
@@ -50,12 +51,16 @@ class LineProgress(plain_tqdm):
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
-        # msg == "" is tqdm's request to erase the bar on close: write the last count instead
-        if self.n != self._shown_n:
-            self._shown_n = self.n
+        # msg == "" is tqdm's request to erase the bar on close: write the last count instead. Other
+        # calls (updates, and refreshes that set_postfix forces) write at most once per interval.
+        closing = msg == ""
+        now = time.monotonic()
+        due = self._shown_n is None or now - self._shown_at >= self.mininterval
+        if self.n != self._shown_n and (closing or due):
+            self._shown_n, self._shown_at = self.n, now
             self.fp.write(self.__str__() + "\n")
             self.fp.flush()
-        return msg != ""  # False: tqdm writes no carriage return after the erase
+        return not closing  # False: tqdm writes no carriage return after the erase
 
 
 def progress_bar(iterable=None, **kwargs):
