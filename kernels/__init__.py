@@ -18,8 +18,11 @@ import os
 import torch
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: torch.compile traces a constant
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
