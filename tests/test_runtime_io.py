@@ -48,3 +48,14 @@ def test_stale_temporaries_of_killed_writes_are_removed(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     assert runtime_io.remove_stale_temporaries(tmp_path) == 2
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["metrics.json"]
+
+
+def test_outputs_get_the_usual_permissions_not_owner_only(tmp_path):
+    """mkstemp's temporaries are owner-only (0600); a written output has 0666 minus the umask, as
+    open() would give it (0644 under the usual umask 022), so reports and exports can be shared."""
+    import stat
+
+    from coft_fast.runtime import io as runtime_io
+
+    runtime_io.atomic_write_text(tmp_path / "report.html", "<html></html>")
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o666 & ~runtime_io._UMASK

@@ -12,6 +12,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 PathLike = Union[str, os.PathLike]
 # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
 TEMP_SUFFIX = ".tmp"
+# mkstemp creates files readable by their owner only; outputs get the usual permissions instead
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -22,6 +25,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb") as handle:
