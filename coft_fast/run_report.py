@@ -140,6 +140,8 @@ def _strips(summary: PoolSummary, names: List[str]) -> str:
                     continue
                 caption = (f"{kind}<br>m1: {html.escape(row['model1_label'])}<br>"
                            f"m2: {html.escape(row['model2_label'])}")
+                if row.get("pool_label"):  # the pool's own label, where it has one
+                    caption += f"<br>true: {html.escape(row['pool_label'])}"
                 parts.append(f"<figure class='{kind}' title='{html.escape(row['path'], quote=True)}'>"
                              f"<img src='{uri}' alt='{kind} {html.escape(name, quote=True)}'>"
                              f"<figcaption>{caption}</figcaption></figure>")
@@ -211,7 +213,8 @@ def build_report(run_dir: PathLike) -> Path:
         f"<h2>Per class</h2>{_class_rows_html(class_table(summary, metrics, names))}"
         f"<h2>Plots</h2><div class='plots'>{plots or '<p class=note>No plots in this run.</p>'}</div>"
         "<h2>What the filter kept and dropped</h2><p class='note'>By model 1's label; green: kept (model 2 "
-        "validated the label), red: dropped. m1, m2: the two phase I models' labels.</p>"
+        "validated the label), red: dropped. m1, m2: the two phase I models' labels; true: the pool's own "
+        "label, where it has one (never used for training).</p>"
         f"{_strips(summary, names)}</body></html>\n"
     )
     out = run_dir / REPORT
