@@ -130,13 +130,14 @@ def _strips(summary: PoolSummary, names: List[str]) -> str:
     if not summary.filtered:
         return "<p class='note'>This method has no filter (self-training): no kept or dropped images to show.</p>"
     classes = [name for name in names if summary.seen[(name, "kept")] or summary.seen[(name, "dropped")]]
-    parts = []
+    parts, unread = [], 0
     for name in classes[:MAX_STRIP_CLASSES]:
         parts.append(f"<h3>{html.escape(name)}</h3><div class='strip'>")
         for kind in ("kept", "dropped"):
             for row in summary.samples[(name, kind)]:
                 uri = _thumbnail(row["path"])
                 if uri is None:
+                    unread += 1
                     continue
                 caption = (f"{kind}<br>m1: {html.escape(row['model1_label'])}<br>"
                            f"m2: {html.escape(row['model2_label'])}")
@@ -146,6 +147,10 @@ def _strips(summary: PoolSummary, names: List[str]) -> str:
                              f"<img src='{uri}' alt='{kind} {html.escape(name, quote=True)}'>"
                              f"<figcaption>{caption}</figcaption></figure>")
         parts.append("</div>")
+    if unread:
+        parts.insert(0, f"<p class='note' id='unread-thumbnails'>{unread} pool images could not be read for "
+                        "thumbnails: they were moved, or pseudo_labels.csv holds paths relative to the folder the run "
+                        "was started from; run `coft-fast report` from that folder.</p>")
     if len(classes) > MAX_STRIP_CLASSES:
         parts.append(f"<p class='note'>{len(classes) - MAX_STRIP_CLASSES} more classes not shown "
                      f"(at most {MAX_STRIP_CLASSES}).</p>")
