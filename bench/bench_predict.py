@@ -3,7 +3,7 @@
     python bench/bench_predict.py [--model ViT-B-16] [--limit 512] [--repeats 3] [--batch-size 64]
                                   [--num-workers 2] [--threads N] [--tag TAG]
 
-Both sides run in this process, interleaved (zero-shot, predict, zero-shot, ...), on the same
+Both sides run in this process, interleaved (zero-shot, predict, predict, zero-shot, ...), on the same
 images (the first --limit of cifar10/test, or --images), from decoding to a written
 predictions.csv:
 - zero-shot scoring: what `coft-fast zeroshot` does per image (coft_fast.pseudo.encode_images with
@@ -105,9 +105,12 @@ def main(argv=None) -> None:
         zero_shot_pass(clip, source, text, cfg, device, work / "zs_warmup")  # first-touch costs, both sides
         predict_pass(model, images, cfg, work / "pred_warmup")
         times = {"zero-shot scoring": [], "coft-fast predict": []}
+        passes = {"zero-shot scoring": lambda r: zero_shot_pass(clip, source, text, cfg, device, work / f"zs{r}"),
+                  "coft-fast predict": lambda r: predict_pass(model, images, cfg, work / f"pred{r}")}
         for repeat in range(args.repeats):
-            times["zero-shot scoring"].append(zero_shot_pass(clip, source, text, cfg, device, work / f"zs{repeat}"))
-            times["coft-fast predict"].append(predict_pass(model, images, cfg, work / f"pred{repeat}"))
+            order = list(passes) if repeat % 2 == 0 else list(passes)[::-1]  # ABBA: a drifting load favours neither
+            for name in order:
+                times[name].append(passes[name](repeat))
             print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     rates = {name: len(source) / statistics.median(values) for name, values in times.items()}
     ratio = rates["coft-fast predict"] / rates["zero-shot scoring"]
@@ -119,7 +122,7 @@ def main(argv=None) -> None:
         f"`python bench/bench_predict.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
         f"Machine: {machine()}, {torch.get_num_threads()} torch threads. Model {args.model} (image size "
         f"{model.image_size}), {len(source)} images of {folder}, batch {args.batch_size}, {args.num_workers} "
-        f"decoding workers; median of {args.repeats} interleaved repeats, each from decoding to a written "
+        f"decoding workers; median of {args.repeats} interleaved repeats (order alternating), each from decoding to a written "
         f"predictions.csv.", "",
         "| path | images/s | median time |", "|---|---|---|",
         *[f"| {name} | {rates[name]:.1f} | {statistics.median(times[name]):.2f} s |" for name in times], "",
