@@ -81,7 +81,7 @@ def test_evaluation_stops_when_an_eval_image_decodes_once_and_then_fails(tiny_te
 
 
 def test_train_on_both_reports_the_logit_ensemble():
-    from coft_fast.pipeline import ensemble_logits
+    from coft_fast.inference import ensemble_logits
 
     a = torch.tensor([[-5.0, 4.0, 4.0], [0.0, 1.0, 0.0]])
     b = torch.tensor([[4.0, 1.0, -5.0], [0.0, 0.0, 3.0]])
