@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from coft_fast import ops
 from coft_fast.ops.dual_prompt import clean_probability_reference, dual_prompt_loss_reference
 from coft_fast.ops.queue_loss import queue_info_nce_eager, queue_info_nce_reference
+from test_ops_queue_loss import assert_close  # max-norm error against the fp64 reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,15 +22,6 @@ SCALE = 100.0
 # tf32x3 dots, about fp32 accuracy)
 GRAD_TOL = {torch.float32: 5e-5, torch.bfloat16: 2e-2}
 LOSS_ATOL = {torch.float32: 5e-5, torch.bfloat16: 5e-3}
-
-
-def assert_close(actual, expected, tol, what, atol=0.0):
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    assert actual.shape == expected.shape, what
-    assert torch.isfinite(actual).all(), f"{what}: not finite"
-    err = (actual - expected).abs().max().item()
-    bound = tol * max(expected.abs().max().item(), 1e-3) + atol
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
 def queue_inputs(n, size, d, dtype, queue_dtype=None, device="cuda", seed=0):
