@@ -147,11 +147,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     from coft_fast import api
     from coft_fast.runtime.logs import log_to_console
 
-    if args.command in ("predict", "export", "report"):
-        log_to_console(args.verbose)
-        return _run_folder_command(api, args)
-
     log_to_console(args.verbose)
+    if args.command in ("predict", "export", "report"):  # a finished run folder: no config to build
+        return _run_folder_command(api, args)
     from coft_fast.runtime import distributed
 
     if distributed.launch_rank() > 0 and not args.verbose:  # under torchrun, rank 0 speaks for all

@@ -22,7 +22,7 @@ from coft_fast.data import ImageSource, load_source
 from coft_fast.data.streaming import eval_batches
 from coft_fast.phases.phase2 import FineTunedClassifier, ScaledLinearHead
 from coft_fast.runtime.device import autocast, resolve_device
-from coft_fast.runtime.io import atomic_csv_writer
+from coft_fast.runtime.io import atomic_csv_writer, atomic_write_csv, atomic_write_json
 from coft_fast.runtime.metrics import RunningClassificationMetrics
 from coft_fast.runtime.progress import progress_bar
 
@@ -270,8 +270,6 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
         metrics.update(running.result())
     metrics["seconds"] = time.perf_counter() - started
     if out_dir:
-        from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
-
         if source.skipped:
             atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
                              ((s["path"], s["reason"]) for s in source.skipped))
