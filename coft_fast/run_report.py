@@ -45,14 +45,13 @@ def _percent(value: Optional[float]) -> str:
 
 def _thumbnail(path: str) -> Optional[str]:
     """A data: URI of a small JPEG of ``path`` (None when the file cannot be read)."""
-    from PIL import Image
+    from coft_fast.data.loading import decode_rgb
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
+        image = decode_rgb(path)  # the decoder training used: 16-bit, palette and alpha as there
+        image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
     except Exception as exc:  # a moved or broken pool file leaves a gap, not a failed report
         log.debug("report: no thumbnail for %s (%s)", path, exc)
         return None
