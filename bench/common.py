@@ -93,3 +93,44 @@ def start_op_bench(args, child_measure, child_setup) -> bool:
 def results_stem(op: str, device: torch.device, args) -> str:
     """The results file name of a per-op benchmark run: op, device, then --quick and --tag."""
     return f"{op}_{device.type}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+
+
+class CellTable:
+    """A benchmark's finished cells, kept in ``bench/results/<stem>.csv`` as each cell finishes: a cell
+    already in the file is never run again, so a committed table lets a later session continue it.
+    ``key_fields`` name the columns that identify a cell."""
+
+    def __init__(self, stem: str, header, key_fields):
+        self.path = RESULTS / f"{stem}.csv"
+        self.header, self.key_fields = list(header), tuple(key_fields)
+        self.rows = {}
+        if self.path.is_file():
+            import csv
+
+            with open(self.path, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    self.rows[self.key(row)] = {h: row.get(h, "") for h in self.header}
+
+    def key(self, row) -> tuple:
+        return tuple(str(row[field]) for field in self.key_fields)
+
+    def __contains__(self, row) -> bool:
+        return self.key(row) in self.rows
+
+    def add(self, row, order) -> None:
+        """Record ``row`` and rewrite the CSV, its rows in the order of the cells in ``order``."""
+        from coft_fast.runtime.io import atomic_write_csv
+
+        self.rows[self.key(row)] = {h: row.get(h, "") for h in self.header}
+        atomic_write_csv(self.path, self.header, ([r[h] for h in self.header] for r in self.ordered(order)))
+
+    def ordered(self, order) -> list:
+        keys = [self.key(cell) for cell in order]
+        return [self.rows[k] for k in keys if k in self.rows] + [r for k, r in self.rows.items() if k not in keys]
+
+
+def markdown_table(header, rows) -> list:
+    """Markdown lines of a table; empty cells as '-'."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[h]) if row[h] != "" else "-" for h in header) + " |" for row in rows]
+    return lines

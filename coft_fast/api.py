@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from coft_fast.config import Config, ConfigError, apply_file, load_recipe, resolve_auto, set_value
 from coft_fast.data import ImageSource, load_source
+from coft_fast.data.sources import add_shots, unlabelled_error
 from coft_fast.inference import PredictionResult, RunModel, classifier_metadata, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
@@ -223,6 +224,8 @@ class TrainResult:
         self._cfg = cfg
         # the fine-tuned classifier(s) as load_run(out_dir) would return them, without reading the folder
         self.model = RunModel(out_dir, classifiers, preprocess, class_names, cfg, metrics, device, metadata)
+        # pseudo.source=given (clean_labels): a LabelIssue per pool image, most likely wrong first
+        self.label_issues = None
         self.clean_sets = {
             name: [(pool.paths[int(positions[r])], class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()
@@ -267,20 +270,26 @@ def train(
     overrides: Iterable[str] = (),
     resume: bool = False,
     recipe: Optional[PathLike] = None,
+    labeled: Optional[PathLike] = UNSET,
+    labeled_split: Optional[str] = UNSET,
 ) -> TrainResult:
     """Adapt CLIP to ``classes`` on the unlabelled ``images`` (CoFT by default; see ``method``).
 
-    Labels the images carry (class sub-folders) are used only for diagnostics. With ``eval_images``
-    (labelled), zero-shot and final accuracy are measured there. With ``out``, the run folder gets
-    metrics.json, pseudo_labels.csv, config.yaml, checkpoints, TensorBoard logs and plots, and a
-    killed run continues with ``resume=True``. ``recipe``: a named recipe (`coft-fast recipes`) under
-    ``config`` and ``overrides``; the defaults are the paper's (``paper-coft``).
+    Labels the images carry (class sub-folders) are used only for diagnostics, unless
+    ``pseudo.source=given`` (see ``clean_labels``). ``labeled``: a few labelled images per class (a
+    folder, CSV or CoOp JSON with ``labeled_split``) that go first into S* with their labels and are
+    never filtered out. With ``eval_images`` (labelled), zero-shot and final accuracy are measured
+    there. With ``out``, the run folder gets metrics.json, pseudo_labels.csv, config.yaml,
+    checkpoints, TensorBoard logs and plots, and a killed run continues with ``resume=True``.
+    ``recipe``: a named recipe (`coft-fast recipes`) under ``config`` and ``overrides``; the
+    defaults are the paper's (``paper-coft``).
     """
     from coft_fast.pipeline import CoftRun
 
     cfg = resolve_config(
         config, overrides, recipe=recipe, model__name=model, model__pretrained=_pretrained_value(pretrained), method=method,
         run__out_dir=UNSET if out is UNSET else (out and str(out)),
+        data__labeled=UNSET if labeled in (UNSET, None) else str(labeled), data__labeled_split=labeled_split,
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     device = distributed.init_from_env(cfg.model.device)  # joins torchrun's process group, if any
@@ -297,6 +306,18 @@ def train(
     if refused:
         raise ConfigError(refused)
     pool = load_images(images, classes, cfg)
+    if cfg.pseudo.source == "given":
+        error = unlabelled_error(pool, "pseudo.source=given (clean-labels)")
+        if error:
+            raise error
+    shots = None
+    if cfg.data.labeled:
+        labelled = load_source(cfg.data.labeled, pool.class_names, split=cfg.data.labeled_split,
+                               image_root=cfg.data.image_root)
+        pool_size = len(pool)
+        pool, shots = add_shots(pool, labelled)
+        log.info("%d labelled shots from %s (%d of them not in the pool, added to it)", len(labelled),
+                 labelled.origin, len(pool) - pool_size)
     eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
     if pool.num_classes < 2:
         raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
@@ -318,7 +339,7 @@ def train(
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
         if cfg.method in ("coft", "coft+"):  # fail before any image is scored (zero-shot templates are checked first thing)
             check_dual_prompts_fit(clip.tokenizer, prompt_names(pool.class_names), cfg.phase1.n_ctx, clip.context_length)
-        run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer)
+        run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer, shots)
         try:
             sets, clip2 = run.execute()
         except Exception as exc:
@@ -335,9 +356,36 @@ def train(
             _write_report(out_dir)
         distributed.barrier()  # every rank returns once the outputs are written
         _log_summary(metrics)
-        return TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
-                           clip2.preprocess_eval, device, cfg, out_dir,
-                           classifier_metadata(clip2, pool.class_names, next(iter(sets))))
+        result = TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
+                             clip2.preprocess_eval, device, cfg, out_dir,
+                             classifier_metadata(clip2, pool.class_names, next(iter(sets))))
+        result.label_issues = run.label_issues()
+        return result
+
+
+def clean_labels(
+    images: PathLike,
+    classes: Union[None, PathLike, Sequence[str]] = None,
+    model=UNSET,
+    pretrained=UNSET,
+    out: Optional[PathLike] = UNSET,
+    eval_images: Optional[PathLike] = None,
+    config: Union[None, Config, PathLike] = None,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+    recipe: Optional[PathLike] = None,
+    labeled: Optional[PathLike] = UNSET,
+    labeled_split: Optional[str] = UNSET,
+) -> TrainResult:
+    """Find the wrong labels of a labelled pool, then fine-tune on the rest: CoFT with the labels the
+    ``images`` came with (class sub-folders, a CSV of path,label or a CoOp JSON) in place of zero-shot
+    pseudo-labels (``pseudo.source=given``). A given label is an issue iff model 1's or model 2's
+    p_clean of it is at most ``filter.threshold``. The result's ``label_issues`` (and, with ``out``,
+    label_issues.csv, label_issue_scores.png and metrics.json's ``label_issues``) list them, most
+    likely wrong first. Other arguments as ``train``."""
+    return train(images, classes, model=model, pretrained=pretrained, out=out, eval_images=eval_images, config=config,
+                 overrides=[*overrides, "pseudo.source=given"], resume=resume, recipe=recipe, labeled=labeled,
+                 labeled_split=labeled_split)
 
 
 def _write_report(out_dir: Path) -> None:
@@ -411,7 +459,9 @@ def _log_summary(metrics: dict) -> None:
 
 def write_train_outputs(run, out_dir: Path) -> None:
     """pseudo_labels.csv and the plots."""
-    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
+    from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
+    from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
+                                         plot_per_class_accuracy, plot_rounds)
 
     state, names = run.state, run.names
     probabilities = state.zs_probabilities
@@ -429,16 +479,23 @@ def write_train_outputs(run, out_dir: Path) -> None:
     confidences = [f"{c:.6f}" for c in confidence.tolist()]
     # the pool's own labels (class folders), for diagnostics and the report only; empty where unknown
     pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
-    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels)
+    shots = run.shots
+    shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
+    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels, shot_column)
     atomic_write_csv(out_dir / "pseudo_labels.csv",
                      ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2",
-                      "pool_label"], rows)
+                      "pool_label", "shot"], rows)
+    issues = run.label_issues()
+    if issues is not None:
+        write_label_issues(out_dir / LABEL_ISSUES_FILE, issues)
+        plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,
+                          issue_scores(result, shots), ~result.keep1, run.cfg.filter.threshold)
     if run.pool.skipped:
         atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
     truth = run.truth
     if state.metrics.get("rounds"):
         plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
-    if result is not None:
+    if result is not None and not run.given:
         plot_clean_probability(out_dir / "clean_probability.png", result.p_clean1, result.keep1, run.cfg.filter.threshold)
     if bool((truth >= 0).any()):
         series = {"zero-shot (all)": per_class_accuracy(zs_labels, truth, len(names))}

@@ -36,6 +36,13 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, help="decoding worker processes")
 
 
+def _shots_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labeled", metavar="PATH",
+                        help="a few labelled images per class (class sub-folders, CSV of path,label, or CoOp JSON): "
+                             "first in S* with their labels, never filtered out")
+    parser.add_argument("--labeled-split", metavar="SPLIT", help="split of a CoOp JSON given as --labeled")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coft-fast", description="Label-free fine-tuning of CLIP (CoFT), fast.")
     parser.add_argument("--version", action="version", version=f"coft_fast {__version__}")
@@ -67,7 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     tr.add_argument("--out", required=True, help="run folder")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _shots_args(tr)
     _common(tr)
+
+    cl = commands.add_parser("clean-labels", help="find the wrong labels of a labelled pool, then fine-tune on the rest")
+    _data_args(cl)
+    cl.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
+    cl.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
+    cl.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+    cl.add_argument("--method", choices=["coft", "coft+"], help="config key `method` (default coft)")
+    cl.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
+    cl.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    cl.add_argument("--out", required=True, help="run folder (label_issues.csv, metrics.json, the fine-tuned model)")
+    cl.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _shots_args(cl)
+    _common(cl)
 
     dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
     dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
@@ -124,6 +145,7 @@ def _overrides(args) -> List[str]:
         "seed": "seed", "split": "data.split", "image_root": "data.image_root", "batch_size": "data.batch_size",
         "num_workers": "data.num_workers", "model": "model.name", "pretrained": "model.pretrained",
         "templates": "zeroshot.templates", "device": "model.device", "per_class": "testbed.per_class", "method": "method",
+        "labeled": "data.labeled", "labeled_split": "data.labeled_split",
     }
     found = list(args.overrides)
     for attribute, key in mapping.items():
@@ -182,6 +204,20 @@ def run(argv: Optional[List[str]] = None) -> int:
             return 0
         _print_train_summary(result.metrics)
         print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
+    elif args.command == "clean-labels":
+        try:
+            result = api.clean_labels(args.images, args.classes, eval_images=args.eval_images, config=args.config,
+                                      recipe=args.recipe, overrides=overrides, out=args.out, resume=args.resume)
+        finally:
+            distributed.shutdown()
+        if distributed.launch_rank() > 0:
+            return 0
+        _print_train_summary(result.metrics)
+        issues = result.metrics.get("label_issues")
+        if issues:
+            print(f"  label issues: {issues['issues']} of {issues['num_images']} given labels "
+                  f"({100 * issues['issue_share']:.1f} %)")
+        print(f"label issues, most likely wrong first: {args.out}/label_issues.csv")
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         recipe = args.recipe or "testbed"

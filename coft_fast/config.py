@@ -59,6 +59,13 @@ class DataConfig:
     # epoch: "auto" (when they fit in resident_max_gb), "always", "never".
     resident: str = "auto"
     resident_max_gb: float = 8.0
+    # A few labelled images per class (a folder of class sub-folders, a CSV of path,label, or a CoOp
+    # split JSON; `train --labeled`): each class's shots take its first places in S* with their own
+    # labels, are never filtered out, and always join phase II's training set. An image also in the
+    # pool is used once, with the shot's label. None: the fully unlabelled setting.
+    labeled: Optional[str] = None
+    # For a CoOp split JSON given as `labeled`: its split.
+    labeled_split: Optional[str] = None
 
 
 @dataclass
@@ -79,6 +86,12 @@ class PseudoConfig:
     # replaced by a confidence-weighted vote of its knn_k nearest neighbours (zero-shot features).
     knn_refine: bool = False
     knn_k: int = 10
+    # Where the labels come from: "zeroshot" (CLIP's zero-shot pseudo-labels; CoFT) or "given" (the
+    # labels the pool came with, which may be wrong; `coft-fast clean-labels`): S* is then the
+    # class-balanced top-K ranked by the zero-shot probability of the given label, the filter keeps a
+    # given label iff both models' p_clean of it exceed filter.threshold, and the run writes
+    # label_issues.csv.
+    source: str = "zeroshot"
 
 
 @dataclass
@@ -309,7 +322,14 @@ class Config:
             value = getattr(getattr(self, section), name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
+        if self.pseudo.source == "given" and self.pseudo.knn_refine:
+            raise ConfigError("config key 'pseudo.knn_refine' relabels zero-shot pseudo-labels; it cannot be combined "
+                              "with pseudo.source=given (the pool's own labels)")
+        if self.pseudo.source == "given" and self.phase2.train_on == "both":
+            raise ConfigError("config key 'phase2.train_on' is both, but with pseudo.source=given the two clean sets are "
+                              "one (the given labels both models keep): use s1")
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
+                   "pseudo.source": ("zeroshot", "given"),
                    "phase1.text_encoding": ("joint", "separate"),
                    "phase1.augment": AUGMENTATIONS, "phase2.augment": AUGMENTATIONS,
                    "run.op_backend": ("auto", "reference", "triton", "eager")}

@@ -28,7 +28,8 @@ from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, Norma
                                      classifier_logits, train_phase2)
 from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
                               prompt_names, templates_record, zeroshot_probabilities)
-from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate
+from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate, validate_given
+from coft_fast.pseudo.label_issues import LabelIssue, label_issue_counts, label_issues
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
@@ -103,7 +104,8 @@ class RunState:
 
 class CoftRun:
     def __init__(self, cfg: Config, pool: ImageSource, eval_source: Optional[ImageSource], clip: ClipModel,
-                 device: torch.device, out_dir: Optional[Path], writer=None):
+                 device: torch.device, out_dir: Optional[Path], writer=None, shots: Optional[Sequence[int]] = None):
+        """``shots``: per pool position, the class of a labelled shot (-1: none); see data.add_shots."""
         self.cfg, self.pool, self.eval_source, self.clip, self.device = cfg, pool, eval_source, clip, device
         self.out_dir = out_dir
         self.store = StageStore(out_dir / "checkpoints" if out_dir else None)
@@ -112,7 +114,13 @@ class CoftRun:
         self._pool_resident: Optional[ResidentImages] = None
         self.names = pool.class_names
         self.prompt_names = prompt_names(self.names)  # what goes into the prompts (underscores as spaces)
-        self.truth_all = torch.tensor(pool.labels, dtype=torch.long)
+        self.given = cfg.pseudo.source == "given"
+        labels = torch.tensor(pool.labels, dtype=torch.long)
+        # the pool's labels: with pseudo.source=given the labels to check (so no truth for diagnostics);
+        # otherwise diagnostics only, never used for training
+        self.given_all = labels if self.given else None
+        self.truth_all = torch.full_like(labels, -1) if self.given else labels
+        self.shots_all = torch.tensor(shots if shots is not None else [-1] * len(pool), dtype=torch.long)
         self.logit_scale = logit_scale_of(clip)
         self.progress = cfg.run.progress and is_main()  # one set of progress bars
         self.decoder = resolve_decoder(cfg.data.decoder, device)
@@ -182,6 +190,32 @@ class CoftRun:
     def truth(self) -> torch.Tensor:
         return self.truth_all[self.state.positions]
 
+    @property
+    def shots(self) -> Optional[torch.Tensor]:
+        """Per scored pool row, the class of its labelled shot (-1: none); None when the run has no shots."""
+        shots = self.shots_all[self.state.positions]
+        return shots if bool((shots >= 0).any()) else None
+
+    @property
+    def given_labels(self) -> torch.Tensor:
+        """Per scored pool row, the label it came with (pseudo.source=given), the shot's where it is one."""
+        given = self.given_all[self.state.positions]
+        return given if self.shots is None else torch.where(self.shots >= 0, self.shots, given)
+
+    def label_issues(self) -> Optional[List[LabelIssue]]:
+        """pseudo.source=given, after the filter: a LabelIssue per scored pool image, most likely wrong first."""
+        if not self.given or self.state.filter is None:
+            return None
+        paths = [self.pool.paths[i] for i in self.state.positions.tolist()]
+        return label_issues(paths, self.state.filter, self.given_labels, self.shots, self.names)
+
+    def record_shots(self) -> None:
+        shots = self.shots
+        if shots is None:
+            return
+        counts = torch.bincount(shots[shots >= 0], minlength=len(self.names)).tolist()
+        self.state.metrics["shots"] = {"per_class": dict(zip(self.names, counts)), "total": int(sum(counts))}
+
     # ------------------------------------------------------------------ stages
     def zero_shot(self) -> None:
         cfg = self.cfg
@@ -215,14 +249,22 @@ class CoftRun:
             "num_skipped": len(state["skipped"]),
             "pseudo_label_accuracy": label_accuracy(labels, self.truth),
         }
+        self.record_shots()
 
     def select(self):
+        """S*: the class-balanced top-K of the zero-shot labels (pseudo.source=given: of the given labels,
+        ranked by their zero-shot probability); labelled shots first, with their labels."""
         probabilities = self.state.zs_probabilities
-        confidence, labels = probabilities.max(1)
-        if self.cfg.pseudo.knn_refine:
-            confidence, labels = self.knn_refined(probabilities)
-        selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names)
+        if self.given:
+            labels = self.given_labels
+            confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
+        else:
+            confidence, labels = probabilities.max(1)
+            if self.cfg.pseudo.knn_refine:
+                confidence, labels = self.knn_refined(probabilities)
+        selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names, self.shots)
         self.state.metrics["selection"] = {
+            "source": self.cfg.pseudo.source,
             "top_k": self.cfg.pseudo.top_k,
             "size": int(len(selection.rows)),
             "per_class": dict(zip(self.names, selection.counts.tolist())),
@@ -358,8 +400,12 @@ class CoftRun:
             for model, feats in zip(models, features):
                 with torch.no_grad():
                     pos, neg = model.text_features()
-                logits = ModelView(feats, pos.cpu(), neg.cpu()).positive_logits(self.logit_scale)
-                confidence, labels = logits.softmax(1).max(1)
+                probabilities = ModelView(feats, pos.cpu(), neg.cpu()).positive_logits(self.logit_scale).softmax(1)
+                if self.given:  # the given labels again, ranked by this model's probability of them
+                    labels = self.given_labels
+                    confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
+                else:
+                    confidence, labels = probabilities.max(1)
                 views.append({"labels": labels, "confidence": confidence})
             return {"views": views}
 
@@ -367,7 +413,7 @@ class CoftRun:
         entry["seconds"] += state["seconds"]
         subsets = []
         for index, view in enumerate(state["views"], start=1):
-            chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names)
+            chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names, self.shots)
             entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], self.truth)
             subsets.append((chosen.rows, chosen.labels))
         record_pool_labels(entry, state["views"][0]["labels"], state["views"][1]["labels"], self.names)
@@ -386,11 +432,15 @@ class CoftRun:
             with torch.no_grad():
                 texts = [model.text_features() for model in models]
             views = [ModelView(f, pos.cpu(), neg.cpu()) for f, (pos, neg) in zip(features, texts)]
-            result = generate_and_validate(views[0], views[1], self.logit_scale, cfg.filter.threshold)
+            if self.given:
+                result = validate_given(views[0], views[1], self.given_labels, self.logit_scale, cfg.filter.threshold)
+            else:
+                result = generate_and_validate(views[0], views[1], self.logit_scale, cfg.filter.threshold)
             return {"result": result.__dict__, "positions": positions}
 
         state = self._stage("filter", "filter", compute)
-        result = FilterResult(**state["result"])
+        checked = FilterResult(**state["result"])
+        result = checked if self.shots is None else checked.with_shots(self.shots)  # shots are never filtered out
         self.state.filter = result
         truth = self.truth
         phase1 = self.state.metrics.setdefault("phase1", {})
@@ -404,17 +454,22 @@ class CoftRun:
         self.state.metrics["filter"] = {
             "threshold": cfg.filter.threshold,
             "agreement": agreement(result.labels1, result.labels2),
-            "s1": {"size": int(result.keep1.sum()), **(filter_quality(result.labels1, result.keep1, truth) if (truth >= 0).any() else {})},
-            "s2": {"size": int(result.keep2.sum()), **(filter_quality(result.labels2, result.keep2, truth) if (truth >= 0).any() else {})},
+            "s1": {"size": int(result.keep1.sum()),
+                   **(filter_quality(result.training_labels(1), result.keep1, truth) if (truth >= 0).any() else {})},
+            "s2": {"size": int(result.keep2.sum()),
+                   **(filter_quality(result.training_labels(2), result.keep2, truth) if (truth >= 0).any() else {})},
         }
+        if self.given:
+            self.state.metrics["label_issues"] = label_issue_counts(result, self.given_labels, self.shots, self.names,
+                                                                    cfg.filter.threshold)
 
     def training_sets(self, selection) -> Dict[str, Dict[str, torch.Tensor]]:
         if self.cfg.method == "self-train":
             return {"s_star": {"rows": selection.rows, "labels": selection.labels}}
         result = self.state.filter
         sets = {
-            "s1": {"rows": result.keep1.nonzero().flatten(), "labels": result.labels1[result.keep1]},
-            "s2": {"rows": result.keep2.nonzero().flatten(), "labels": result.labels2[result.keep2]},
+            "s1": {"rows": result.keep1.nonzero().flatten(), "labels": result.training_labels(1)[result.keep1]},
+            "s2": {"rows": result.keep2.nonzero().flatten(), "labels": result.training_labels(2)[result.keep2]},
         }
         chosen = {"s1": ["s1"], "s2": ["s2"], "both": ["s1", "s2"]}[self.cfg.phase2.train_on]
         return {name: sets[name] for name in chosen}

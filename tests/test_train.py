@@ -75,8 +75,9 @@ def test_train_writes_the_run_folder(coft_run):
     with open(out / "pseudo_labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label",
-                             "kept1", "kept2", "pool_label"]
+                             "kept1", "kept2", "pool_label", "shot"]
     assert all(row["pool_label"] == Path(row["path"]).parent.name for row in rows)  # the digits' class folders
+    assert {row["shot"] for row in rows} == {"0"} and "shots" not in metrics  # no --labeled: no shots
     assert len(rows) == metrics["pool"]["num_images"]
     assert sum(int(r["kept1"]) for r in rows) == metrics["filter"]["s1"]["size"]
     for name in ("prompts_model1.safetensors", "prompts_model2.safetensors", "finetuned_s1.safetensors",
@@ -329,3 +330,34 @@ def test_fault_injection_sweep(tiny_testbed, digits, tmp_path, uninterrupted_run
     each killed at a random moment of every stage."""
     _random_kill_sweep(tmp_path / "coft", _train_command(tiny_testbed, digits), uninterrupted_run, STAGES,
                        seed=100 + seed)
+
+
+def _shots_csv(digits, path, per_class=1):
+    """A CSV of ``per_class`` labelled shots per class from the digits' test folder (outside the pool)."""
+    from coft_fast.data import from_folder
+
+    test = from_folder(digits["test"])
+    taken, rows = {}, []
+    for image, label in zip(test.paths, test.labels):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            rows.append((image, test.class_names[label]))
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label"), *rows])
+    return path
+
+
+def test_clean_labels_with_shots_resumes_after_a_kill(tiny_testbed, digits, tmp_path):
+    """SIGKILL `coft-fast clean-labels --labeled` in phase I and in phase II: the resumed run ends with
+    the metrics and label_issues.csv of an uninterrupted one."""
+    shots = _shots_csv(digits, tmp_path / "shots.csv")
+    command = _train_command(tiny_testbed, digits) + ["--labeled", str(shots)]
+    command[command.index("train")] = "clean-labels"
+    reference, _, _ = reference_run(command, tmp_path / "whole")
+    assert reference["label_issues"]["num_images"] == reference["pool"]["num_images"]
+    assert reference["shots"]["total"] == 10
+    out = tmp_path / "killed"
+    for marker in ("phase1_model1_progress.pt", "phase2_s1_progress.pt"):
+        assert _kill_and_resume(command, out, lambda process: _wait_for(out / "checkpoints" / marker, process))
+    _finish_and_compare(command, out, reference)
+    assert (out / "label_issues.csv").read_text() == (tmp_path / "whole" / "label_issues.csv").read_text()

@@ -289,3 +289,43 @@ def load_source(
     if not path.exists():
         raise DataError(f"images not found: {path} (expected a folder, a .csv file or a CoOp split .json)")
     raise DataError(f"{path}: unsupported image source (expected a folder, a .csv file or a CoOp split .json)")
+
+
+def unlabelled_error(source: ImageSource, purpose: str) -> Optional[DataError]:
+    """A DataError naming ``source`` and its first unlabelled image when any image lacks a label."""
+    missing = [path for path, label in zip(source.paths, source.labels) if label == UNLABELLED]
+    if not missing:
+        return None
+    return DataError(f"{source.origin}: {purpose} needs a label for every image (class sub-folders, a CSV of "
+                     f"path,label, or a CoOp split JSON), but {len(missing)} of {len(source)} have none "
+                     f"(first: {missing[0]})")
+
+
+def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
+    """The pool with the labelled ``shots`` it lacks appended, and each pool position's shot label
+    (-1: not a shot). An image in both (same file after resolving links) is one pool image whose
+    label for training is the shot's; the pool's own label (diagnostics) is kept where it has one.
+    Raises DataError, naming the shots' source, for an unlabelled shot or different class names."""
+    if list(shots.class_names) != list(pool.class_names):
+        raise DataError(f"{shots.origin}: the labelled shots have classes {shots.class_names[:5]}..., "
+                        f"not the pool's {pool.class_names[:5]}...")
+    error = unlabelled_error(shots, "the labelled shots (--labeled)")
+    if error:
+        raise error
+    where = {os.path.realpath(path): position for position, path in enumerate(pool.paths)}
+    paths, labels = list(pool.paths), list(pool.labels)
+    shot_labels = [UNLABELLED] * len(paths)
+    for path, label in zip(shots.paths, shots.labels):
+        position = where.get(os.path.realpath(path))
+        if position is None:
+            position = len(paths)
+            where[os.path.realpath(path)] = position
+            paths.append(path)
+            labels.append(label)
+            shot_labels.append(label)
+        elif shot_labels[position] not in (UNLABELLED, label):
+            raise DataError(f"{shots.origin}: {path} is listed twice with different labels; keep one")
+        else:
+            shot_labels[position] = label
+    merged = ImageSource(paths, labels, list(pool.class_names), pool.origin, pool.skipped)
+    return merged, shot_labels

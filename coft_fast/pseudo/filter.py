@@ -3,10 +3,15 @@
 Model 1 labels every pool image with its positive prompts (y1 = argmax s+); model 2 validates:
 (x, y1) is kept in S1_clean iff model 2's p_clean(y1 | x) > threshold (0.5: s+ > s-). S2_clean
 is the same with the roles swapped. No global confidence threshold and no top-K.
+
+With labels that came with the pool (``pseudo.source=given``) there is nothing to generate: both
+models validate the given label, which is kept iff each model's p_clean of it exceeds the threshold.
+Labelled shots are trusted: they are kept, with their own labels, whatever the models say.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -35,10 +40,31 @@ class ModelView:
 class FilterResult:
     labels1: torch.Tensor  # (M,) model 1's labels
     labels2: torch.Tensor  # (M,) model 2's labels
-    p_clean1: torch.Tensor  # (M,) model 2's p_clean of labels1
-    p_clean2: torch.Tensor  # (M,) model 1's p_clean of labels2
+    p_clean1: torch.Tensor  # (M,) model 2's p_clean of labels1 (given labels: model 1's p_clean of the given label)
+    p_clean2: torch.Tensor  # (M,) model 1's p_clean of labels2 (given labels: model 2's p_clean of the given label)
     keep1: torch.Tensor  # (M,) bool: in S1_clean
     keep2: torch.Tensor  # (M,) bool: in S2_clean
+    # (M,) the labels S1's and S2's rows train on where they are not labels1 / labels2: the given
+    # labels (pseudo.source=given), with the shots' labels in their rows; None: labels1 / labels2
+    targets1: Optional[torch.Tensor] = None
+    targets2: Optional[torch.Tensor] = None
+
+    def training_labels(self, index: int) -> torch.Tensor:
+        """The label each row of S<index>_clean (index 1 or 2) trains on."""
+        target = self.targets1 if index == 1 else self.targets2
+        if target is not None:
+            return target
+        return self.labels1 if index == 1 else self.labels2
+
+    def with_shots(self, shots: torch.Tensor) -> "FilterResult":
+        """Rows holding a labelled shot (``shots`` >= 0; -1 elsewhere) kept in both sets, training on
+        the shot's label, whatever the models said."""
+        is_shot = shots >= 0
+        if not bool(is_shot.any()):
+            return self
+        return replace(self, keep1=self.keep1 | is_shot, keep2=self.keep2 | is_shot,
+                       targets1=torch.where(is_shot, shots, self.training_labels(1)),
+                       targets2=torch.where(is_shot, shots, self.training_labels(2)))
 
 
 def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float, threshold: float = 0.5) -> FilterResult:
@@ -46,6 +72,17 @@ def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float
     p_clean1 = view2.clean_probability(labels1, logit_scale)
     p_clean2 = view1.clean_probability(labels2, logit_scale)
     return FilterResult(labels1, labels2, p_clean1, p_clean2, p_clean1 > threshold, p_clean2 > threshold)
+
+
+def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logit_scale: float,
+                   threshold: float = 0.5) -> FilterResult:
+    """Both models validate the labels the pool came with: a given label is kept (in both sets) iff
+    model 1's and model 2's p_clean of it exceed ``threshold``; labels1/labels2 are the models' own
+    predictions, for inspection."""
+    p_clean1 = view1.clean_probability(given, logit_scale)
+    p_clean2 = view2.clean_probability(given, logit_scale)
+    keep = (p_clean1 > threshold) & (p_clean2 > threshold)
+    return FilterResult(view1.labels(), view2.labels(), p_clean1, p_clean2, keep, keep.clone(), given, given)
 
 
 def filter_quality(labels: torch.Tensor, keep: torch.Tensor, truth: torch.Tensor) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -21,10 +21,27 @@ class Selection:
     empty_classes: List[str]  # classes with no candidate at all
 
 
-def select_top_k(labels: torch.Tensor, confidence: torch.Tensor, k: int, class_names: Sequence[str]) -> Selection:
+def select_top_k(labels: torch.Tensor, confidence: torch.Tensor, k: int, class_names: Sequence[str],
+                 shots: Optional[torch.Tensor] = None) -> Selection:
     """The K most confident samples of every class among those labelled with it; a class with
-    fewer than K candidates gives what it has, and both cases are reported."""
-    rows, counts = ops.class_balanced_topk(labels, confidence.float(), k, len(class_names))
+    fewer than K candidates gives what it has, and both cases are reported.
+
+    ``shots`` (one entry per row: a labelled shot's class, -1 elsewhere): each class's shots take
+    its first places with their own labels, and its most confident other rows fill the rest of its
+    K (a class with more than K shots keeps them all)."""
+    num_classes = len(class_names)
+    if shots is None or not bool((shots >= 0).any()):
+        rows, counts = ops.class_balanced_topk(labels, confidence.float(), k, num_classes)
+    else:
+        is_shot = shots >= 0
+        labels = torch.where(is_shot, shots, labels)
+        scores = torch.where(is_shot, torch.full_like(confidence, 2.0, dtype=torch.float32), confidence.float())
+        limit = torch.bincount(shots[is_shot], minlength=num_classes).clamp(min=k)  # per class: max(K, its shots)
+        rows, counts = ops.class_balanced_topk(labels, scores, int(limit.max()), num_classes)
+        starts = torch.cumsum(counts, 0) - counts  # rows are ordered by class, shots (score 2) first
+        rank = torch.arange(len(rows)) - starts[labels[rows]]
+        rows = rows[rank < limit[labels[rows]]]
+        counts = torch.minimum(counts, limit)
     short = [name for name, n in zip(class_names, counts.tolist()) if 0 < n < k]
     empty = [name for name, n in zip(class_names, counts.tolist()) if n == 0]
     if short:

@@ -1,4 +1,5 @@
-"""PNG plots of a run: per-class pseudo-label accuracy, p_clean of kept versus dropped samples, CoFT+ rounds."""
+"""PNG plots of a run: per-class pseudo-label accuracy, p_clean of kept versus dropped samples, CoFT+ rounds,
+and the issue scores of given labels."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,6 +55,30 @@ def plot_clean_probability(path: Path, p_clean: torch.Tensor, keep: torch.Tensor
     ax.set_xlabel("p_clean of model 1's label under model 2")
     ax.set_ylabel("samples")
     ax.legend()
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def plot_issue_scores(path: Path, p_clean1: torch.Tensor, p_clean2: torch.Tensor, score: torch.Tensor,
+                      issue: torch.Tensor, threshold: float) -> None:
+    """clean-labels: each model's p_clean of the given labels, and the issue score of the issues
+    versus the kept labels."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    bins = torch.linspace(0, 1, 41).tolist()
+    for ax, values, title in ((axes[0], p_clean1, "model 1: p_clean of the given label"),
+                              (axes[1], p_clean2, "model 2: p_clean of the given label")):
+        ax.hist(values.float().tolist(), bins=bins, color="tab:blue")
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("p_clean")
+        ax.set_ylabel("images")
+    axes[2].hist(score[~issue].tolist(), bins=bins, alpha=0.7, label=f"kept ({int((~issue).sum())})")
+    axes[2].hist(score[issue].tolist(), bins=bins, alpha=0.7, label=f"issues ({int(issue.sum())})")
+    axes[2].set_title("issue score: 1 - min(p_clean1, p_clean2)", fontsize=9)
+    axes[2].set_xlabel("issue score")
+    axes[2].legend(fontsize=8)
+    fig.suptitle("Given labels checked by the two phase-I models")
     fig.tight_layout()
     _save(fig, path, plt)
 
