@@ -481,10 +481,11 @@ def write_train_outputs(run, out_dir: Path) -> None:
     pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
     shots = run.shots
     shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
-    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels, shot_column)
+    given = [names[i] for i in run.given_labels.tolist()] if run.given else empty
+    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels, shot_column, given)
     atomic_write_csv(out_dir / "pseudo_labels.csv",
                      ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2",
-                      "pool_label", "shot"], rows)
+                      "pool_label", "shot", "given_label"], rows)
     issues = run.label_issues()
     if issues is not None:
         write_label_issues(out_dir / LABEL_ISSUES_FILE, issues)

@@ -26,7 +26,7 @@ REPORT = "report.html"
 THUMBNAIL_PIXELS = 64
 THUMBNAILS_PER_STRIP = 6
 MAX_STRIP_CLASSES = 100
-PLOTS = ("pseudo_label_accuracy.png", "clean_probability.png", "rounds.png")
+PLOTS = ("pseudo_label_accuracy.png", "clean_probability.png", "label_issue_scores.png", "rounds.png")
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -68,6 +68,7 @@ class PoolSummary:
 
     def __init__(self, seed: int = 0, per_strip: int = THUMBNAILS_PER_STRIP):
         self.zero_shot, self.truth, self.kept, self.correct = Counter(), Counter(), Counter(), Counter()
+        self.given = Counter()  # pool images per given label (clean-labels runs)
         self.seen = Counter()  # rows per (class, kept or dropped), for the reservoirs
         self.samples: Dict[tuple, List[Dict[str, str]]] = defaultdict(list)
         self.filtered = self.labelled = False
@@ -82,7 +83,9 @@ class PoolSummary:
         if row.get("kept1", "") == "":
             return
         self.filtered = True
-        label, kept = row["model1_label"], row["kept1"] == "1"
+        if row.get("given_label"):  # clean-labels: the filter kept or dropped the given label
+            self.given[row["given_label"]] += 1
+        label, kept = row.get("given_label") or row["model1_label"], row["kept1"] == "1"
         if kept:
             self.kept[label] += 1
             self.correct[label] += row.get("pool_label") == label
@@ -116,6 +119,8 @@ def class_table(summary: PoolSummary, metrics: Dict, names: List[str]) -> List[D
         entry = {"class": name, "pool_images": summary.zero_shot.get(name, 0)}
         if summary.labelled:
             entry["pool_true"] = summary.truth.get(name, 0)
+        if summary.given:
+            entry["pool_given"] = summary.given.get(name, 0)
         entry["s_star"] = selection.get(name)
         if summary.filtered:
             entry["kept"] = summary.kept.get(name, 0)
@@ -138,8 +143,10 @@ def _strips(summary: PoolSummary, names: List[str]) -> str:
                 if uri is None:
                     unread += 1
                     continue
-                caption = (f"{kind}<br>m1: {html.escape(row['model1_label'])}<br>"
-                           f"m2: {html.escape(row['model2_label'])}")
+                caption = f"{kind}<br>"
+                if row.get("given_label"):
+                    caption += f"given: {html.escape(row['given_label'])}<br>"
+                caption += f"m1: {html.escape(row['model1_label'])}<br>m2: {html.escape(row['model2_label'])}"
                 if row.get("pool_label"):  # the pool's own label, where it has one
                     caption += f"<br>true: {html.escape(row['pool_label'])}"
                 parts.append(f"<figure class='{kind}' title='{html.escape(row['path'], quote=True)}'>"
@@ -177,6 +184,7 @@ def _headline(metrics: Dict) -> str:
 
 def _class_rows_html(table: List[Dict]) -> str:
     columns = [("class", "class"), ("pool_images", "pool images (zero-shot label)"), ("pool_true", "pool images (true)"),
+               ("pool_given", "pool images (given label)"),
                ("s_star", "S* size"), ("kept", "kept by the filter"), ("precision", "pseudo-label precision")]
     present = [(key, title) for key, title in columns if table and key in table[0]]
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in present)
@@ -216,9 +224,11 @@ def build_report(run_dir: PathLike) -> Path:
         f"<h1>Run {html.escape(run_dir.name)}</h1>{_headline(metrics)}"
         f"<h2>Per class</h2>{_class_rows_html(class_table(summary, metrics, names))}"
         f"<h2>Plots</h2><div class='plots'>{plots or '<p class=note>No plots in this run.</p>'}</div>"
-        "<h2>What the filter kept and dropped</h2><p class='note'>By model 1's label; green: kept (model 2 "
-        "validated the label), red: dropped. m1, m2: the two phase I models' labels; true: the pool's own "
-        "label, where it has one (never used for training).</p>"
+        "<h2>What the filter kept and dropped</h2><p class='note'>"
+        + ("By the given label; green: kept (both phase I models accept it), red: dropped (a label issue). "
+           if summary.given else "By model 1's label; green: kept (model 2 validated the label), red: dropped. ")
+        + "m1, m2: the two phase I models' labels; true: the pool's own label, where it has one (never used for "
+        "training).</p>"
         f"{_strips(summary, names)}</body></html>\n"
     )
     out = run_dir / REPORT

@@ -180,3 +180,8 @@ def test_label_issues_flag_a_deliberately_flipped_label(flipped_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selection"]["source"] == "given" and metrics["pool"]["pseudo_label_accuracy"] is None
     assert coft_fast.load_run(out).class_names == result.class_names  # a clean-labels run is a model like any other
+    pseudo = {row["path"]: row for row in _rows(out / "pseudo_labels.csv")}
+    assert all(pseudo[row["path"]]["given_label"] == row["given_label"] for row in table)
+    assert all((pseudo[row["path"]]["kept1"] == "0") == (row["is_issue"] == "true") for row in table)
+    report = (out / "report.html").read_text()
+    assert "By the given label" in report and "given: " in report and "label_issue_scores.png" in report

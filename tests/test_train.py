@@ -75,7 +75,7 @@ def test_train_writes_the_run_folder(coft_run):
     with open(out / "pseudo_labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label",
-                             "kept1", "kept2", "pool_label", "shot"]
+                             "kept1", "kept2", "pool_label", "shot", "given_label"]
     assert all(row["pool_label"] == Path(row["path"]).parent.name for row in rows)  # the digits' class folders
     assert {row["shot"] for row in rows} == {"0"} and "shots" not in metrics  # no --labeled: no shots
     assert len(rows) == metrics["pool"]["num_images"]
