@@ -415,6 +415,8 @@ class CoftRun:
         for index, view in enumerate(state["views"], start=1):
             chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names, self.shots)
             entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], self.truth)
+            if self.shots is not None:  # the next round's subset starts with every shot
+                entry[f"model{index}"]["next_subset_shots"] = int((self.shots[chosen.rows] >= 0).sum())
             subsets.append((chosen.rows, chosen.labels))
         record_pool_labels(entry, state["views"][0]["labels"], state["views"][1]["labels"], self.names)
         return subsets

@@ -128,7 +128,8 @@ def test_train_with_shots_keeps_every_shot(tiny_testbed, digits, tmp_path):
     assert all(row["kept1"] == "1" and row["kept2"] == "1" for row in shot_rows)
     trained = dict(result.clean_sets["s1"])
     assert all(trained[path] == label for path, label in rows)  # the shots train on their own labels
-    assert all(entry["model1"]["subset_size"] >= 11 for entry in metrics["rounds"])
+    assert [entry["model1"]["next_subset_shots"] for entry in metrics["rounds"][:-1]] == [11]  # round 2 keeps them
+    assert [entry["model2"]["next_subset_shots"] for entry in metrics["rounds"][:-1]] == [11]
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,25 @@ def test_label_issues_flag_a_deliberately_flipped_label(flipped_run):
     assert all((pseudo[row["path"]]["kept1"] == "0") == (row["is_issue"] == "true") for row in table)
     report = (out / "report.html").read_text()
     assert "By the given label" in report and "given: " in report and "label_issue_scores.png" in report
+
+
+def test_shots_from_a_coop_split_json(tmp_path, digits):
+    """--labeled with --labeled-split reads CoOp's split files; without the split the error names the file."""
+    from coft_fast.config import Config
+    from coft_fast.data import load_source
+
+    pool = from_folder(digits["pool"])
+    entries = [[str(Path(path).relative_to(digits["test"])), label, pool.class_names[label]]
+               for path, label in list(zip(from_folder(digits["test"]).paths, from_folder(digits["test"]).labels))[:5]]
+    split = digits["test"] / "split_zhou_digits.json"
+    split.write_text(json.dumps({"train": entries, "test": entries}))
+    try:
+        cfg = Config()
+        cfg.override([f"data.labeled={split}", "data.labeled_split=train"])
+        shots = load_source(cfg.data.labeled, pool.class_names, split=cfg.data.labeled_split)
+        merged, shot_labels = add_shots(pool, shots)
+        assert sum(label >= 0 for label in shot_labels) == 5 and len(merged) == len(pool) + 5
+        with pytest.raises(DataError, match="split_zhou_digits.json is a CoOp split file: choose a split"):
+            load_source(split, pool.class_names)
+    finally:
+        split.unlink()
