@@ -134,3 +134,43 @@ def markdown_table(header, rows) -> list:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[h]) if row[h] != "" else "-" for h in header) + " |" for row in rows]
     return lines
+
+
+def cell_bench_args(description: str, cell_format: str, stem: str):
+    """The command line of a resumable end-to-end benchmark on the CIFAR-10 test bed, parsed and
+    applied: (args, cifar10 root, work folder, built test-bed folder)."""
+    import coft_fast
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
+    parser.add_argument("--work", default=str(RESULTS / "tmp" / stem), help="folder for the run folders")
+    parser.add_argument("--cells", nargs="+", help=f"only these cells, as {cell_format}")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 shares a busy machine best)")
+    parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = data_root() / "cifar10"
+    work = Path(args.work)
+    testbed = Path(args.testbed) if args.testbed else work / "testbed"
+    if not (testbed / "open_clip_config.json").is_file():
+        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+    return args, root, work, testbed
+
+
+def run_cells(args, order, name_of, is_done, run, record) -> None:
+    """Run each cell of ``order`` that ``is_done`` does not know (and ``args.cells`` names, when given),
+    ``record``-ing its row as soon as it finishes; start none after ``args.stop_after`` seconds."""
+    import time
+
+    started = time.monotonic()
+    for cell in order:
+        name = name_of(cell)
+        if is_done(cell) or (args.cells and name not in args.cells):
+            continue
+        if args.stop_after and time.monotonic() - started > args.stop_after:
+            print(f"stopping before {name}: --stop-after {args.stop_after:.0f} s reached", flush=True)
+            break
+        row = run(cell)
+        record(row)
+        print(f"{name}: {row}", flush=True)

@@ -27,7 +27,6 @@ its run folder under --work.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import statistics
@@ -39,7 +38,7 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, CellTable, data_root, frozen_features, machine, markdown_table, testbed_settings
+from common import RESULTS, CellTable, cell_bench_args, frozen_features, machine, markdown_table, run_cells, testbed_settings
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
@@ -248,35 +247,20 @@ def write(table: CellTable, testbed: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
-    parser.add_argument("--work", default=str(RESULTS / "tmp" / STEM), help="folder for the run folders")
-    parser.add_argument("--cells", nargs="+", help="only these cells, as METHOD:NOISE:SEED (e.g. cleanlab:sym40:1)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 shares a busy machine best)")
-    parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = data_root() / "cifar10"
-    work = Path(args.work)
-    testbed = Path(args.testbed) if args.testbed else work / "testbed"
-    if not (testbed / "open_clip_config.json").is_file():
-        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+    args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "METHOD:NOISE:SEED (e.g. cleanlab:sym40:1)",
+                                                STEM)
     table = CellTable(STEM, HEADER, ("method", "noise", "seed"))
-    pool = None
-    started = time.monotonic()
-    for cell in cells():
-        name = f"{cell['method']}:{cell['noise']}:{cell['seed']}"
-        if cell in table or (args.cells and name not in args.cells):
-            continue
-        if args.stop_after and time.monotonic() - started > args.stop_after:
-            print(f"stopping before {name}: --stop-after {args.stop_after:.0f} s reached", flush=True)
-            break
-        pool = pool or Pool(testbed, root)
-        row = run_cell(cell, pool, root, testbed, work)
+    pools = []  # the clean pool's features and zero-shot probabilities, computed for the first cell to run
+
+    def run(cell):
+        pools[:] = pools or [Pool(testbed, root)]
+        return run_cell(cell, pools[0], root, testbed, work)
+
+    def record(row):
         table.add(row, cells())
         write(table, testbed)
-        print(f"{name}: {row}", flush=True)
+
+    run_cells(args, cells(), lambda c: f"{c['method']}:{c['noise']}:{c['seed']}", table.__contains__, run, record)
     if table.rows:
         write(table, testbed)
 

@@ -20,7 +20,6 @@ says so in its `source` column.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import random
 import statistics
@@ -32,7 +31,7 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, CellTable, data_root, machine, markdown_table, testbed_settings
+from common import RESULTS, CellTable, cell_bench_args, machine, markdown_table, run_cells, testbed_settings
 
 STEM = "e2e_shots"
 METHODS = ("coft", "self-train", "coop", "linear-probe")
@@ -240,34 +239,16 @@ def write(table: CellTable, testbed: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
-    parser.add_argument("--work", default=str(RESULTS / "tmp" / STEM), help="folder for the run folders")
-    parser.add_argument("--cells", nargs="+", help="only these cells, as METHOD:SHOTS:SEED (e.g. coft:16:1)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 shares a busy machine best)")
-    parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = data_root() / "cifar10"
-    work = Path(args.work)
-    testbed = Path(args.testbed) if args.testbed else work / "testbed"
-    if not (testbed / "open_clip_config.json").is_file():
-        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+    args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "METHOD:SHOTS:SEED (e.g. coft:16:1)", STEM)
     table = CellTable(STEM, HEADER, ("method", "shots", "seed"))
     features = Features(testbed, root)
-    started = time.monotonic()
-    for cell in cells():
-        name = f"{cell['method']}:{cell['shots']}:{cell['seed']}"
-        if cell in table or (args.cells and name not in args.cells):
-            continue
-        if args.stop_after and time.monotonic() - started > args.stop_after:
-            print(f"stopping before {name}: --stop-after {args.stop_after:.0f} s reached", flush=True)
-            break
-        row = from_recipes(cell) or run_cell(cell, root, testbed, work, features)
+
+    def record(row):
         table.add(row, cells())
         write(table, testbed)
-        print(f"{name}: final {row['final']} ({row['source']}, {row['seconds']} s)", flush=True)
+
+    run_cells(args, cells(), lambda c: f"{c['method']}:{c['shots']}:{c['seed']}", table.__contains__,
+              lambda cell: from_recipes(cell) or run_cell(cell, root, testbed, work, features), record)
     write(table, testbed)
 
 

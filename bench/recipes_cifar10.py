@@ -16,18 +16,15 @@ cifar10/pool (labels used only for diagnostics), evaluation cifar10/test.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import coft_fast
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_text
 
-from common import RESULTS, data_root, machine, testbed_settings
+from common import RESULTS, cell_bench_args, machine, run_cells, testbed_settings
 
 STEM = "recipes_cifar10"
 # (row name, recipe, method override or None, seeds) in the order the cells run: the cheap ones, then the
@@ -116,32 +113,15 @@ def write(done: dict, testbed: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
-    parser.add_argument("--work", default=str(RESULTS / "tmp" / STEM), help="folder for the run folders")
-    parser.add_argument("--cells", nargs="+", help="only these cells, as ROW:SEED (e.g. paper-coft:1)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 shares a busy machine best)")
-    parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    root = data_root() / "cifar10"
-    work = Path(args.work)
-    testbed = Path(args.testbed) if args.testbed else work / "testbed"
-    if not (testbed / "open_clip_config.json").is_file():
-        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+    args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "ROW:SEED (e.g. paper-coft:1)", STEM)
     done = read_done(RESULTS / f"{STEM}.csv")
-    started = time.monotonic()
-    for row, recipe, method, seed in ORDER:
-        key = cell_key(row, seed)
-        if key in done or (args.cells and key not in args.cells):
-            continue
-        if args.stop_after and time.monotonic() - started > args.stop_after:
-            print(f"stopping before {key}: --stop-after {args.stop_after:.0f} s reached", flush=True)
-            break
-        done[key] = run_cell(root, testbed, work, row, recipe, method, seed)
+
+    def record(row):
+        done[cell_key(row["row"], int(row["seed"]))] = row
         write(done, testbed)
-        print(f"{key}: final {done[key]['final']} in {done[key]['seconds']} s", flush=True)
+
+    run_cells(args, ORDER, lambda cell: cell_key(cell[0], cell[3]), lambda cell: cell_key(cell[0], cell[3]) in done,
+              lambda cell: run_cell(root, testbed, work, *cell), record)
     write(done, testbed)
 
 

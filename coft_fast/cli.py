@@ -36,6 +36,21 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, help="decoding worker processes")
 
 
+def _training_args(parser: argparse.ArgumentParser, methods: List[str], out_help: str) -> None:
+    """`train` and `clean-labels`: the data, the model, the run folder, the shots, the config."""
+    _data_args(parser)
+    parser.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
+    parser.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
+    parser.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+    parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
+    parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    _shots_args(parser)
+    _common(parser)
+
+
 def _shots_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labeled", metavar="PATH",
                         help="a few labelled images per class (class sub-folders, CSV of path,label, or CoOp JSON): "
@@ -65,30 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(tb)
 
     tr = commands.add_parser("train", help="adapt CLIP to your classes on unlabelled images (CoFT)")
-    _data_args(tr)
-    tr.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
-    tr.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
-    tr.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
-    tr.add_argument("--method", choices=["coft", "coft+", "self-train"], help="config key `method` (default coft)")
-    tr.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
-    tr.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    tr.add_argument("--out", required=True, help="run folder")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    _shots_args(tr)
-    _common(tr)
-
+    _training_args(tr, ["coft", "coft+", "self-train"], "run folder")
     cl = commands.add_parser("clean-labels", help="find the wrong labels of a labelled pool, then fine-tune on the rest")
-    _data_args(cl)
-    cl.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
-    cl.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
-    cl.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
-    cl.add_argument("--method", choices=["coft", "coft+"], help="config key `method` (default coft)")
-    cl.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
-    cl.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    cl.add_argument("--out", required=True, help="run folder (label_issues.csv, metrics.json, the fine-tuned model)")
-    cl.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    _shots_args(cl)
-    _common(cl)
+    _training_args(cl, ["coft", "coft+"], "run folder (label_issues.csv, metrics.json, the fine-tuned model)")
 
     dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
     dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
