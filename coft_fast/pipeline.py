@@ -462,7 +462,7 @@ class CoftRun:
                    **(filter_quality(result.training_labels(2), result.keep2, truth) if (truth >= 0).any() else {})},
         }
         if self.given:
-            self.state.metrics["label_issues"] = label_issue_counts(result, self.given_labels, self.shots, self.names,
+            self.state.metrics["label_issues"] = label_issue_counts(result, self.given_labels, self.names,
                                                                     cfg.filter.threshold)
 
     def training_sets(self, selection) -> Dict[str, Dict[str, torch.Tensor]]:

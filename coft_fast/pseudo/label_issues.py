@@ -39,8 +39,7 @@ def issue_scores(result: FilterResult, shots: Optional[torch.Tensor] = None) -> 
     return scores if shots is None else torch.where(shots >= 0, torch.zeros_like(scores), scores)
 
 
-def label_issue_counts(result: FilterResult, given: torch.Tensor, shots: Optional[torch.Tensor],
-                       class_names: Sequence[str], threshold: float) -> Dict:
+def label_issue_counts(result: FilterResult, given: torch.Tensor, class_names: Sequence[str], threshold: float) -> Dict:
     """What metrics.json records: the rule, totals, and per class the given labels and the issues among them.
     ``result``: the filter's, with the shots already kept (FilterResult.with_shots)."""
     issue = ~result.keep1
