@@ -1,0 +1,48 @@
+"""The settings the shots and noisy-label benchmarks build: seeded shot draws and synthetic label noise."""
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import e2e_noisy_labels  # noqa: E402
+import e2e_shots  # noqa: E402
+
+
+def test_shot_draws_are_seeded_nested_and_per_class(digits):
+    two, four = e2e_shots.draw_shots(digits["pool"], 2, seed=0), e2e_shots.draw_shots(digits["pool"], 4, seed=0)
+    assert len(two) == 20 and len(four) == 40
+    assert all(Path(path).parent.name == label for path, label in four)  # a shot's folder is its label
+    for label in {label for _, label in four}:  # the 2-shot draw is the start of the 4-shot one, per class
+        assert [p for p, l in two if l == label] == [p for p, l in four if l == label][:2]
+    assert e2e_shots.draw_shots(digits["pool"], 2, seed=0) == two
+    assert e2e_shots.draw_shots(digits["pool"], 2, seed=1) != two
+    assert e2e_shots.draw_shots(digits["pool"], 0, seed=0) == []
+
+
+def test_symmetric_noise_flips_exactly_the_share_to_other_classes():
+    labels = torch.arange(10).repeat(100)
+    noisy = e2e_noisy_labels.add_noise(labels, "symmetric", 0.4, seed=3, lookalike=torch.zeros(10), num_classes=10)
+    assert int((noisy != labels).sum()) == 400
+    assert torch.equal(noisy, e2e_noisy_labels.add_noise(labels, "symmetric", 0.4, 3, torch.zeros(10), 10))
+    assert len(set(noisy[noisy != labels].tolist())) == 10  # spread over the classes
+
+
+def test_asymmetric_noise_sends_each_class_to_its_lookalike():
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    class_features = features.repeat_interleave(2, dim=0)  # two images per class
+    lookalike = e2e_noisy_labels.lookalikes(class_features, torch.tensor([0, 0, 1, 1, 2, 2]), 3)
+    assert lookalike.tolist() == [1, 0, 1]
+    labels = torch.arange(3).repeat_interleave(10)
+    noisy = e2e_noisy_labels.add_noise(labels, "asymmetric", 0.3, seed=0, lookalike=lookalike, num_classes=3)
+    for c in range(3):
+        changed = noisy[(labels == c) & (noisy != labels)]
+        assert len(changed) == 3 and set(changed.tolist()) == {lookalike[c].item()}
+
+
+def test_detection_metrics():
+    wrong = torch.tensor([True, True, False, False])
+    found = e2e_noisy_labels.detection(torch.tensor([True, False, True, False]), torch.tensor([0.9, 0.8, 0.7, 0.1]),
+                                       wrong)
+    assert found == {"flagged": 2, "precision": 0.5, "recall": 0.5, "roc auc": 1.0}
