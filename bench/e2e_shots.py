@@ -42,11 +42,12 @@ HEADER = ["method", "shots", "seed", "final", "zero-shot", "S* precision", "clea
 
 
 def cells() -> list:
-    """The order the cells run in: the 16-shot comparison (3 seeds, cheap methods first), then the curve."""
-    order = [(method, 16, seed) for seed in (0, 1, 2) for method in ("linear-probe", "coop", "self-train", "coft")]
-    for shots in (8, 4, 2, 0):
-        order += [(method, shots, 0) for method in ("linear-probe", "coop", "self-train", "coft")
-                  if shots > 0 or method in ("coft", "self-train")]
+    """The order the cells run in: 0 shots (taken from the recipes benchmark when it has them), the
+    16-shot comparison (3 seeds, cheap methods first), then the rest of the curve."""
+    order = [("self-train", 0, 0), ("coft", 0, 0)]
+    order += [(method, 16, seed) for seed in (0, 1, 2) for method in ("linear-probe", "coop", "self-train", "coft")]
+    for shots in (8, 4, 2):
+        order += [(method, shots, 0) for method in ("linear-probe", "coop", "self-train", "coft")]
     return [{"method": m, "shots": n, "seed": s} for m, n, s in order]
 
 
