@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from coft_fast.config import Config, ConfigError, apply_file, load_recipe, resolve_auto, set_value
 from coft_fast.data import ImageSource, load_source
-from coft_fast.data.sources import add_shots, unlabelled_error
+from coft_fast.data.sources import add_shots, require_labels
 from coft_fast.inference import PredictionResult, RunModel, classifier_metadata, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
@@ -307,9 +307,7 @@ def train(
         raise ConfigError(refused)
     pool = load_images(images, classes, cfg)
     if cfg.pseudo.source == "given":
-        error = unlabelled_error(pool, "pseudo.source=given (clean-labels)")
-        if error:
-            raise error
+        require_labels(pool, "pseudo.source=given (clean-labels)")
     shots = None
     if cfg.data.labeled:
         labelled = load_source(cfg.data.labeled, pool.class_names, split=cfg.data.labeled_split,
@@ -349,8 +347,9 @@ def train(
         metrics = {"method": cfg.method, **run.state.metrics, "timings": run.state.timings}
         if distributed.world_size() > 1:
             metrics["world_size"] = distributed.world_size()
+        issues = run.label_issues()
         if out_dir and main:
-            write_train_outputs(run, out_dir)
+            write_train_outputs(run, out_dir, issues)
             atomic_write_json(out_dir / "metrics.json", metrics)
             (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
             _write_report(out_dir)
@@ -359,7 +358,7 @@ def train(
         result = TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                              clip2.preprocess_eval, device, cfg, out_dir,
                              classifier_metadata(clip2, pool.class_names, next(iter(sets))))
-        result.label_issues = run.label_issues()
+        result.label_issues = issues
         return result
 
 
@@ -457,8 +456,8 @@ def _log_summary(metrics: dict) -> None:
         log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"], 100 * final["acc1"])
 
 
-def write_train_outputs(run, out_dir: Path) -> None:
-    """pseudo_labels.csv and the plots."""
+def write_train_outputs(run, out_dir: Path, issues=None) -> None:
+    """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
     from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
     from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
                                          plot_per_class_accuracy, plot_rounds)
@@ -486,7 +485,6 @@ def write_train_outputs(run, out_dir: Path) -> None:
     atomic_write_csv(out_dir / "pseudo_labels.csv",
                      ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2",
                       "pool_label", "shot", "given_label"], rows)
-    issues = run.label_issues()
     if issues is not None:
         write_label_issues(out_dir / LABEL_ISSUES_FILE, issues)
         plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,

@@ -187,21 +187,11 @@ def run(argv: Optional[List[str]] = None) -> int:
                              recipe=args.recipe)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
-    elif args.command == "train":
+    elif args.command in ("train", "clean-labels"):
+        entry = api.train if args.command == "train" else api.clean_labels
         try:
-            result = api.train(args.images, args.classes, eval_images=args.eval_images, config=args.config,
-                               recipe=args.recipe,
-                               overrides=overrides, out=args.out, resume=args.resume)
-        finally:
-            distributed.shutdown()
-        if distributed.launch_rank() > 0:
-            return 0
-        _print_train_summary(result.metrics)
-        print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
-    elif args.command == "clean-labels":
-        try:
-            result = api.clean_labels(args.images, args.classes, eval_images=args.eval_images, config=args.config,
-                                      recipe=args.recipe, overrides=overrides, out=args.out, resume=args.resume)
+            result = entry(args.images, args.classes, eval_images=args.eval_images, config=args.config,
+                           recipe=args.recipe, overrides=overrides, out=args.out, resume=args.resume)
         finally:
             distributed.shutdown()
         if distributed.launch_rank() > 0:
@@ -211,7 +201,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         if issues:
             print(f"  label issues: {issues['issues']} of {issues['num_images']} given labels "
                   f"({100 * issues['issue_share']:.1f} %)")
-        print(f"label issues, most likely wrong first: {args.out}/label_issues.csv")
+            print(f"label issues, most likely wrong first: {args.out}/label_issues.csv")
+        print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         recipe = args.recipe or "testbed"

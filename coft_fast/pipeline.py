@@ -202,6 +202,14 @@ class CoftRun:
         given = self.given_all[self.state.positions]
         return given if self.shots is None else torch.where(self.shots >= 0, self.shots, given)
 
+    def ranked_labels(self, probabilities: torch.Tensor):
+        """(confidence, label) per pool row for a top-K: the arg-max of ``probabilities``, or with
+        pseudo.source=given the given label and its probability."""
+        if not self.given:
+            return probabilities.max(1)
+        labels = self.given_labels
+        return probabilities.gather(1, labels[:, None]).squeeze(1), labels
+
     def label_issues(self) -> Optional[List[LabelIssue]]:
         """pseudo.source=given, after the filter: a LabelIssue per scored pool image, most likely wrong first."""
         if not self.given or self.state.filter is None:
@@ -255,13 +263,9 @@ class CoftRun:
         """S*: the class-balanced top-K of the zero-shot labels (pseudo.source=given: of the given labels,
         ranked by their zero-shot probability); labelled shots first, with their labels."""
         probabilities = self.state.zs_probabilities
-        if self.given:
-            labels = self.given_labels
-            confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
-        else:
-            confidence, labels = probabilities.max(1)
-            if self.cfg.pseudo.knn_refine:
-                confidence, labels = self.knn_refined(probabilities)
+        confidence, labels = self.ranked_labels(probabilities)
+        if self.cfg.pseudo.knn_refine:
+            confidence, labels = self.knn_refined(probabilities)
         selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names, self.shots)
         self.state.metrics["selection"] = {
             "source": self.cfg.pseudo.source,
@@ -401,11 +405,7 @@ class CoftRun:
                 with torch.no_grad():
                     pos, neg = model.text_features()
                 probabilities = ModelView(feats, pos.cpu(), neg.cpu()).positive_logits(self.logit_scale).softmax(1)
-                if self.given:  # the given labels again, ranked by this model's probability of them
-                    labels = self.given_labels
-                    confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
-                else:
-                    confidence, labels = probabilities.max(1)
+                confidence, labels = self.ranked_labels(probabilities)
                 views.append({"labels": labels, "confidence": confidence})
             return {"views": views}
 

@@ -291,14 +291,13 @@ def load_source(
     raise DataError(f"{path}: unsupported image source (expected a folder, a .csv file or a CoOp split .json)")
 
 
-def unlabelled_error(source: ImageSource, purpose: str) -> Optional[DataError]:
-    """A DataError naming ``source`` and its first unlabelled image when any image lacks a label."""
+def require_labels(source: ImageSource, purpose: str) -> None:
+    """Raise a DataError naming ``source`` and its first unlabelled image when any image lacks a label."""
     missing = [path for path, label in zip(source.paths, source.labels) if label == UNLABELLED]
-    if not missing:
-        return None
-    return DataError(f"{source.origin}: {purpose} needs a label for every image (class sub-folders, a CSV of "
-                     f"path,label, or a CoOp split JSON), but {len(missing)} of {len(source)} have none "
-                     f"(first: {missing[0]})")
+    if missing:
+        raise DataError(f"{source.origin}: {purpose} needs a label for every image (class sub-folders, a CSV of "
+                        f"path,label, or a CoOp split JSON), but {len(missing)} of {len(source)} have none "
+                        f"(first: {missing[0]})")
 
 
 def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
@@ -309,9 +308,7 @@ def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
     if list(shots.class_names) != list(pool.class_names):
         raise DataError(f"{shots.origin}: the labelled shots have classes {shots.class_names[:5]}..., "
                         f"not the pool's {pool.class_names[:5]}...")
-    error = unlabelled_error(shots, "the labelled shots (--labeled)")
-    if error:
-        raise error
+    require_labels(shots, "the labelled shots (--labeled)")
     where = {os.path.realpath(path): position for position, path in enumerate(pool.paths)}
     paths, labels = list(pool.paths), list(pool.labels)
     shot_labels = [UNLABELLED] * len(paths)
