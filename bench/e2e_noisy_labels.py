@@ -95,22 +95,15 @@ def cleanlab_scores(features: torch.Tensor, given: torch.Tensor, num_classes: in
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
+    from coft_fast.runtime.metrics import fit_linear_probe
+
     generator = torch.Generator().manual_seed(seed)
     folds = torch.randperm(len(given), generator=generator) % 5
-    x = torch.nn.functional.normalize(features.float(), dim=-1)
     probabilities = torch.zeros(len(given), num_classes)
     for fold in range(5):
         train, held = folds != fold, folds == fold
-        weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-        bias = torch.zeros(num_classes, requires_grad=True)
-        optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
-        for _ in range(500):  # as runtime.metrics.linear_probe_accuracy
-            loss = torch.nn.functional.cross_entropy(x[train] @ weight.T + bias, given[train])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            probabilities[held] = (x[held] @ weight.T + bias).softmax(1)
+        predict = fit_linear_probe(features[train], given[train], num_classes)  # zero start
+        probabilities[held] = predict(features[held]).softmax(1)
     labels, pred_probs = given.numpy(), probabilities.double().numpy()
     issues = torch.from_numpy(find_label_issues(labels, pred_probs))
     return issues, 1.0 - torch.from_numpy(get_label_quality_scores(labels, pred_probs)).float()

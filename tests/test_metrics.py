@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from coft_fast.runtime.metrics import classification_metrics, linear_probe_accuracy
+from coft_fast.runtime.metrics import classification_metrics, fit_linear_probe, linear_probe_accuracy
 
 
 def test_metrics_against_hand_computed_values():
@@ -55,3 +55,15 @@ def test_linear_probe_separates_separable_data():
     labels = torch.randint(0, 4, (200,), generator=generator)
     features = centers[labels] + 0.05 * torch.randn(200, 8, generator=generator)
     assert linear_probe_accuracy(features[:150], labels[:150], features[150:], labels[150:], steps=200) == 1.0
+
+
+def test_fit_linear_probe_zero_start_is_deterministic_and_scale_free():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (90,), generator=generator)
+    features = torch.eye(3, 6)[labels] + 0.1 * torch.randn(90, 6, generator=generator)
+    first = fit_linear_probe(features, labels, num_classes=3, steps=100)
+    second = fit_linear_probe(features, labels, num_classes=3, steps=100)
+    assert first(features).shape == (90, 3)
+    assert torch.equal(first(features), second(features))  # no generator: zero start, same result
+    assert torch.allclose(first(features * 7.0), first(features), atol=1e-6)  # rows are normalised
+    assert (first(features).argmax(1) == labels).double().mean().item() > 0.95

@@ -59,6 +59,35 @@ class RunningClassificationMetrics:
         }
 
 
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    steps: int = 500,
+    lr: float = 1e-2,
+    generator: torch.Generator = None,
+):
+    """A linear classifier trained full-batch with Adam on frozen features (normalised here).
+
+    Returns ``predict(features) -> logits``. The weights start at N(0, 0.01^2) drawn from
+    ``generator``, or at zero without one.
+    """
+    x = torch.nn.functional.normalize(features.float(), dim=-1)
+    if generator is None:
+        weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    else:
+        weight = (torch.randn(num_classes, x.shape[1], generator=generator) * 0.01).requires_grad_()
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weight, bias = weight.detach(), bias.detach()
+    return lambda rows: torch.nn.functional.normalize(rows.float(), dim=-1) @ weight.T + bias
+
+
 def linear_probe_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -68,21 +97,11 @@ def linear_probe_accuracy(
     lr: float = 1e-2,
     seed: int = 0,
 ) -> float:
-    """Top-1 of a linear classifier trained full-batch with Adam on frozen, normalised features.
+    """Top-1 of :func:`fit_linear_probe` (seeded start) on the test features.
 
     An oracle ceiling for what the features support; it uses true labels and is never part of a method.
     """
-    generator = torch.Generator().manual_seed(seed)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    x_train = torch.nn.functional.normalize(train_features.float(), dim=-1)
-    x_test = torch.nn.functional.normalize(test_features.float(), dim=-1)
-    weight = (torch.randn(num_classes, x_train.shape[1], generator=generator) * 0.01).requires_grad_()
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=lr)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(x_train @ weight.T + bias, train_labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return ((x_test @ weight.T + bias).argmax(1) == test_labels).double().mean().item()
+    predict = fit_linear_probe(train_features, train_labels, num_classes, steps, lr,
+                               generator=torch.Generator().manual_seed(seed))
+    return (predict(test_features).argmax(1) == test_labels).double().mean().item()
