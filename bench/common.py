@@ -129,6 +129,10 @@ class CellTable:
         return [self.rows[k] for k in keys if k in self.rows] + [r for k, r in self.rows.items() if k not in keys]
 
 
+SECONDS_NOTE = ("seconds: wall time of the invocation that finished the cell (a cell resumed after a kill counts only "
+                "its remainder), on whatever else the machine ran, so not a speed measure.")
+
+
 def markdown_table(header, rows) -> list:
     """Markdown lines of a table; empty cells as '-'."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -38,7 +38,7 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, CellTable, cell_bench_args, frozen_features, machine, markdown_table, run_cells, testbed_settings
+from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_features, machine, markdown_table, run_cells, testbed_settings
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
@@ -218,7 +218,7 @@ def write(table: CellTable, testbed: Path) -> None:
              "`python bench/e2e_noisy_labels.py` (resumable per cell). Test bed: "
              f"{testbed_settings(testbed) or testbed}; pool: cifar10/pool (10,000 images) with synthetic noise; "
              "eval: cifar10/test (5,000). Shares, precision, recall and top-1 in %. precision / recall: of the "
-             "flagged labels against the labels the noise changed; roc auc: of the issue score.", "",
+             "flagged labels against the labels the noise changed; roc auc: of the issue score. " + SECONDS_NOTE, "",
              *markdown_table(HEADER, rows), "", "Means over the seeds done (seeds in brackets):", "",
              "| noise | method | precision | recall | roc auc | final |", "|---|---|---|---|---|---|"]
     for noise in NOISES:

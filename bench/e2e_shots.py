@@ -31,7 +31,7 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, CellTable, cell_bench_args, machine, markdown_table, run_cells, testbed_settings
+from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, machine, markdown_table, run_cells, testbed_settings
 
 STEM = "e2e_shots"
 METHODS = ("coft", "self-train", "coop", "linear-probe")
@@ -220,7 +220,7 @@ def write(table: CellTable, testbed: Path) -> None:
              "their labels, the rest stays unlabelled); eval: cifar10/test (5,000). Top-1 and precisions in %. "
              "Shots drawn at random per class and seed from the pool. CoFT and self-training run the default "
              "config (the paper's method) with `--labeled`; CoOp is phase I on the shots alone (positive prompts "
-             "as the classifier); the linear probe is trained on the shots' frozen features.", "",
+             "as the classifier); the linear probe is trained on the shots' frozen features. " + SECONDS_NOTE, "",
              *markdown_table(HEADER, rows), "", "Means over the seeds done:", "",
              "| method | " + " | ".join(f"{n} shots" for n in (0, 2, 4, 8, 16)) + " |", "|---|" + "---|" * 5]
     for method in METHODS:
