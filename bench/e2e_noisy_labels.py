@@ -194,8 +194,9 @@ def plot(rows: list) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
-    for ax, key, methods, title in ((axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels"), "issue ROC AUC"),
-                                    (axes[1], "final", ("clean-labels", "plain-finetune"), "top-1 on cifar10/test (%)")):
+    for ax, key, methods, title, corner in (
+            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels"), "issue ROC AUC", "upper right"),
+            (axes[1], "final", ("clean-labels", "plain-finetune"), "top-1 on cifar10/test (%)", "upper left")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             values = [means(rows, method, n, key) for n in noises]
@@ -204,8 +205,11 @@ def plot(rows: list) -> None:
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(noises))])
         ax.set_xticklabels(noises)
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc=corner)
     axes[0].set_ylim(0.5, 1.0)
+    finals = [float(r["final"]) for r in rows if r["final"] != ""]
+    if finals:  # start the accuracy axis near the bars so their differences show
+        axes[1].set_ylim(max(0.0, min(finals) - 10), max(finals) + 5)
     fig.suptitle("CIFAR-10 test bed with synthetic label noise (mean over seeds done)", fontsize=10)
     fig.tight_layout()
     atomic_write(RESULTS / f"{STEM}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
