@@ -1,0 +1,87 @@
+"""Why `clean-labels` ranks wrong labels as it does: its finished runs, read back and scored.
+
+    python bench/diagnose_clean_labels.py --work DIR
+
+Reads every finished `clean-labels_<noise>_seed<s>` run folder that bench/e2e_noisy_labels.py left
+under ``--work`` (with its given-label CSV there) and scores, against the pool's true labels (each
+image's class folder), the ROC AUC of wrong-label scores: zero-shot confidence of the given label
+(the baseline, from the run's own zero-shot stage), each phase-I model's 1 - p_clean alone, the
+library's rule (1 - the smaller p_clean) and 1 - the mean p_clean; the phase-I models' top-1 on the
+eval split; and the kept set: its size, the share of its labels that are right, and the share of
+the pool's right labels it keeps. No training: it only reads run folders. Writes
+bench/results/noisy_labels_diagnosis.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+from coft_fast.runtime.checkpoint import load_state
+from coft_fast.runtime.io import atomic_write_text
+
+from common import RESULTS, markdown_table
+
+HEADER = ["run", "noisy share", "zero-shot auc", "model1 auc", "model2 auc", "min rule auc", "mean rule auc",
+          "model1 top-1", "model2 top-1", "kept", "kept correct", "right labels kept"]
+
+
+def diagnose(run: Path, given_csv: Path) -> dict:
+    with open(given_csv, newline="") as handle:
+        pool = [(row["path"], row["label"]) for row in csv.DictReader(handle)]
+    names = json.loads((run / "class_names.json").read_text())
+    index = {name: i for i, name in enumerate(names)}
+    zero_shot = load_state(run / "checkpoints" / "zero_shot.pt")
+    zs_given = {pool[p][0]: zero_shot["probabilities"][row, index[pool[p][1]]].item()
+                for row, p in enumerate(zero_shot["positions"].tolist())}
+    with open(run / "label_issues.csv", newline="") as handle:
+        issues = list(csv.DictReader(handle))
+    wrong = torch.tensor([Path(r["path"]).parent.name != r["given_label"] for r in issues])
+    p1 = torch.tensor([float(r["p_clean_model1"]) for r in issues])
+    p2 = torch.tensor([float(r["p_clean_model2"]) for r in issues])
+    kept = torch.tensor([r["is_issue"] == "false" for r in issues])
+    zs = torch.tensor([zs_given[r["path"]] for r in issues])
+
+    def auc(score):
+        return f"{roc_auc_score(wrong.numpy(), score.numpy()):.4f}"
+
+    phase1 = json.loads((run / "metrics.json").read_text())["phase1"]
+    return {"run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
+            "zero-shot auc": auc(1 - zs), "model1 auc": auc(1 - p1), "model2 auc": auc(1 - p2),
+            "min rule auc": auc(1 - torch.minimum(p1, p2)), "mean rule auc": auc(1 - (p1 + p2) / 2),
+            "model1 top-1": f"{100 * phase1['model1']['acc1']:.2f}", "model2 top-1": f"{100 * phase1['model2']['acc1']:.2f}",
+            "kept": int(kept.sum()), "kept correct": f"{100 * (~wrong[kept]).double().mean().item():.2f}",
+            "right labels kept": f"{100 * kept[~wrong].double().mean().item():.2f}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="bench/e2e_noisy_labels.py's --work folder")
+    args = parser.parse_args()
+    work = Path(args.work)
+    rows = []
+    for run in sorted(work.glob("clean-labels_*_seed*")):
+        match = re.fullmatch(r"clean-labels_(\w+)_seed(\d+)", run.name)
+        if match and (run / "label_issues.csv").is_file():
+            rows.append(diagnose(run, work / f"given_{match[1]}_seed{match[2]}.csv"))
+            print(rows[-1], flush=True)
+    if not rows:
+        raise SystemExit(f"{work}: no finished clean-labels run folders")
+    lines = ["# Why clean-labels ranks wrong labels as it does (CIFAR-10 test bed)", "",
+             "`python bench/diagnose_clean_labels.py --work <e2e_noisy_labels work folder>`: reads the finished "
+             "`clean-labels` runs. AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
+             "zero-shot probability of the given label, from the run's own zero-shot stage; modelN: 1 - that "
+             "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean). modelN "
+             "top-1: phase-I model on cifar10/test (%). kept correct: share of the kept labels that are right; "
+             "right labels kept: share of the pool's right labels that are kept (%).", "",
+             *markdown_table(HEADER, rows)]
+    atomic_write_text(RESULTS / "noisy_labels_diagnosis.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
