@@ -46,3 +46,30 @@ def test_detection_metrics():
     found = e2e_noisy_labels.detection(torch.tensor([True, False, True, False]), torch.tensor([0.9, 0.8, 0.7, 0.1]),
                                        wrong)
     assert found == {"flagged": 2, "precision": 0.5, "recall": 0.5, "roc auc": 1.0}
+
+
+def test_clean_labels_diagnosis_scores_a_run_folder(tmp_path):
+    import csv
+    import json
+
+    import diagnose_clean_labels
+
+    run = tmp_path / "clean-labels_sym40_seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "class_names.json").write_text(json.dumps(["cat", "dog"]))
+    pool = [(f"/pool/cat/{i}.jpg", "cat") for i in range(3)] + [("/pool/dog/0.jpg", "cat")]  # the last label is wrong
+    with open(tmp_path / "given_sym40_seed0.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label"), *pool])
+    probabilities = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])  # zero-shot ranks row 2 worst
+    torch.save({"positions": torch.arange(4), "probabilities": probabilities}, run / "checkpoints" / "zero_shot.pt")
+    (run / "metrics.json").write_text(json.dumps({"phase1": {"model1": {"acc1": 0.5}, "model2": {"acc1": 0.25}}}))
+    p_clean = [(0.9, 0.8), (0.7, 0.9), (0.6, 0.6), (0.1, 0.3)]  # both models rank the wrong label last
+    with open(run / "label_issues.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "given_label", "p_clean_model1", "p_clean_model2", "is_issue"),
+                                      *[(path, label, a, b, "true" if min(a, b) <= 0.5 else "false")
+                                        for (path, label), (a, b) in zip(pool, p_clean)]])
+    row = diagnose_clean_labels.diagnose(run, tmp_path / "given_sym40_seed0.csv")
+    assert row["noisy share"] == "25.00"
+    assert row["zero-shot auc"] == "0.6667" and row["min rule auc"] == "1.0000" and row["mean rule auc"] == "1.0000"
+    assert (row["model1 top-1"], row["model2 top-1"]) == ("50.00", "25.00")
+    assert row["kept"] == 3 and row["kept correct"] == "100.00" and row["right labels kept"] == "100.00"
