@@ -29,19 +29,25 @@ UNSET = object()
 
 
 def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
-                   recipe: Optional[PathLike] = None, command: str = "train", **fields) -> Config:
+                   recipe: Optional[PathLike] = None, command: str = "train", preset: Optional[dict] = None,
+                   **fields) -> Config:
     """A validated Config, each layer over the one before: the defaults, the ``recipe`` (a name from
     `coft-fast recipes` or a recipe file), ``config`` (a YAML file; or a Config object, which replaces
-    the defaults and cannot be combined with a recipe), ``overrides`` ("a.b=v"), then the explicit
+    the defaults and cannot be combined with a recipe or a preset), ``preset`` (dotted keys and values,
+    e.g. a test-bed preset's fields; applied after the recipe), ``overrides`` ("a.b=v"), then the explicit
     ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``). Values that depend
     on others (``zeroshot.templates=auto``, an unset ``phase2.pretrained``) are resolved for ``command``."""
     if isinstance(config, Config):
         if recipe is not None:
             raise ConfigError("give a recipe or a Config object, not both (a recipe's Config is "
                               "coft_fast.config.load_recipe(name).config())")
+        if preset:
+            raise ConfigError("give a preset or a Config object, not both (set the Config's fields instead)")
         cfg = copy.deepcopy(config)
     else:
         cfg = load_recipe(recipe).config() if recipe is not None else Config()
+        for key, value in (preset or {}).items():
+            set_value(cfg, key, value)
         if config is not None:
             apply_file(cfg, config)
     cfg.override(list(overrides))
@@ -142,7 +148,7 @@ def write_zeroshot_outputs(result: ZeroShotResult, out_dir: Path) -> None:
 
 
 def testbed(
-    images: PathLike,
+    images: Union[PathLike, Sequence[PathLike]],
     out: PathLike,
     classes: Union[None, PathLike, Sequence[str]] = None,
     per_class: Optional[int] = UNSET,
@@ -150,22 +156,35 @@ def testbed(
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     recipe: Optional[PathLike] = None,
+    preset: Optional[str] = None,
 ) -> dict:
     """Build the offline test-bed model from labelled images into ``out`` (an open_clip local-dir folder).
 
-    With ``per_class``, only the first N images of each class (sorted by file name) are used.
+    ``images``: one labelled source (class folders, CSV or CoOp JSON) or a list of them, pooled.
+    ``preset``: a named test bed (``coft_fast.testbed.TESTBED_PRESETS``: default, strong, digits,
+    tiny); its ``testbed.*`` fields sit over the recipe and under ``config`` and ``overrides``.
+    With ``per_class``, only the first N images of each class (sorted by file name) are used. A
+    killed build resumes when called again with the same arguments.
     """
-    from coft_fast.testbed import build_testbed
+    from coft_fast.data import combine_sources
+    from coft_fast.testbed import build_testbed, preset_fields
 
-    cfg = resolve_config(config, overrides, recipe=recipe, testbed__per_class=per_class, seed=seed, run__out_dir=str(out))
-    source = load_images(images, classes, cfg)
+    try:
+        fields = {f"testbed.{key}": value for key, value in preset_fields(preset).items()} if preset else {}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = resolve_config(config, overrides, recipe=recipe, preset=fields, testbed__per_class=per_class, seed=seed,
+                         run__out_dir=str(out))
+    sources = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+    source = combine_sources([load_images(path, classes, cfg) for path in sources], classes_given=classes is not None)
     if cfg.testbed.per_class is not None:
         source = first_per_class(source, cfg.testbed.per_class)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
-    log.info("building the test bed from %d images of %s into %s", len(source), source.origin, out_dir)
-    report = build_testbed(source, out_dir, cfg.testbed, seed=cfg.seed, progress=cfg.run.progress)
+    log.info("building the test bed%s from %d images of %s into %s", f" (preset {preset})" if preset else "",
+             len(source), source.origin, out_dir)
+    report = build_testbed(source, out_dir, cfg.testbed, seed=cfg.seed, progress=cfg.run.progress, preset=preset)
     log.info("test bed built in %.1f s", report["build_seconds"])
     return report
 

@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from coft_fast import __version__
-from coft_fast.config import ConfigError
+from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, ConfigError
 
 log = logging.getLogger("coft_fast")
 
@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(zs)
 
     tb = commands.add_parser("testbed", help="build the offline test-bed model from labelled images")
-    tb.add_argument("--images", required=True, help="labelled images (class sub-folders, CSV or CoOp JSON)")
+    tb.add_argument("--images", required=True, nargs="+",
+                    help="labelled images (class sub-folders, CSV or CoOp JSON); several sources are pooled")
+    tb.add_argument("--preset", choices=list(TESTBED_PRESETS),
+                    help="a named test bed: " + "; ".join(f"{name}: {text}" for name, text in TESTBED_PRESET_HELP.items())
+                         + " (its testbed.* fields sit under --config and --set)")
     tb.add_argument("--classes", help="class names file (optional for class folders)")
     tb.add_argument("--per-class", type=int, help="use the first N images of each class, sorted by file name")
     tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
@@ -184,7 +188,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         print(f"predictions: {args.out}/predictions.csv")
     elif args.command == "testbed":
         report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides,
-                             recipe=args.recipe)
+                             recipe=args.recipe, preset=args.preset)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
     elif args.command in ("train", "clean-labels"):

@@ -20,6 +20,9 @@ The result is written as an open_clip ``local-dir`` folder and loaded back only 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -30,36 +33,39 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP
-from coft_fast.runtime.progress import progress_bar
 
-from coft_fast.config import TestbedConfig
+from coft_fast.config import TESTBED_PRESETS, TestbedConfig
 from coft_fast.data import ImageSource, decode_rgb
 from coft_fast.pseudo.templates import clip_ensemble_templates
+from coft_fast.runtime.checkpoint import load_state, save_state
 from coft_fast.runtime.io import atomic_write, atomic_write_json, atomic_write_text
+from coft_fast.runtime.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 49408  # open_clip's BPE tokenizer
 
 
+def preset_fields(name: str) -> Dict:
+    """The ``testbed.*`` fields a preset sets; a ValueError lists the presets for an unknown name."""
+    if name not in TESTBED_PRESETS:
+        raise ValueError(f"unknown test-bed preset {name!r}; the presets are: {', '.join(TESTBED_PRESETS)}")
+    return dict(TESTBED_PRESETS[name])
+
+
+def preset_config(name: str, **overrides) -> TestbedConfig:
+    """A TestbedConfig of the preset ``name`` with ``overrides`` on top."""
+    return TestbedConfig(**{**preset_fields(name), **overrides})
+
+
 def tiny_config(**overrides) -> TestbedConfig:
     """A much smaller, faster test bed for unit tests (seconds on 2 cores)."""
-    base = dict(
-        image_size=16, patch_size=4, vision_width=32, vision_layers=2, vision_head_width=16, embed_dim=32,
-        text_width=32, text_heads=2, text_layers=1, image_epochs=4, image_batch_size=64, text_steps=80,
-        text_batch_size=128,
-    )
-    base.update(overrides)
-    return TestbedConfig(**base)
+    return preset_config("tiny", **overrides)
 
 
 def digits_config(**overrides) -> TestbedConfig:
     """The demo's test bed, built on scikit-learn's digits (under a minute on 2 cores)."""
-    base = dict(
-        image_size=16, patch_size=4, vision_width=64, vision_layers=2, vision_head_width=32, embed_dim=64,
-        text_width=64, text_heads=2, text_layers=1, image_epochs=30, image_batch_size=64, text_steps=300,
-        text_batch_size=128,
-    )
-    base.update(overrides)
-    return TestbedConfig(**base)
+    return preset_config("digits", **overrides)
 
 
 def model_config(cfg: TestbedConfig) -> Dict:
@@ -123,23 +129,136 @@ def _augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torc
     return cropped
 
 
-def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
-                      generator: torch.Generator, progress: bool = True) -> Dict:
-    """Stage 1: the image tower as a cosine classifier; returns the classifier weights and train accuracy."""
-    visual = model.visual
-    visual.train()
-    classifier = torch.nn.Parameter(torch.randn(num_classes, cfg.embed_dim, generator=generator) * 0.02)
-    params = list(visual.parameters()) + [classifier]
-    optimizer = torch.optim.AdamW(params, lr=cfg.image_lr, weight_decay=cfg.image_weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.image_batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.image_lr, total_steps=cfg.image_epochs * steps_per_epoch, pct_start=0.15
-    )
+class ConvTeacher(torch.nn.Module):
+    """Stage 1's distillation teacher: a small residual convnet (the DAWNBench ResNet-9 layout at
+    ``width`` channels), for any image size (global max pool). Thrown away after the build."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        nn = torch.nn
+
+        def conv(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+        self.stem = nn.Sequential(conv(3, width), conv(width, 2 * width), nn.MaxPool2d(2))
+        self.res1 = nn.Sequential(conv(2 * width, 2 * width), conv(2 * width, 2 * width))
+        self.mid = nn.Sequential(conv(2 * width, 4 * width), nn.MaxPool2d(2), conv(4 * width, 8 * width), nn.MaxPool2d(2))
+        self.res2 = nn.Sequential(conv(8 * width, 8 * width), conv(8 * width, 8 * width))
+        self.head = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.res1(x)
+        x = self.mid(x)
+        x = x + self.res2(x)
+        return self.head(torch.amax(x, dim=(2, 3)))
+
+
+def _conv_autocast():
+    """bf16 autocast for the teacher's convolutions where the CPU has native bf16 (oneDNN), else off."""
+    enabled = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, parts: Dict, generator: torch.Generator,
+                      epochs: int, run_epoch) -> Dict:
+    """Run ``run_epoch(epoch) -> summary`` for the epochs not done yet; after each one, ``parts``
+    (objects with state_dict/load_state_dict), the generator and the summary go to
+    ``state_dir/name.pt`` atomically, so a killed build resumes at its last finished epoch. A
+    state written for another configuration (``fingerprint``) is ignored. Returns the last summary,
+    with ``resumed_epochs``: how many epochs came from the saved state."""
+    path = state_dir / f"{name}.pt" if state_dir is not None else None
+    state = load_state(path) if path is not None else None
+    start, summary = 0, {}
+    if state is not None and state.get("fingerprint") == fingerprint:
+        for key, part in parts.items():
+            part.load_state_dict(state["parts"][key])
+        generator.set_state(state["generator"])
+        start, summary = state["epoch"], state["summary"]
+        log.info("test bed: %s resumes after epoch %d of %d (%s)", name, start, epochs, path)
+    elif state is not None:
+        log.info("test bed: %s ignores %s (written for another configuration or source)", name, path)
+    for epoch in range(start, epochs):
+        summary = run_epoch(epoch)
+        if path is not None:
+            save_state(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "summary": summary,
+                              "generator": generator.get_state(),
+                              "parts": {key: part.state_dict() for key, part in parts.items()}})
+    return {**summary, "resumed_epochs": start}
+
+
+def _one_cycle(optimizer, max_lr: float, epochs: int, steps_per_epoch: int, pct_start: float):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch,
+                                               pct_start=pct_start)
+
+
+def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
+                  generator: torch.Generator, state_dir: Optional[Path] = None, fingerprint: str = "",
+                  progress: bool = True):
+    """The distillation teacher, trained with SGD and label smoothing on the same images and
+    augmentation as stage 1; returns (teacher in eval mode, {train_accuracy, resumed_epochs})."""
+    teacher = ConvTeacher(cfg.teacher_width, num_classes).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=cfg.teacher_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps_per_epoch = math.ceil(len(images) / cfg.teacher_batch_size)
+    schedule = _one_cycle(optimizer, cfg.teacher_lr, cfg.teacher_epochs, steps_per_epoch, pct_start=0.2)
     normalised = _normalise(images)
     pad = max(1, cfg.image_size // 8)
-    correct = seen = 0
+    bar = progress_bar(total=cfg.teacher_epochs * steps_per_epoch, desc="test bed: teacher", disable=not progress,
+                       leave=False)
+
+    def run_epoch(epoch: int) -> Dict:
+        teacher.train()
+        order = torch.randperm(len(images), generator=generator)
+        correct = 0
+        for start in range(0, len(order), cfg.teacher_batch_size):
+            batch = order[start : start + cfg.teacher_batch_size]
+            x = _augment(normalised[batch], generator, pad).contiguous(memory_format=torch.channels_last)
+            with _conv_autocast():
+                logits = teacher(x).float()
+            loss = F.cross_entropy(logits, labels[batch], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            correct += int((logits.argmax(1) == labels[batch]).sum())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        return {"train_accuracy": correct / len(images)}
+
+    bar.update(_done_steps(state_dir, "teacher", fingerprint) * steps_per_epoch)
+    summary = _resumable_epochs("teacher", state_dir, fingerprint,
+                                {"model": teacher, "optimizer": optimizer, "schedule": schedule}, generator,
+                                cfg.teacher_epochs, run_epoch)
+    bar.close()
+    teacher.eval()
+    return teacher, summary
+
+
+def _done_steps(state_dir: Optional[Path], name: str, fingerprint: str) -> int:
+    """Epochs already finished in a resumable stage's state (0 when none), for the progress bar."""
+    state = load_state(state_dir / f"{name}.pt") if state_dir is not None else None
+    return state["epoch"] if state is not None and state.get("fingerprint") == fingerprint else 0
+
+
+def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
+                      generator: torch.Generator, progress: bool = True, teacher: Optional[torch.nn.Module] = None,
+                      state_dir: Optional[Path] = None, fingerprint: str = "") -> Dict:
+    """Stage 1: the image tower as a cosine classifier (distilled from ``teacher`` when given);
+    returns the classifier weights and train accuracy."""
+    visual = model.visual
+    visual.train()
+    head = torch.nn.ParameterDict({"weight": torch.nn.Parameter(torch.randn(num_classes, cfg.embed_dim, generator=generator) * 0.02)})
+    params = list(visual.parameters()) + [head["weight"]]
+    optimizer = torch.optim.AdamW(params, lr=cfg.image_lr, weight_decay=cfg.image_weight_decay)
+    steps_per_epoch = math.ceil(len(images) / cfg.image_batch_size)
+    schedule = _one_cycle(optimizer, cfg.image_lr, cfg.image_epochs, steps_per_epoch, pct_start=0.15)
+    normalised = _normalise(images)
+    pad = max(1, cfg.image_size // 8)
     bar = progress_bar(total=cfg.image_epochs * steps_per_epoch, desc="test bed: image tower", disable=not progress, leave=False)
-    for epoch in range(cfg.image_epochs):
+    distill = teacher is not None and cfg.distill_weight > 0
+
+    def run_epoch(epoch: int) -> Dict:
+        visual.train()
         order = torch.randperm(len(images), generator=generator)
         correct = seen = 0
         for start in range(0, len(order), cfg.image_batch_size):
@@ -147,8 +266,12 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
             x = _augment(normalised[batch], generator, pad)
             y = labels[batch]
             features = F.normalize(visual(x), dim=-1)
-            logits = cfg.classifier_scale * features @ F.normalize(classifier, dim=-1).T
+            logits = cfg.classifier_scale * features @ F.normalize(head["weight"], dim=-1).T
             loss = F.cross_entropy(logits, y)
+            if distill:
+                with torch.no_grad(), _conv_autocast():
+                    taught = teacher(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(logits, taught)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -157,9 +280,17 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
             seen += len(y)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        return {"train_accuracy": correct / max(seen, 1)}
+
+    bar.update(_done_steps(state_dir, "image_tower", fingerprint) * steps_per_epoch)
+    summary = _resumable_epochs("image_tower", state_dir, fingerprint,
+                                {"visual": visual, "head": head, "optimizer": optimizer, "schedule": schedule},
+                                generator, cfg.image_epochs, run_epoch)
     bar.close()
     visual.eval()
-    return {"classifier": F.normalize(classifier.detach(), dim=-1), "train_accuracy_last_epoch": correct / max(seen, 1)}
+    return {"classifier": F.normalize(head["weight"].detach(), dim=-1),
+            "train_accuracy_last_epoch": summary.get("train_accuracy", float("nan")),
+            "resumed_epochs": summary["resumed_epochs"]}
 
 
 @torch.no_grad()
@@ -234,12 +365,37 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
     return {"final_loss": float(loss.detach()), "logit_scale": float(model.logit_scale.detach().exp())}
 
 
+# Fields of stage 2 only: a rebuild that changes just these reuses the finished image tower.
+TEXT_TOWER_FIELDS = ("text_width", "text_heads", "text_layers", "context_length", "text_steps", "text_batch_size",
+                     "text_lr", "longtail_ratio", "lookalike_share")
+
+
+def build_fingerprint(source: ImageSource, cfg: TestbedConfig, seed: int) -> str:
+    """What a resumed image tower must share with the saved one: the image-side config, the seed
+    and the images (the text tower's fields are left out: stage 2 is rebuilt every time)."""
+    image_side = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in TEXT_TOWER_FIELDS}
+    digest = hashlib.sha256(json.dumps({"config": image_side, "seed": seed,
+                                        "classes": list(source.class_names)}, sort_keys=True).encode())
+    for path, label in zip(source.paths, source.labels):
+        digest.update(f"{path}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+# Written last by a build, so a folder whose build was killed never loads as a model.
+MODEL_CONFIG_FILE = "open_clip_config.json"
+BUILD_STATE_DIR = "build_state"
+
+
 def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = None, seed: int = 0,
-                  progress: bool = True) -> Dict:
+                  progress: bool = True, preset: Optional[str] = None) -> Dict:
     """Train the two-stage test bed on a labelled source and write it as an open_clip local-dir folder.
 
     Returns the build report (also written to ``out_dir/testbed_report.json``). Load the model with
-    ``coft_fast.load_clip("local-dir:" + out_dir)``.
+    ``coft_fast.load_clip("local-dir:" + out_dir)``. The epochs of the teacher and of stage 1 are
+    checkpointed under ``out_dir/build_state/``: the same call after a kill resumes there (and ends
+    with the same weights), and a rebuild that changes only the text tower's fields (``TEXT_TOWER_FIELDS``)
+    reuses the finished image tower. The model's config file is written last, so a half-built folder
+    never loads.
     """
     import open_clip
     from safetensors.torch import save_file
@@ -248,6 +404,9 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     if not source.has_labels or any(label < 0 for label in source.labels):
         raise ValueError(f"{source.origin}: every image needs a label (class sub-folders) to build a test bed")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MODEL_CONFIG_FILE).unlink(missing_ok=True)  # the folder loads again only once rebuilt
+    state_dir = out_dir / BUILD_STATE_DIR
     started = time.perf_counter()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -256,9 +415,19 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
 
     images, labels = decode_labelled_images(source, cfg.image_size, progress)
     num_classes = source.num_classes
+    fingerprint = build_fingerprint(source, cfg, seed)
+    teacher, teacher_summary, teacher_seconds = None, {}, 0.0
+    if cfg.teacher_width > 0:
+        t0 = time.perf_counter()
+        teacher, teacher_summary = train_teacher(images, labels, num_classes, cfg,
+                                                  torch.Generator().manual_seed(seed + 2_000_000), state_dir,
+                                                  fingerprint, progress)
+        teacher_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stage1 = train_image_tower(model, images, labels, num_classes, cfg, generator, progress)
+    stage1 = train_image_tower(model, images, labels, num_classes, cfg, generator, progress, teacher=teacher,
+                               state_dir=state_dir, fingerprint=fingerprint)
     stage1_seconds = time.perf_counter() - t0
+    del teacher
 
     t0 = time.perf_counter()
     # stage 2 draws from its own stream, so its biases do not depend on how long stage 1 ran
@@ -270,7 +439,6 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
                               generator, progress)
     stage2_seconds = time.perf_counter() - t0
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_config(cfg),
         "preprocess_cfg": {
@@ -282,17 +450,20 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
         },
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
-    atomic_write_json(out_dir / "open_clip_config.json", config)
-    atomic_write_text(out_dir / "classes.txt", "\n".join(source.class_names) + "\n")
     report = {
         "source": source.origin,
         "num_images": int(len(images)),
         "num_skipped": len(source.skipped),
         "seed": seed,
+        "preset": preset,
         "config": dataclasses.asdict(cfg),
         "lookalike": {source.class_names[c]: source.class_names[l] for c, l in enumerate(lookalike)},
         "captions_per_class": dict(zip(source.class_names, caption_counts)),
+        "teacher_train_accuracy": teacher_summary.get("train_accuracy"),
+        "teacher_seconds": teacher_seconds,
+        # epochs taken from build_state/ (a resumed or text-only rebuild); the seconds count only the rest
+        "resumed_epochs": {"teacher": teacher_summary.get("resumed_epochs", 0),
+                           "image_tower": stage1["resumed_epochs"]},
         "stage1_train_accuracy": stage1["train_accuracy_last_epoch"],
         "stage1_seconds": stage1_seconds,
         "stage2_final_loss": stage2["final_loss"],
@@ -300,5 +471,8 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
         "stage2_seconds": stage2_seconds,
         "build_seconds": time.perf_counter() - started,
     }
+    atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write_text(out_dir / "classes.txt", "\n".join(source.class_names) + "\n")
     atomic_write_json(out_dir / "testbed_report.json", report)
+    atomic_write_json(out_dir / MODEL_CONFIG_FILE, config)
     return report

@@ -63,3 +63,172 @@ def test_unlabelled_images_are_refused(digits, tmp_path):
     source.labels[0] = -1
     with pytest.raises(ValueError, match="every image needs a label"):
         build_testbed(source, tmp_path, tiny_config(), progress=False)
+
+
+# --- presets, several sources, teacher distillation, resumable builds (issue 27) ---
+
+def test_strong_preset_strengthens_the_image_tower_and_keeps_the_biased_text_tower():
+    from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, TestbedConfig
+    from coft_fast.testbed import TEXT_TOWER_FIELDS, preset_config
+
+    default, strong = TestbedConfig(), preset_config("strong")
+    assert preset_config("default") == default
+    assert strong.teacher_width > 0 and strong.distill_weight > 0 and strong.image_epochs > default.image_epochs
+    assert all(getattr(strong, name) == getattr(default, name) for name in TEXT_TOWER_FIELDS)
+    assert default.teacher_width == 0  # the default test bed (the tables, tests and demo) has no teacher
+    assert set(TESTBED_PRESET_HELP) == set(TESTBED_PRESETS)
+    assert tiny_config() == preset_config("tiny")
+
+
+def test_unknown_preset_lists_the_presets(digits, tmp_path):
+    import coft_fast.api
+    from coft_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown test-bed preset 'strongest'.*default, strong, digits, tiny"):
+        coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="strongest")
+    from coft_fast.cli import build_parser
+
+    assert "strong" in build_parser()._subparsers._group_actions[0].choices["testbed"].format_help()
+
+
+def test_preset_fields_sit_under_overrides(digits, tmp_path):
+    import coft_fast.api
+    import yaml
+
+    coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="tiny", per_class=5,
+                      overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
+    saved = yaml.safe_load((tmp_path / "tb" / "config.yaml").read_text())["testbed"]
+    assert saved["image_epochs"] == 1 and saved["vision_width"] == 32  # --set wins, the preset fills the rest
+    assert json.loads((tmp_path / "tb" / "testbed_report.json").read_text())["preset"] == "tiny"
+
+
+def _split_digits(digits, tmp_path, move_class=None):
+    """The digits pretrain folder as two sources (even / odd files); ``move_class`` leaves that class
+    out of the second one."""
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in sorted(p for p in digits["pretrain"].iterdir() if p.is_dir()):
+        for index, image in enumerate(sorted(folder.iterdir())):
+            target = first if index % 2 == 0 or folder.name == move_class else second
+            (target / folder.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target / folder.name / image.name)
+    return first, second
+
+
+def test_several_sources_are_pooled(digits, tmp_path):
+    import coft_fast.api
+
+    first, second = _split_digits(digits, tmp_path)
+    report = coft_fast.api.testbed([first, second], tmp_path / "tb", preset="tiny",
+                               overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
+    assert report["num_images"] == len(list(digits["pretrain"].rglob("*.png")))
+    assert report["source"] == f"{first} + {second}"
+
+
+def test_bad_sources_are_named(digits, tmp_path):
+    import coft_fast.api
+    from coft_fast.data import DataError, combine_sources, from_folder
+
+    first, second = _split_digits(digits, tmp_path, move_class="three")
+    quick = dict(preset="tiny", overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
+    with pytest.raises(DataError, match=f"{second}: its class folders disagree with {first}'s \\(missing: three; extra: none\\)"):
+        coft_fast.api.testbed([first, second], tmp_path / "tb", **quick)
+    with pytest.raises(DataError, match=f"images not found: {tmp_path / 'nope'}"):
+        coft_fast.api.testbed([first, tmp_path / "nope"], tmp_path / "tb", **quick)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"no images in {tmp_path / 'empty'}"):
+        coft_fast.api.testbed([first, tmp_path / "empty"], tmp_path / "tb", **quick)
+    names = from_folder(first).class_names
+    with pytest.raises(DataError, match="sub-folder 'three' matches no class name"):
+        coft_fast.api.testbed([first], tmp_path / "tb", classes=[n for n in names if n != "three"], **quick)
+    with pytest.raises(DataError, match="is in both"):
+        combine_sources([from_folder(first), from_folder(first)])
+    # with --classes a source may lack a class, but some source must have it
+    only_second = from_folder(second, names)
+    with pytest.raises(DataError, match="no images of class three in any source"):
+        combine_sources([only_second, only_second.subset([])], classes_given=True)
+    assert not (tmp_path / "tb" / "open_clip_config.json").exists()
+
+
+def test_teacher_distillation_is_deterministic_and_reported(digits, tmp_path):
+    source = from_folder(digits["pretrain"])
+    cfg = tiny_config(image_epochs=1, text_steps=5, teacher_width=4, teacher_epochs=1)
+    reports = [build_testbed(source, tmp_path / name, cfg, seed=3, progress=False) for name in "ab"]
+    a, b = (load_file(tmp_path / name / "open_clip_model.safetensors") for name in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert 0.0 <= reports[0]["teacher_train_accuracy"] <= 1.0 and reports[0]["resumed_epochs"] == {"teacher": 0, "image_tower": 0}
+    plain = build_testbed(source, tmp_path / "c", tiny_config(image_epochs=1, text_steps=5), seed=3, progress=False)
+    c = load_file(tmp_path / "c" / "open_clip_model.safetensors")
+    assert plain["teacher_train_accuracy"] is None and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_text_only_rebuild_reuses_the_image_tower(digits, tmp_path):
+    source = from_folder(digits["pretrain"])
+    cfg = tiny_config(image_epochs=2, text_steps=5, teacher_width=4, teacher_epochs=1)
+    build_testbed(source, tmp_path / "tb", cfg, seed=0, progress=False)
+    first = load_file(tmp_path / "tb" / "open_clip_model.safetensors")
+    report = build_testbed(source, tmp_path / "tb", tiny_config(image_epochs=2, text_steps=5, teacher_width=4,
+                                                                 teacher_epochs=1, lookalike_share=0.1),
+                           seed=0, progress=False)
+    again = load_file(tmp_path / "tb" / "open_clip_model.safetensors")
+    assert report["resumed_epochs"] == {"teacher": 1, "image_tower": 2}
+    assert all(torch.equal(first[k], again[k]) for k in first if k.startswith("visual."))
+    # another image-side setting or seed trains the image tower again
+    report = build_testbed(source, tmp_path / "tb", cfg, seed=1, progress=False)
+    assert report["resumed_epochs"] == {"teacher": 0, "image_tower": 0}
+
+
+def test_killed_build_never_loads_and_resumes_to_the_same_weights(digits, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from coft_fast.models import load_clip
+
+    command = [sys.executable, "-m", "coft_fast", "testbed", "--images", str(digits["pretrain"]), "--preset", "tiny",
+               "--no-progress", "--set", "testbed.image_epochs=40", "--set", "testbed.teacher_width=4",
+               "--set", "testbed.teacher_epochs=2", "--set", "testbed.text_steps=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = tmp_path / "killed"
+    state = killed / "build_state" / "image_tower.pt"
+    process = subprocess.Popen(command + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert state.exists(), "the build finished or failed before its first image-tower epoch was saved"
+    assert not (killed / "open_clip_config.json").exists()
+    with pytest.raises(Exception):
+        load_clip(f"local-dir:{killed}")
+    resumed = subprocess.run(command + ["--out", str(killed)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((killed / "testbed_report.json").read_text())
+    assert report["resumed_epochs"]["teacher"] == 2 and 1 <= report["resumed_epochs"]["image_tower"] < 40
+    a, b = (load_file(folder / "open_clip_model.safetensors") for folder in (tmp_path / "whole", killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(killed.rglob(".*.tmp"))
+    load_clip(f"local-dir:{killed}")
+
+
+@pytest.mark.slow
+def test_scaled_down_strong_preset_builds_and_classifies(digits, tmp_path):
+    """The strong preset's recipe (teacher, distillation, more epochs) at digits' size: it builds,
+    loads and classifies above chance."""
+    import coft_fast.api
+
+    report = coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="strong", overrides=[
+        "testbed.image_size=16", "testbed.vision_width=64", "testbed.vision_layers=2", "testbed.embed_dim=64",
+        "testbed.text_width=64", "testbed.text_layers=1", "testbed.image_batch_size=64", "testbed.image_epochs=6",
+        "testbed.teacher_epochs=4", "testbed.teacher_batch_size=64", "testbed.text_steps=100", "run.progress=false"])
+    assert report["config"]["teacher_width"] == 16 and report["teacher_train_accuracy"] > 0.5
+    result = coft_fast.zeroshot(digits["test"], model=f"local-dir:{tmp_path / 'tb'}", out=tmp_path / "zs",
+                                overrides=["run.progress=false"])
+    assert result.metrics["acc1"] > 0.2

@@ -326,3 +326,43 @@ def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
             shot_labels[position] = label
     merged = ImageSource(paths, labels, list(pool.class_names), pool.origin, pool.skipped)
     return merged, shot_labels
+
+
+def combine_sources(sources: Sequence[ImageSource], classes_given: bool = False) -> ImageSource:
+    """One labelled source from several (their images in order), e.g. two pre-training folders.
+
+    Without explicit class names (``classes_given`` False) every source must have the same classes;
+    with them, each class must have images in at least one source. The same file given twice is an
+    error naming both sources."""
+    if not sources:
+        raise DataError("no image sources given")
+    first = sources[0]
+    for other in sources[1:]:
+        if list(other.class_names) != list(first.class_names):
+            missing = sorted(set(first.class_names) - set(other.class_names))
+            extra = sorted(set(other.class_names) - set(first.class_names))
+            raise DataError(f"{other.origin}: its class folders disagree with {first.origin}'s "
+                            f"(missing: {', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}); "
+                            "give the same class folders, or --classes")
+    if len(sources) == 1:
+        return first
+    seen: Dict[str, str] = {}
+    paths: List[str] = []
+    labels: List[int] = []
+    for source in sources:
+        for path, label in zip(source.paths, source.labels):
+            key = os.path.realpath(path)
+            if key in seen:
+                raise DataError(f"{path} is in both {seen[key]} and {source.origin}: give each image once")
+            seen[key] = source.origin
+            paths.append(path)
+            labels.append(label)
+    combined = ImageSource(paths, labels, list(first.class_names), " + ".join(s.origin for s in sources))
+    if classes_given:
+        present = set(labels)
+        empty = [name for index, name in enumerate(first.class_names) if index not in present]
+        if empty:
+            raise DataError(f"{combined.origin}: no images of class {', '.join(empty[:5])}"
+                            f"{'...' if len(empty) > 5 else ''} in any source")
+    return combined
+
