@@ -34,9 +34,12 @@ def testbed_settings(testbed_dir) -> str:
     if not report_file.is_file():
         return ""
     built = json.loads(report_file.read_text())
-    settings = [f"{k} {v}" for k, v in built.get("config", {}).items()
-                if k in ("image_epochs", "vision_layers", "vision_width", "longtail_ratio", "lookalike_share")]
-    return ", ".join([f"seed {built.get('seed')}"] + settings)
+    shown = ["image_epochs", "vision_layers", "vision_width", "longtail_ratio", "lookalike_share"]
+    if built.get("config", {}).get("teacher_width"):
+        shown += ["teacher_width", "teacher_epochs", "distill_weight"]
+    settings = [f"{k} {v}" for k, v in built.get("config", {}).items() if k in shown]
+    preset = [f"preset {built['preset']}"] if built.get("preset") else []
+    return ", ".join(preset + [f"seed {built.get('seed')}"] + settings)
 
 
 def frozen_features(model_dir, root: Path, paths: dict = None) -> dict:
@@ -142,23 +145,29 @@ def markdown_table(header, rows) -> list:
 
 def cell_bench_args(description: str, cell_format: str, stem: str):
     """The command line of a resumable end-to-end benchmark on the CIFAR-10 test bed, parsed and
-    applied: (args, cifar10 root, work folder, built test-bed folder)."""
-    import coft_fast
+    applied: (args, cifar10 root, work folder, built test-bed folder); ``args.stem`` is ``stem`` with
+    the ``--tag`` (the results files' name)."""
+    import coft_fast.api
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
-    parser.add_argument("--work", default=str(RESULTS / "tmp" / stem), help="folder for the run folders")
+    parser.add_argument("--work", help="folder for the run folders")
     parser.add_argument("--cells", nargs="+", help=f"only these cells, as {cell_format}")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 shares a busy machine best)")
     parser.add_argument("--stop-after", type=float, help="start no new cell after this many seconds")
+    parser.add_argument("--tag", default="", help="a test bed's name (e.g. strong): results go to "
+                        f"bench/results/{stem}_TAG.* and run folders under bench/results/tmp/{stem}_TAG")
     args = parser.parse_args()
+    args.stem = f"{stem}_{args.tag}" if args.tag else stem
+    if args.work is None:
+        args.work = str(RESULTS / "tmp" / args.stem)
     if args.threads:
         torch.set_num_threads(args.threads)
     root = data_root() / "cifar10"
     work = Path(args.work)
     testbed = Path(args.testbed) if args.testbed else work / "testbed"
     if not (testbed / "open_clip_config.json").is_file():
-        coft_fast.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+        coft_fast.api.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
     return args, root, work, testbed
 
 
@@ -178,3 +187,34 @@ def run_cells(args, order, name_of, is_done, run, record) -> None:
         row = run(cell)
         record(row)
         print(f"{name}: {row}", flush=True)
+
+
+def run_label_aucs(run_dir) -> tuple:
+    """(filter AUC, zero-shot AUC) of a finished CoFT run on a pool with class folders: the ROC AUC
+    of model 2's clean probability of model 1's labels for correct against wrong model-1 labels, and
+    of zero-shot confidence for correct against wrong zero-shot labels (the pool's folders are the
+    truth, used only here). (None, None) where the run has no filter stage or no pool labels."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    from coft_fast.runtime.checkpoint import load_state
+
+    run_dir = Path(run_dir)
+    with open(run_dir / "pseudo_labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    checkpoint = load_state(run_dir / "checkpoints" / "filter.pt")
+    if checkpoint is None or not rows or not rows[0].get("pool_label") or not rows[0].get("model1_label"):
+        return None, None
+    truth = [r["pool_label"] for r in rows]
+    p_clean = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+    p_clean[checkpoint["positions"]] = checkpoint["result"]["p_clean1"].double()
+    scored = [i for i in range(len(rows)) if p_clean[i].isfinite()]
+
+    def auc(correct, score):
+        return float(roc_auc_score(correct, score)) if 0 < sum(correct) < len(correct) else None
+
+    filter_auc = auc([int(rows[i]["model1_label"] == truth[i]) for i in scored], [float(p_clean[i]) for i in scored])
+    zero_shot_auc = auc([int(r["zero_shot_label"] == t) for r, t in zip(rows, truth)],
+                        [float(r["zero_shot_confidence"]) for r in rows])
+    return filter_auc, zero_shot_auc

@@ -184,7 +184,7 @@ def means(rows: list, method: str, noise: str, key: str):
     return (statistics.mean(values), len(values)) if values else None
 
 
-def plot(rows: list) -> None:
+def plot(rows: list, stem: str = STEM) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,14 +212,15 @@ def plot(rows: list) -> None:
         axes[1].set_ylim(max(0.0, min(finals) - 10), max(finals) + 5)
     fig.suptitle("CIFAR-10 test bed with synthetic label noise (mean over seeds done)", fontsize=10)
     fig.tight_layout()
-    atomic_write(RESULTS / f"{STEM}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(RESULTS / f"{stem}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
-def write(table: CellTable, testbed: Path) -> None:
+def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> None:
     rows = table.ordered(cells())
-    lines = [f"# Noisy labels on the CIFAR-10 test bed ({machine()})", "",
-             "`python bench/e2e_noisy_labels.py` (resumable per cell). Test bed: "
+    command = "python bench/e2e_noisy_labels.py" + (f" --testbed DIR --tag {tag}" if tag else "")
+    lines = [f"# Noisy labels on the CIFAR-10 test bed{f' ({tag})' if tag else ''} ({machine()})", "",
+             f"`{command}` (resumable per cell). Test bed: "
              f"{testbed_settings(testbed) or testbed}; pool: cifar10/pool (10,000 images) with synthetic noise; "
              "eval: cifar10/test (5,000). Shares, precision, recall and top-1 in %. precision / recall: of the "
              "flagged labels against the labels the noise changed; roc auc: of the issue score. " + SECONDS_NOTE, "",
@@ -239,14 +240,14 @@ def write(table: CellTable, testbed: Path) -> None:
             if len(auc[other]) == 3:
                 lines.append(f"\n40 % symmetric, 3-seed means: clean-labels ROC AUC minus {LABELS[other]}: "
                              f"{statistics.mean(auc['clean-labels']) - statistics.mean(auc[other]):+.4f}.")
-    atomic_write_text(RESULTS / f"{STEM}.md", "\n".join(lines) + "\n")
-    plot(rows)
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
+    plot(rows, stem)
 
 
 def main() -> None:
     args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "METHOD:NOISE:SEED (e.g. cleanlab:sym40:1)",
                                                 STEM)
-    table = CellTable(STEM, HEADER, ("method", "noise", "seed"))
+    table = CellTable(args.stem, HEADER, ("method", "noise", "seed"))
     pools = []  # the clean pool's features and zero-shot probabilities, computed for the first cell to run
 
     def run(cell):
@@ -255,11 +256,11 @@ def main() -> None:
 
     def record(row):
         table.add(row, cells())
-        write(table, testbed)
+        write(table, testbed, args.stem, args.tag)
 
     run_cells(args, cells(), lambda c: f"{c['method']}:{c['noise']}:{c['seed']}", table.__contains__, run, record)
     if table.rows:
-        write(table, testbed)
+        write(table, testbed, args.stem, args.tag)
 
 
 if __name__ == "__main__":

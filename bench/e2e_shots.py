@@ -1,7 +1,7 @@
 """Accuracy against labelled shots per class on the CIFAR-10 test bed, as the paper's Fig. 2.
 
-    python bench/e2e_shots.py [--testbed DIR] [--work DIR] [--cells METHOD:SHOTS:SEED ...] [--threads N]
-                              [--stop-after SECONDS]
+    python bench/e2e_shots.py [--testbed DIR] [--tag NAME] [--work DIR] [--cells METHOD:SHOTS:SEED ...]
+                              [--threads N] [--stop-after SECONDS]
 
 Methods, all from the same shots: CoFT with the shots (`train --labeled`, the default config),
 self-training with the shots (`--method self-train --labeled`), CoOp (phase I on the shots alone,
@@ -16,7 +16,9 @@ the .md table and the PNG) at once, and a cell already in the CSV is never run a
 CoFT or self-training cell resumes from its run folder under --work. The 0-shot CoFT and
 self-training cells are the default-config cells of bench/results/recipes_cifar10.csv when that
 file has them (the same runs: the recipes benchmark's paper-coft and self-train rows); the table
-says so in its `source` column.
+says so in its `source` column. With --tag (another test bed, e.g. `--testbed DIR --tag strong
+--cells coft:16:0 ...`) the files are e2e_shots_TAG.* and the 0-shot cells come from
+recipes_cifar10_TAG.csv.
 """
 from __future__ import annotations
 
@@ -137,9 +139,9 @@ def coop(features: Features, shots: list, seed: int) -> float:
     return (predictions == torch.tensor(test.labels)[positions]).double().mean().item()
 
 
-def from_recipes(cell: dict):
-    """The 0-shot CoFT / self-training cell from bench/results/recipes_cifar10.csv, when it has it."""
-    path = RESULTS / "recipes_cifar10.csv"
+def from_recipes(cell: dict, tag: str = ""):
+    """The 0-shot CoFT / self-training cell from bench/results/recipes_cifar10[_TAG].csv, when it has it."""
+    path = RESULTS / ("recipes_cifar10" + (f"_{tag}" if tag else "") + ".csv")
     row_name = {"coft": "paper-coft", "self-train": "self-train"}.get(cell["method"])
     if cell["shots"] != 0 or row_name is None or not path.is_file():
         return None
@@ -149,7 +151,7 @@ def from_recipes(cell: dict):
                 return {**cell, "final": row["final"], "zero-shot": row["zero-shot"],
                         "S* precision": row["S* precision"], "clean set size": row["clean set size"],
                         "filter precision": row["filter precision"], "seconds": row["seconds"],
-                        "source": f"recipes_cifar10.csv ({row_name}, seed {cell['seed']})"}
+                        "source": f"{path.name} ({row_name}, seed {cell['seed']})"}
     return None
 
 
@@ -185,7 +187,7 @@ def summary(table: CellTable) -> dict:
     return found
 
 
-def plot(found: dict) -> None:
+def plot(found: dict, stem: str = STEM) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,15 +209,16 @@ def plot(found: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(RESULTS / f"{STEM}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(RESULTS / f"{stem}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
-def write(table: CellTable, testbed: Path) -> None:
+def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> None:
     rows = table.ordered(cells())
     found = summary(table)
-    lines = [f"# Accuracy against labelled shots on the CIFAR-10 test bed ({machine()})", "",
-             "`python bench/e2e_shots.py` (resumable per cell). Test bed: "
+    command = "python bench/e2e_shots.py" + (f" --testbed DIR --tag {tag}" if tag else "")
+    lines = [f"# Accuracy against labelled shots on the CIFAR-10 test bed{f' ({tag})' if tag else ''} ({machine()})", "",
+             f"`{command}` (resumable per cell). Test bed: "
              f"{testbed_settings(testbed) or testbed}; pool: cifar10/pool (10,000 images; the shots' folders are "
              "their labels, the rest stays unlabelled); eval: cifar10/test (5,000). Top-1 and precisions in %. "
              "Shots drawn at random per class and seed from the pool. CoFT and self-training run the default "
@@ -235,22 +238,22 @@ def write(table: CellTable, testbed: Path) -> None:
             if len(sixteen[other]) == 3:
                 gap = statistics.mean(sixteen["coft"]) - statistics.mean(sixteen[other])
                 lines.append(f"16 shots, 3-seed means: CoFT minus {LABELS[other]}: {gap:+.2f} points.")
-    atomic_write_text(RESULTS / f"{STEM}.md", "\n".join(lines) + "\n")
-    plot(found)
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
+    plot(found, stem)
 
 
 def main() -> None:
     args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "METHOD:SHOTS:SEED (e.g. coft:16:1)", STEM)
-    table = CellTable(STEM, HEADER, ("method", "shots", "seed"))
+    table = CellTable(args.stem, HEADER, ("method", "shots", "seed"))
     features = Features(testbed, root)
 
     def record(row):
         table.add(row, cells())
-        write(table, testbed)
+        write(table, testbed, args.stem, args.tag)
 
     run_cells(args, cells(), lambda c: f"{c['method']}:{c['shots']}:{c['seed']}", table.__contains__,
-              lambda cell: from_recipes(cell) or run_cell(cell, root, testbed, work, features), record)
-    write(table, testbed)
+              lambda cell: from_recipes(cell, args.tag) or run_cell(cell, root, testbed, work, features), record)
+    write(table, testbed, args.stem, args.tag)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The recipes on the CIFAR-10 test bed: zero-shot, self-train, paper-coft, paper-coftplus and testbed.
 
-    python bench/recipes_cifar10.py [--testbed DIR] [--work DIR] [--cells NAME:SEED ...] [--threads N]
-                                    [--stop-after SECONDS]
+    python bench/recipes_cifar10.py [--testbed DIR] [--tag NAME] [--work DIR] [--cells NAME:SEED ...]
+                                    [--threads N] [--stop-after SECONDS]
 
 One row per method and seed (a "cell"): zero-shot (the paper's single template, and CLIP's ensemble;
 no training, so no seeds), self-train (the default config, method=self-train), paper-coft (the
@@ -11,8 +11,11 @@ bench/results/recipes_cifar10.csv (and the .md table) as soon as it finishes, an
 the CSV is never run again, so the committed CSV lets a later session continue where this one
 stopped. A cell that was interrupted resumes from its run folder under --work.
 
-The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one; the pool is
-cifar10/pool (labels used only for diagnostics), evaluation cifar10/test.
+The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one; with --tag
+(e.g. `--testbed DIR --tag strong` for the strong preset) the files are recipes_cifar10_TAG.*. The
+pool is cifar10/pool (labels used only for diagnostics), evaluation cifar10/test. Beside each CoFT
+cell's clean set: the ROC AUC of the filter's clean probability for correct against wrong model-1
+labels, and of zero-shot confidence for zero-shot labels (the pool's folders as truth).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 import coft_fast
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_text
 
-from common import RESULTS, cell_bench_args, machine, run_cells, testbed_settings
+from common import RESULTS, cell_bench_args, machine, run_cells, run_label_aucs, testbed_settings
 
 STEM = "recipes_cifar10"
 # (row name, recipe, method override or None, seeds) in the order the cells run: the cheap ones, then the
@@ -41,7 +44,7 @@ ORDER = [
     ("paper-coftplus", "paper-coftplus", None, 0),
 ]
 HEADER = ["row", "recipe", "seed", "templates", "zero-shot", "S* precision", "clean set size", "filter precision",
-          "final", "seconds", "phase seconds"]
+          "filter AUC", "zero-shot AUC", "final", "seconds", "phase seconds"]
 
 
 def cell_key(row: str, seed: int) -> str:
@@ -75,18 +78,23 @@ def run_cell(root: Path, testbed: Path, work: Path, row: str, recipe, method, se
                              out=work / f"{name}_seed{seed}", resume=True, recipe=recipe, overrides=overrides)
     m = result.metrics
     s1 = m.get("filter", {}).get("s1", {})
+    filter_auc, zero_shot_auc = run_label_aucs(work / f"{name}_seed{seed}") if s1 else (None, None)
     return {"row": row, "recipe": recipe, "seed": seed, "templates": m["zero_shot"].get("templates"),
             "zero-shot": pct(m["zero_shot"]["acc1"]), "S* precision": pct(m["selection"]["pseudo_label_accuracy"]),
             "clean set size": s1.get("size", ""), "filter precision": pct(s1.get("precision")),
+            "filter AUC": "" if filter_auc is None else f"{filter_auc:.4f}",
+            "zero-shot AUC": "" if zero_shot_auc is None else f"{zero_shot_auc:.4f}",
             "final": pct(m["final"]["acc1"]), "seconds": f"{time.perf_counter() - started:.0f}",
             "phase seconds": ", ".join(f"{k} {v:.0f}" for k, v in m["timings"].items())}
 
 
-def write(done: dict, testbed: Path) -> None:
-    ordered = [done[cell_key(row, seed)] for row, _, _, seed in ORDER if cell_key(row, seed) in done]
-    atomic_write_csv(RESULTS / f"{STEM}.csv", HEADER, ([r[h] for h in HEADER] for r in ordered))
-    lines = [f"# The recipes on the CIFAR-10 test bed ({machine()})", "",
-             "`python bench/recipes_cifar10.py` (resumable per cell). Test bed: "
+def write(done: dict, testbed: Path, stem: str = STEM, tag: str = "") -> None:
+    ordered = [{h: done[cell_key(row, seed)].get(h, "") for h in HEADER} for row, _, _, seed in ORDER
+               if cell_key(row, seed) in done]
+    atomic_write_csv(RESULTS / f"{stem}.csv", HEADER, ([r[h] for h in HEADER] for r in ordered))
+    command = "python bench/recipes_cifar10.py" + (f" --testbed DIR --tag {tag}" if tag else "")
+    lines = [f"# The recipes on the CIFAR-10 test bed{f' ({tag})' if tag else ''} ({machine()})", "",
+             f"`{command}` (resumable per cell). Test bed: "
              f"{testbed_settings(testbed) or testbed}; pool: cifar10/pool (10,000 images, labels hidden); "
              "eval: cifar10/test (5,000). Top-1 and precisions in %. self-train and paper-coft run the default "
              "config (the paper's method); testbed is CoFT with `--recipe testbed` (the defaults before issue 19, "
@@ -107,22 +115,27 @@ def write(done: dict, testbed: Path) -> None:
         gap = means["paper-coft"] - means["self-train"]
         lines.append(f"paper-coft minus self-train (means over the seeds done): {gap:+.2f} points"
                      + (" — the paper recipe trails self-training on this test bed." if gap < 0 else "."))
+    zero_shot = means.get("zero-shot (single template)")
+    if "paper-coft" in means and zero_shot is not None:
+        lines.append(f"paper-coft minus zero-shot (single template, the default's): {means['paper-coft'] - zero_shot:+.2f} points.")
+    if "paper-coftplus" in means and "paper-coft" in means:
+        lines.append(f"paper-coftplus minus paper-coft: {means['paper-coftplus'] - means['paper-coft']:+.2f} points.")
     if "testbed" in means and "paper-coft" in means:
         lines.append(f"testbed minus paper-coft: {means['testbed'] - means['paper-coft']:+.2f} points.")
-    atomic_write_text(RESULTS / f"{STEM}.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
     args, root, work, testbed = cell_bench_args(__doc__.splitlines()[0], "ROW:SEED (e.g. paper-coft:1)", STEM)
-    done = read_done(RESULTS / f"{STEM}.csv")
+    done = read_done(RESULTS / f"{args.stem}.csv")
 
     def record(row):
         done[cell_key(row["row"], int(row["seed"]))] = row
-        write(done, testbed)
+        write(done, testbed, args.stem, args.tag)
 
     run_cells(args, ORDER, lambda cell: cell_key(cell[0], cell[3]), lambda cell: cell_key(cell[0], cell[3]) in done,
               lambda cell: run_cell(root, testbed, work, *cell), record)
-    write(done, testbed)
+    write(done, testbed, args.stem, args.tag)
 
 
 if __name__ == "__main__":

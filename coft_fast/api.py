@@ -161,13 +161,13 @@ def testbed(
     """Build the offline test-bed model from labelled images into ``out`` (an open_clip local-dir folder).
 
     ``images``: one labelled source (class folders, CSV or CoOp JSON) or a list of them, pooled.
-    ``preset``: a named test bed (``coft_fast.testbed.TESTBED_PRESETS``: default, strong, digits,
+    ``preset``: a named test bed (``coft_fast.config.TESTBED_PRESETS``: default, strong, digits,
     tiny); its ``testbed.*`` fields sit over the recipe and under ``config`` and ``overrides``.
     With ``per_class``, only the first N images of each class (sorted by file name) are used. A
     killed build resumes when called again with the same arguments.
     """
     from coft_fast.data import combine_sources
-    from coft_fast.testbed import build_testbed, preset_fields
+    from coft_fast.testbed_builder import build_testbed, preset_fields
 
     try:
         fields = {f"testbed.{key}": value for key, value in preset_fields(preset).items()} if preset else {}
@@ -212,7 +212,7 @@ def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, over
     import shutil
 
     from coft_fast.data.demo import digit_class_names, write_digits
-    from coft_fast.testbed import digits_config
+    from coft_fast.testbed_builder import digits_config
 
     out_dir = Path(out)
     folders = write_digits(out_dir / "data", image_size=digits_config().image_size, seed=seed)

@@ -207,7 +207,7 @@ class ContrastiveConfig:
 
 @dataclass
 class TestbedConfig:
-    """The offline stand-in for a pre-trained CLIP (see coft_fast/testbed.py and its README section)."""
+    """The offline stand-in for a pre-trained CLIP (see coft_fast/testbed_builder.py and its README section)."""
 
     # Architecture (open_clip CLIP config).
     image_size: int = 32

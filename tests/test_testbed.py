@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from coft_fast.data import from_folder
-from coft_fast.testbed import (
+from coft_fast.testbed_builder import (
     biased_caption_classes,
     build_testbed,
     lookalike_classes,
@@ -69,7 +69,7 @@ def test_unlabelled_images_are_refused(digits, tmp_path):
 
 def test_strong_preset_strengthens_the_image_tower_and_keeps_the_biased_text_tower():
     from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, TestbedConfig
-    from coft_fast.testbed import TEXT_TOWER_FIELDS, preset_config
+    from coft_fast.testbed_builder import TEXT_TOWER_FIELDS, preset_config
 
     default, strong = TestbedConfig(), preset_config("strong")
     assert preset_config("default") == default
@@ -81,21 +81,21 @@ def test_strong_preset_strengthens_the_image_tower_and_keeps_the_biased_text_tow
 
 
 def test_unknown_preset_lists_the_presets(digits, tmp_path):
-    import coft_fast.api
+    import coft_fast
     from coft_fast.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown test-bed preset 'strongest'.*default, strong, digits, tiny"):
-        coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="strongest")
+        coft_fast.testbed(digits["pretrain"], tmp_path / "tb", preset="strongest")
     from coft_fast.cli import build_parser
 
     assert "strong" in build_parser()._subparsers._group_actions[0].choices["testbed"].format_help()
 
 
 def test_preset_fields_sit_under_overrides(digits, tmp_path):
-    import coft_fast.api
+    import coft_fast
     import yaml
 
-    coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="tiny", per_class=5,
+    coft_fast.testbed(digits["pretrain"], tmp_path / "tb", preset="tiny", per_class=5,
                       overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
     saved = yaml.safe_load((tmp_path / "tb" / "config.yaml").read_text())["testbed"]
     assert saved["image_epochs"] == 1 and saved["vision_width"] == 32  # --set wins, the preset fills the rest
@@ -117,31 +117,31 @@ def _split_digits(digits, tmp_path, move_class=None):
 
 
 def test_several_sources_are_pooled(digits, tmp_path):
-    import coft_fast.api
+    import coft_fast
 
     first, second = _split_digits(digits, tmp_path)
-    report = coft_fast.api.testbed([first, second], tmp_path / "tb", preset="tiny",
+    report = coft_fast.testbed([first, second], tmp_path / "tb", preset="tiny",
                                overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
     assert report["num_images"] == len(list(digits["pretrain"].rglob("*.png")))
     assert report["source"] == f"{first} + {second}"
 
 
 def test_bad_sources_are_named(digits, tmp_path):
-    import coft_fast.api
+    import coft_fast
     from coft_fast.data import DataError, combine_sources, from_folder
 
     first, second = _split_digits(digits, tmp_path, move_class="three")
     quick = dict(preset="tiny", overrides=["testbed.image_epochs=1", "testbed.text_steps=3", "run.progress=false"])
     with pytest.raises(DataError, match=f"{second}: its class folders disagree with {first}'s \\(missing: three; extra: none\\)"):
-        coft_fast.api.testbed([first, second], tmp_path / "tb", **quick)
+        coft_fast.testbed([first, second], tmp_path / "tb", **quick)
     with pytest.raises(DataError, match=f"images not found: {tmp_path / 'nope'}"):
-        coft_fast.api.testbed([first, tmp_path / "nope"], tmp_path / "tb", **quick)
+        coft_fast.testbed([first, tmp_path / "nope"], tmp_path / "tb", **quick)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=f"no images in {tmp_path / 'empty'}"):
-        coft_fast.api.testbed([first, tmp_path / "empty"], tmp_path / "tb", **quick)
+        coft_fast.testbed([first, tmp_path / "empty"], tmp_path / "tb", **quick)
     names = from_folder(first).class_names
     with pytest.raises(DataError, match="sub-folder 'three' matches no class name"):
-        coft_fast.api.testbed([first], tmp_path / "tb", classes=[n for n in names if n != "three"], **quick)
+        coft_fast.testbed([first], tmp_path / "tb", classes=[n for n in names if n != "three"], **quick)
     with pytest.raises(DataError, match="is in both"):
         combine_sources([from_folder(first), from_folder(first)])
     # with --classes a source may lack a class, but some source must have it
@@ -222,9 +222,9 @@ def test_killed_build_never_loads_and_resumes_to_the_same_weights(digits, tmp_pa
 def test_scaled_down_strong_preset_builds_and_classifies(digits, tmp_path):
     """The strong preset's recipe (teacher, distillation, more epochs) at digits' size: it builds,
     loads and classifies above chance."""
-    import coft_fast.api
+    import coft_fast
 
-    report = coft_fast.api.testbed(digits["pretrain"], tmp_path / "tb", preset="strong", overrides=[
+    report = coft_fast.testbed(digits["pretrain"], tmp_path / "tb", preset="strong", overrides=[
         "testbed.image_size=16", "testbed.vision_width=64", "testbed.vision_layers=2", "testbed.embed_dim=64",
         "testbed.text_width=64", "testbed.text_layers=1", "testbed.image_batch_size=64", "testbed.image_epochs=6",
         "testbed.teacher_epochs=4", "testbed.teacher_batch_size=64", "testbed.text_steps=100", "run.progress=false"])
@@ -232,3 +232,11 @@ def test_scaled_down_strong_preset_builds_and_classifies(digits, tmp_path):
     result = coft_fast.zeroshot(digits["test"], model=f"local-dir:{tmp_path / 'tb'}", out=tmp_path / "zs",
                                 overrides=["run.progress=false"])
     assert result.metrics["acc1"] > 0.2
+
+
+def test_public_testbed_stays_callable_after_the_builder_is_imported():
+    """The builder module must not shadow coft_fast.testbed() (a submodule import rebinds the name)."""
+    import coft_fast
+    import coft_fast.testbed_builder  # noqa: F401
+
+    assert callable(coft_fast.testbed)
