@@ -131,6 +131,10 @@ class Phase1Config:
     # "joint": positive and negative prompts in one text-encoder call, cut after the last end-of-text
     # token (exact); "separate": two calls over the full context, as the research code does.
     text_encoding: str = "joint"
+    # L2's complement label: 0 draws it uniformly from the other classes (the paper's); w in (0, 1]
+    # draws it from (1 - w) * uniform + w * the model's own detached softmax over the other classes
+    # (hard complements: its confusions, e.g. cat for dog), per batch.
+    complement_hard_weight: float = 0.0
     # Seeds of the two models (they differ only in initialisation and data order).
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     # CoFT+ only: rounds of phase I (the method doc's R, default 3). In round r > 1 each model of
@@ -143,12 +147,24 @@ class Phase1Config:
 class FilterConfig:
     # A label is kept when the validating model's p_clean exceeds this (the method: 0.5, s+ > s-).
     threshold: float = 0.5
+    # The decision over the two models' labels and clean probabilities: "paper" (the method's:
+    # each set by the other model's p_clean > threshold), "agreement" (kept only where both models
+    # give the same label and each validates it), or "mixture" (per class, a two-component Gaussian
+    # mixture on logit p_clean, as DivideMix fits one to the loss). See pseudo/filter.py: decide.
+    rule: str = "paper"
 
 
 @dataclass
 class Phase2Config:
     """Full fine-tuning of a fresh visual encoder plus a linear head on the clean set."""
 
+    # The classification loss: "ce" (cross-entropy, the paper's) or "gce" (generalized
+    # cross-entropy, (1 - p_y^q) / q, robust to label noise; Zhang & Sabuncu 2018).
+    loss: str = "ce"
+    gce_q: float = 0.7
+    # Per-sample weights of the loss: "none" (the paper's) or "clean_probability" (each kept sample
+    # weighted by the validating model's p_clean of its label; labelled shots weigh 1).
+    sample_weight: str = "none"
     # Which clean set to train on: "s1" (model 1's labels validated by model 2), "s2", or "both"
     # (two runs, reported separately and as a logit ensemble: the mean of the two heads' logits).
     train_on: str = "s1"
@@ -364,11 +380,21 @@ class Config:
         if self.pseudo.source == "given" and self.pseudo.knn_refine:
             raise ConfigError("config key 'pseudo.knn_refine' relabels zero-shot pseudo-labels; it cannot be combined "
                               "with pseudo.source=given (the pool's own labels)")
+        if self.pseudo.source == "given" and self.filter.rule != "paper":
+            raise ConfigError(f"config key 'filter.rule' is {self.filter.rule}, but with pseudo.source=given there "
+                              "are no two generated labels to decide between: use paper")
+        if self.method == "self-train" and self.phase2.sample_weight != "none":
+            raise ConfigError("config key 'phase2.sample_weight' weights the filter's clean sets; self-training has none "
+                              "(use none)")
+        if not self.phase2.gce_q > 0 or self.phase2.gce_q > 1:
+            raise ConfigError(f"config key 'phase2.gce_q' must be in (0, 1], got {self.phase2.gce_q}")
         if self.pseudo.source == "given" and self.phase2.train_on == "both":
             raise ConfigError("config key 'phase2.train_on' is both, but with pseudo.source=given the two clean sets are "
                               "one (the given labels both models keep): use s1")
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
                    "pseudo.source": ("zeroshot", "given"),
+                   "filter.rule": ("paper", "agreement", "mixture"),
+                   "phase2.loss": ("ce", "gce"), "phase2.sample_weight": ("none", "clean_probability"),
                    "phase1.text_encoding": ("joint", "separate"),
                    "phase1.augment": AUGMENTATIONS, "phase2.augment": AUGMENTATIONS,
                    "run.op_backend": ("auto", "reference", "triton", "eager")}
@@ -423,6 +449,9 @@ class Config:
             if getattr(self.testbed, key) < (0 if key == "teacher_width" else 1):
                 raise ConfigError(f"config key 'testbed.{key}' must be at least "
                                   f"{0 if key == 'teacher_width' else 1}, got {getattr(self.testbed, key)}")
+        if not 0.0 <= self.phase1.complement_hard_weight <= 1.0:
+            raise ConfigError("config key 'phase1.complement_hard_weight' must be in [0, 1] (0: uniform complements, "
+                              f"the paper's), got {self.phase1.complement_hard_weight}")
         if not 0.0 <= self.testbed.distill_weight <= 1.0:
             raise ConfigError(f"config key 'testbed.distill_weight' must be in [0, 1], got {self.testbed.distill_weight}")
         if not 0.0 <= self.testbed.lookalike_share < 1.0:

@@ -28,7 +28,7 @@ from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, Norma
                                      classifier_logits, train_phase2)
 from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
                               prompt_names, templates_record, zeroshot_probabilities)
-from coft_fast.pseudo.filter import FilterResult, ModelView, filter_quality, generate_and_validate, validate_given
+from coft_fast.pseudo.filter import FilterResult, ModelView, decide, filter_quality, generate_and_validate, validate_given
 from coft_fast.pseudo.label_issues import LabelIssue, label_issue_counts, label_issues
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
@@ -441,7 +441,7 @@ class CoftRun:
             return {"result": result.__dict__, "positions": positions}
 
         state = self._stage("filter", "filter", compute)
-        checked = FilterResult(**state["result"])
+        checked = decide(FilterResult(**state["result"]), cfg.filter.rule, cfg.filter.threshold)
         result = checked if self.shots is None else checked.with_shots(self.shots)  # shots are never filtered out
         self.state.filter = result
         truth = self.truth
@@ -455,6 +455,7 @@ class CoftRun:
             record_pool_labels(rounds[-1], result.labels1, result.labels2, self.names)
         self.state.metrics["filter"] = {
             "threshold": cfg.filter.threshold,
+            "rule": cfg.filter.rule,
             "agreement": agreement(result.labels1, result.labels2),
             "s1": {"size": int(result.keep1.sum()),
                    **(filter_quality(result.training_labels(1), result.keep1, truth) if (truth >= 0).any() else {})},
@@ -473,6 +474,10 @@ class CoftRun:
             "s1": {"rows": result.keep1.nonzero().flatten(), "labels": result.training_labels(1)[result.keep1]},
             "s2": {"rows": result.keep2.nonzero().flatten(), "labels": result.training_labels(2)[result.keep2]},
         }
+        if self.cfg.phase2.sample_weight == "clean_probability":  # the validating model's p_clean; shots weigh 1
+            for name, p_clean, keep in (("s1", result.p_clean1, result.keep1), ("s2", result.p_clean2, result.keep2)):
+                weights = p_clean.float() if self.shots is None else torch.where(self.shots >= 0, 1.0, p_clean.float())
+                sets[name]["weights"] = weights[keep]
         chosen = {"s1": ["s1"], "s2": ["s2"], "both": ["s1", "s2"]}[self.cfg.phase2.train_on]
         return {name: sets[name] for name in chosen}
 
@@ -523,6 +528,7 @@ class CoftRun:
                     checkpoint_seconds=cfg.run.checkpoint_seconds, progress=self.progress, writer=self.writer, tag=tag,
                     contrastive=contrastive, compile_model=self.compile,
                     monitor=self.knn_monitor(classifier, clip2) if cfg.phase2.knn_monitor else None,
+                    weights=data.get("weights"),
                 )
                 return {"model": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}, "report": report}
 

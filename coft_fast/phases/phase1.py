@@ -98,6 +98,31 @@ def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.G
     return (labels + shift) % num_classes
 
 
+def complement_distribution(labels: torch.Tensor, probabilities: torch.Tensor, hard_weight: float) -> torch.Tensor:
+    """(N, C) distribution of each sample's complement label over the other C - 1 classes:
+    ``(1 - hard_weight) * uniform + hard_weight * probabilities`` renormalised without the label
+    (0 on the label itself; uniform where the probabilities of the other classes are all 0)."""
+    num_classes = probabilities.shape[1]
+    own = torch.zeros_like(probabilities, dtype=torch.bool).scatter_(1, labels[:, None], True)
+    others = probabilities.detach().double().masked_fill(own, 0.0).clamp_min(0.0)
+    total = others.sum(1, keepdim=True)
+    uniform = (~own).double() / (num_classes - 1)
+    hard = torch.where(total > 0, others / total.clamp_min(1e-300), uniform)
+    return (1.0 - hard_weight) * uniform + hard_weight * hard
+
+
+def hard_complement_labels(labels: torch.Tensor, probabilities: torch.Tensor, hard_weight: float,
+                           generator: torch.Generator) -> torch.Tensor:
+    """A complement label per sample drawn from :func:`complement_distribution` (the model's own
+    confusions, mixed with uniform by ``hard_weight``): never the label itself."""
+    return torch.multinomial(complement_distribution(labels, probabilities, hard_weight), 1,
+                             generator=generator).squeeze(1)
+
+
+# offset of the hard complements' random stream from the epoch's (data order, augmentation) stream
+COMPLEMENT_STREAM = 7_919
+
+
 def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
     """At least ``cfg.steps`` optimiser steps and at least ``cfg.min_epochs`` passes over S*."""
     per_epoch = math.ceil(num_samples / cfg.batch_size)
@@ -143,9 +168,13 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     # visual prompts when there are none (vpt_tokens == 0); DDP must be told, or it stops the run
     forward = data_parallel(PromptTraining(model), device, find_unused_parameters=unused_parameters_possible(cfg))
     bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
+    hard = cfg.complement_hard_weight > 0
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
-        complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
+        if hard:  # drawn per batch from the model's current predictions, on a stream of their own
+            complement_generator = epoch_generator(seed + COMPLEMENT_STREAM, epoch)
+        else:  # the paper's: uniform over the other classes, drawn once per epoch
+            complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
                                                          augment=cfg.augment):
             if step >= total:
@@ -154,8 +183,15 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
             mine = picked[part.rows].to(device)
             with autocast(precision, device):
                 image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
+            if hard:
+                with torch.no_grad():
+                    probabilities = torch.softmax(logit_scale * image_feats.float() @ pos.float().T, dim=1)
+                step_complements = hard_complement_labels(labels[mine].cpu(), probabilities.cpu(),
+                                                          cfg.complement_hard_weight, complement_generator).to(device)
+            else:
+                step_complements = complements[mine]
             loss, l1, l2 = ops.dual_prompt_loss(
-                image_feats, pos, neg, labels[mine], complements[mine], logit_scale, cfg.lam,
+                image_feats, pos, neg, labels[mine], step_complements, logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend, check_label_range=False,
             )
             guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])

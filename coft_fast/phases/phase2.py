@@ -136,6 +136,22 @@ def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torc
     return tau * (counts / counts.sum()).log()
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: Phase2Config,
+                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Phase II's loss of a batch: cross-entropy (the paper's) or generalized cross-entropy
+    (``cfg.loss``), averaged with ``weights`` when given (a weighted mean)."""
+    if cfg.loss == "ce" and weights is None:
+        return F.cross_entropy(logits, labels)
+    if cfg.loss == "gce":
+        p_label = torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
+        per_sample = (1.0 - p_label ** cfg.gce_q) / cfg.gce_q
+    else:
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
 def optimizer_options(device: torch.device) -> Dict:
     """One fused kernel per optimiser step on CUDA; the multi-tensor (foreach) path elsewhere."""
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -145,7 +161,8 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                  labels: torch.Tensor, cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
                  writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
-                 compile_model: bool = False, monitor: Optional[Callable[[], Dict[str, float]]] = None) -> Dict:
+                 compile_model: bool = False, monitor: Optional[Callable[[], Dict[str, float]]] = None,
+                 weights: Optional[torch.Tensor] = None) -> Dict:
     """Cross-entropy training (logit-adjusted by the labels' class prior when ``cfg.logit_adjust`` > 0)
     with SGD, warm-up and cosine decay; resumable at epoch boundaries.
 
@@ -154,6 +171,8 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
     runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
     ``monitor()``, called after every epoch, returns figures (e.g. kNN accuracy) for the history.
+    ``weights`` (one per row of ``labels``) weight each sample's loss (``cfg.sample_weight``); the
+    loss itself is ``cfg.loss`` (:func:`classification_loss`).
     """
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
@@ -178,6 +197,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     if step:
         log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
     labels = labels.to(device)
+    weights = weights.to(device=device, dtype=torch.float32) if weights is not None else None
     adjustment = logit_adjustment(labels, classifier.head.weight.shape[0], cfg.logit_adjust)
     classifier.train()
     last_save = time.monotonic()
@@ -202,7 +222,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
             if views is None:
                 with autocast(precision, device):
                     logits, _ = forward(batch_images, len(batch_images))
-                ce = F.cross_entropy(logits + adjustment, labels[mine])
+                ce = classification_loss(logits + adjustment, labels[mine], cfg, None if weights is None else weights[mine])
                 loss, cont = ce * part.weight, None
             else:
                 query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
@@ -212,7 +232,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                     logits, queries = forward(torch.cat([batch_images, query_view]), len(batch_images))
                     module.update_(classifier.visual)
                     keys = module.keys(key_view)
-                ce = F.cross_entropy(logits + adjustment, labels[mine])
+                ce = classification_loss(logits + adjustment, labels[mine], cfg, None if weights is None else weights[mine])
                 cont = module.loss(queries, keys, contrastive.temperature, contrastive.backend)
                 loss = ce * part.weight + contrastive.gamma * pool_part.weight * cont
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])

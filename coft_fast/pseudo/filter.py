@@ -85,6 +85,53 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
     return FilterResult(view1.labels(), view2.labels(), p_clean1, p_clean2, keep, keep.clone(), given, given)
 
 
+FILTER_RULES = ("paper", "agreement", "mixture")
+
+
+def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterResult:
+    """The keep decisions of ``rule`` over a filter's labels and clean probabilities (shots are
+    applied afterwards, by :meth:`FilterResult.with_shots`):
+
+    - ``paper``: as computed (S1 keeps model 1's label where model 2's p_clean of it > threshold);
+    - ``agreement``: a sample is kept (in both sets) only where the two models give the same label
+      and each validates it (both p_clean > threshold);
+    - ``mixture``: per class of the label, a two-component Gaussian mixture on logit(p_clean) (as
+      DivideMix fits one to the loss); kept where the posterior of the higher-mean component
+      exceeds 0.5 (classes with too few samples fall back to the threshold).
+    """
+    if rule == "paper":
+        return result
+    if rule == "agreement":
+        both = (result.labels1 == result.labels2) & (result.p_clean1 > threshold) & (result.p_clean2 > threshold)
+        return replace(result, keep1=both, keep2=both.clone())
+    if rule == "mixture":
+        return replace(result, keep1=mixture_keep(result.p_clean1, result.labels1, threshold),
+                       keep2=mixture_keep(result.p_clean2, result.labels2, threshold))
+    raise ValueError(f"unknown filter rule {rule!r} (one of {', '.join(FILTER_RULES)})")
+
+
+def mixture_keep(p_clean: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5,
+                 min_per_class: int = 20) -> torch.Tensor:
+    """(M,) bool: per label class, the samples a 2-component 1-D Gaussian mixture on logit(p_clean)
+    puts in its higher-mean ("clean") component with posterior > 0.5. A class with fewer than
+    ``min_per_class`` samples, or whose values barely vary, keeps p_clean > threshold."""
+    from sklearn.mixture import GaussianMixture
+
+    keep = p_clean > threshold
+    scores = torch.logit(p_clean.double().clamp(1e-6, 1 - 1e-6))
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        values = scores[members]
+        if len(members) < min_per_class or float(values.std()) < 1e-3:
+            continue
+        mixture = GaussianMixture(n_components=2, reg_covar=1e-3, max_iter=200, random_state=0)
+        mixture.fit(values.numpy()[:, None])
+        clean = int(mixture.means_.ravel().argmax())
+        posterior = torch.from_numpy(mixture.predict_proba(values.numpy()[:, None])[:, clean])
+        keep[members] = posterior > 0.5
+    return keep
+
+
 def filter_quality(labels: torch.Tensor, keep: torch.Tensor, truth: torch.Tensor) -> dict:
     """Precision (label accuracy among kept) and recall (share of the correctly labelled samples
     that were kept), over the samples whose true label is known (truth >= 0). Diagnostics only."""

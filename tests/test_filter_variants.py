@@ -1,0 +1,135 @@
+"""The filter variants of issue 28: each a config key whose default is the paper's behaviour."""
+import pytest
+import torch
+
+from coft_fast.config import Config, ConfigError
+from coft_fast.phases.phase1 import complement_distribution, hard_complement_labels
+
+
+def test_hard_complement_never_returns_the_label_and_follows_the_weights():
+    probabilities = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.1, 0.1, 0.1, 0.7]])
+    labels = torch.tensor([0, 3])
+    for weight in (0.0, 0.5, 1.0):
+        expected = complement_distribution(labels, probabilities, weight)
+        assert torch.allclose(expected.sum(1), torch.ones(2, dtype=expected.dtype))
+        assert expected[0, 0] == 0 and expected[1, 3] == 0
+        draws = 60_000
+        generator = torch.Generator().manual_seed(0)
+        picked = hard_complement_labels(labels.repeat(draws), probabilities.repeat(draws, 1), weight, generator)
+        picked = picked.view(draws, 2)
+        assert not bool((picked[:, 0] == 0).any()) and not bool((picked[:, 1] == 3).any())
+        for row in range(2):
+            frequency = torch.bincount(picked[:, row], minlength=4).double() / draws
+            assert torch.allclose(frequency, expected[row], atol=0.01), (weight, row, frequency, expected[row])
+    # weight 1 on sample 0: the model's confusions (0.2, 0.05, 0.05) renormalised without the label
+    assert torch.allclose(complement_distribution(labels, probabilities, 1.0)[0],
+                          torch.tensor([0.0, 2 / 3, 1 / 6, 1 / 6], dtype=torch.float64))
+    # all mass on the label itself: the other classes fall back to uniform
+    assert torch.allclose(complement_distribution(torch.tensor([1]), torch.tensor([[0.0, 1.0, 0.0]]), 1.0),
+                          torch.tensor([[0.5, 0.0, 0.5]], dtype=torch.float64))
+
+
+def test_hard_complement_weight_is_validated_by_name():
+    with pytest.raises(ConfigError, match="phase1.complement_hard_weight"):
+        Config().override(["phase1.complement_hard_weight=1.5"]).validate()
+    assert Config().phase1.complement_hard_weight == 0.0  # the paper's uniform complements
+
+
+def test_phase1_trains_with_hard_complements(phase2_parts):
+    from coft_fast.phases.phase1 import make_prompt_model, train_phase1
+
+    from coft_fast.pseudo import prompt_names
+
+    clip, images, labels, num_classes = phase2_parts
+    cfg = Config().override(["phase1.steps=4", "phase1.min_epochs=1", "phase1.batch_size=16",
+                             "phase1.complement_hard_weight=1.0", "phase1.vpt_tokens=2"]).phase1
+    names = prompt_names([str(c) for c in range(num_classes)])
+    rows = torch.arange(len(labels))
+    runs = []
+    for _ in range(2):
+        model = make_prompt_model(clip, names, cfg, 3, torch.device("cpu"))
+        result = train_phase1(model, images, rows, labels, cfg, 3, torch.device("cpu"), progress=False)
+        runs.append((result, {k: v.clone() for k, v in model.state_dict().items()}))
+    assert runs[0][0]["steps"] == 4
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])  # deterministic for a seed
+
+
+def _result(labels1, labels2, p1, p2, threshold=0.5):
+    from coft_fast.pseudo.filter import FilterResult
+
+    p1, p2 = torch.tensor(p1, dtype=torch.float64), torch.tensor(p2, dtype=torch.float64)
+    return FilterResult(torch.tensor(labels1), torch.tensor(labels2), p1, p2, p1 > threshold, p2 > threshold)
+
+
+def test_agreement_keeps_only_labels_both_models_give_and_validate():
+    from coft_fast.pseudo.filter import decide
+
+    result = _result([0, 1, 2, 0], [0, 2, 2, 0], [0.9, 0.9, 0.9, 0.4], [0.8, 0.9, 0.7, 0.9])
+    agreed = decide(result, "agreement")
+    assert agreed.keep1.tolist() == [True, False, True, False] and torch.equal(agreed.keep1, agreed.keep2)
+    assert decide(result, "paper") is result
+
+
+def test_mixture_splits_each_class_where_a_threshold_keeps_everything():
+    from coft_fast.pseudo.filter import decide
+
+    generator = torch.Generator().manual_seed(0)
+    clean = 0.97 + 0.02 * torch.rand(60, generator=generator)  # a clean mode near 0.98
+    noisy = 0.70 + 0.10 * torch.rand(40, generator=generator)  # a noisy mode near 0.75: all above 0.5
+    p = torch.cat([clean, noisy, clean[:5]]).tolist()
+    labels = [0] * 100 + [1] * 5  # class 1 is too small for a mixture: the threshold decides
+    result = _result(labels, labels, p, p)
+    assert bool(result.keep1.all())
+    mixed = decide(result, "mixture")
+    assert mixed.keep1[:60].all() and not mixed.keep1[60:100].any() and mixed.keep1[100:].all()
+    assert torch.equal(decide(result, "mixture").keep1, mixed.keep1)  # deterministic
+
+
+def test_variant_keys_are_validated_by_name():
+    bad = {"filter.rule": "vote", "phase2.loss": "mae", "phase2.sample_weight": "confidence", "phase2.gce_q": 0}
+    for key, value in bad.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            Config().override([f"{key}={value}"]).validate()
+    with pytest.raises(ConfigError, match="filter.rule"):
+        Config().override(["pseudo.source=given", "filter.rule=agreement"]).validate()
+    with pytest.raises(ConfigError, match="phase2.sample_weight"):
+        Config().override(["method=self-train", "phase2.sample_weight=clean_probability"]).validate()
+    defaults = Config()
+    assert (defaults.filter.rule, defaults.phase2.loss, defaults.phase2.sample_weight) == ("paper", "ce", "none")
+
+
+def test_phase2_losses():
+    import torch.nn.functional as F
+
+    from coft_fast.phases.phase2 import classification_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    ce = Config().phase2
+    assert torch.equal(classification_loss(logits, labels, ce), F.cross_entropy(logits, labels))
+    assert torch.allclose(classification_loss(logits, labels, ce, torch.full((7,), 0.3)), F.cross_entropy(logits, labels))
+    weights = torch.tensor([1.0, 0, 0, 0, 0, 0, 0])
+    assert torch.allclose(classification_loss(logits, labels, ce, weights), F.cross_entropy(logits[:1], labels[:1]))
+    gce = Config().override(["phase2.loss=gce", "phase2.gce_q=0.5"]).phase2
+    p = torch.softmax(logits, 1)[torch.arange(7), labels]
+    loss = classification_loss(logits, labels, gce)
+    assert torch.allclose(loss, ((1 - p ** 0.5) / 0.5).mean())
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_run_with_every_variant_on(tiny_testbed, digits, tmp_path):
+    import json
+
+    import coft_fast
+
+    settings = ["phase1.steps=20", "phase1.min_epochs=1", "phase1.vpt_tokens=2", "phase1.n_ctx=4", "phase1.batch_size=32",
+                "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0", "run.progress=false",
+                "phase1.complement_hard_weight=0.5", "filter.rule=mixture", "phase2.loss=gce",
+                "phase2.sample_weight=clean_probability"]
+    result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"],
+                             out=tmp_path / "run", overrides=settings)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["filter"]["rule"] == "mixture" and result.metrics["final"]["acc1"] >= 0
+    assert metrics["phase2"]["s1"]["train_size"] == metrics["filter"]["s1"]["size"]
