@@ -135,6 +135,15 @@ class Phase1Config:
     # draws it from (1 - w) * uniform + w * the model's own detached softmax over the other classes
     # (hard complements: its confusions, e.g. cat for dog), per batch.
     complement_hard_weight: float = 0.0
+    # What the two models train on: "s_star" (the paper's: both on S*, the class-balanced top-K);
+    # "s_star_then_pool" (DeFT-style: after S*, each continues on every pool label with DeFT's
+    # warm-up and self-selection); "pool_halves" (each model on one seeded, class-stratified half of
+    # the pool's labels from the start, DeFT-style, so each label is also judged by a model that never
+    # trained on it); "auto": pool_halves for given labels (clean-labels), s_star otherwise.
+    train_on: str = "auto"
+    # DeFT's self-selection on a whole labelled set: after this many epochs on every label, L1 counts
+    # only samples whose p_clean > 0.5, and L2's positive target is the prediction where it is not.
+    selection_warmup_epochs: int = 1
     # Seeds of the two models (they differ only in initialisation and data order).
     seeds: List[int] = field(default_factory=lambda: [1, 2])
     # CoFT+ only: rounds of phase I (the method doc's R, default 3). In round r > 1 each model of
@@ -383,6 +392,12 @@ class Config:
         if self.pseudo.source == "given" and self.filter.rule != "paper":
             raise ConfigError(f"config key 'filter.rule' is {self.filter.rule}, but with pseudo.source=given there "
                               "are no two generated labels to decide between: use paper")
+        if self.method == "coft+" and self.phase1.train_on not in ("auto", "s_star"):
+            raise ConfigError(f"config key 'phase1.train_on' is {self.phase1.train_on}, but CoFT+ rounds train on "
+                              "each round's top-K subsets: use s_star (or auto) with method=coft+")
+        if self.phase1.selection_warmup_epochs < 0:
+            raise ConfigError("config key 'phase1.selection_warmup_epochs' must be >= 0, got "
+                              f"{self.phase1.selection_warmup_epochs}")
         if self.method == "self-train" and self.phase2.sample_weight != "none":
             raise ConfigError("config key 'phase2.sample_weight' weights the filter's clean sets; self-training has none "
                               "(use none)")
@@ -394,6 +409,7 @@ class Config:
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
                    "pseudo.source": ("zeroshot", "given"),
                    "filter.rule": ("paper", "agreement", "mixture"),
+                   "phase1.train_on": ("auto", "s_star", "s_star_then_pool", "pool_halves"),
                    "phase2.loss": ("ce", "gce"), "phase2.sample_weight": ("none", "clean_probability"),
                    "phase1.text_encoding": ("joint", "separate"),
                    "phase1.augment": AUGMENTATIONS, "phase2.augment": AUGMENTATIONS,
@@ -575,6 +591,8 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
     - ``zeroshot.templates=auto``: "ensemble" for the ``zeroshot`` command and for coft+ (with a
       warning: the paper's CoFT+ averages LLM-written templates, give them with --templates), else
       "single" (the paper's hand template);
+    - ``phase1.train_on=auto``: "pool_halves" for given labels (``pseudo.source=given``, clean-labels)
+      with method coft, else "s_star" (the paper's);
     - ``phase2.pretrained`` unset while ``phase2.model`` is another open_clip model: ``model.pretrained``
       when ``phase2.model`` has that pre-trained tag, else a ConfigError naming ``phase2.pretrained``
       (a phase II backbone with random weights is never built by accident).
@@ -591,6 +609,9 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
             cfg.zeroshot.templates = "ensemble"
         else:
             cfg.zeroshot.templates = "single"
+    if cfg.phase1.train_on == "auto":
+        given_coft = cfg.pseudo.source == "given" and cfg.method == "coft"
+        cfg.phase1.train_on = "pool_halves" if given_coft else "s_star"
     phase2 = cfg.phase2
     if phase2.model and phase2.pretrained is None and not phase2.model.startswith("local-dir:"):
         inherited = cfg.model.pretrained

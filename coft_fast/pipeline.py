@@ -40,6 +40,24 @@ from coft_fast.runtime.metrics import classification_metrics
 log = logging.getLogger("coft_fast")
 
 
+# seed offset of a phase-I model's continuation on the whole pool (phase1.train_on=s_star_then_pool)
+POOL_STAGE_SEED = 500_009
+
+
+def stratified_halves(labels: torch.Tensor, seed: int):
+    """Two disjoint row sets covering ``labels``, each class split in half by a seeded permutation
+    (the odd one of a class goes to the first half): phase1.train_on=pool_halves's out-of-fold split."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    first, second = [], []
+    for label in torch.unique(labels).tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = (len(members) + 1) // 2
+        first.append(members[:cut])
+        second.append(members[cut:])
+    return torch.cat(first).sort().values, torch.cat(second).sort().values
+
+
 def sharded(encode, indices: List[int]):
     """``encode(this rank's contiguous share of indices)``, its tensors (or lists of tensors) gathered
     from every rank in rank order: every index's result once, in order. One process: ``encode(indices)``."""
@@ -327,9 +345,29 @@ class CoftRun:
             self._pool_resident = self._training_images(self.state.positions, self.clip.model)
         return self._pool_resident
 
+    def pool_training_labels(self) -> torch.Tensor:
+        """Every pool row's label for training on the whole pool: the given labels (pseudo.source=given)
+        or the zero-shot pseudo-labels, with each labelled shot's own label in its row."""
+        labels = self.given_labels.clone() if self.given else self.state.zs_probabilities.argmax(1)
+        if self.shots is not None:
+            labels = torch.where(self.shots >= 0, self.shots, labels)
+        return labels
+
     def phase1(self, selection) -> None:
-        """Phase I: one round for CoFT; ``phase1.rounds`` for CoFT+, each on the previous round's labels."""
+        """Phase I: one round for CoFT; ``phase1.rounds`` for CoFT+, each on the previous round's labels.
+        ``phase1.train_on`` other than s_star trains CoFT's two models on the pool's labels, DeFT-style."""
         cfg = self.cfg
+        if cfg.phase1.train_on == "pool_halves":
+            images, labels = self._pool_images(), self.pool_training_labels()
+            halves = stratified_halves(labels, cfg.seed)
+            models = [self._train_prompt_model(1, index, seed, images, rows, labels[rows], self_selection=True)[0]
+                      for index, (seed, rows) in enumerate(zip(cfg.phase1.seeds, halves), start=1)]
+            for index, rows in enumerate(halves, start=1):
+                self.state.metrics["phase1"][f"model{index}"].update(
+                    {"train_on": "pool_halves", "train_size": int(len(rows)),
+                     "train_label_accuracy": label_accuracy(labels[rows], self.truth[rows])})
+            self.state.prompt_models = models
+            return
         plus = cfg.method == "coft+"
         rounds = cfg.phase1.rounds if plus else 1
         history = self.state.metrics.setdefault("rounds", []) if plus else []
@@ -353,6 +391,15 @@ class CoftRun:
             if round_ < rounds:
                 subsets = self._relabel(round_, models, entry)
             history.append(entry)
+        if cfg.phase1.train_on == "s_star_then_pool":  # each S* model continues on every pool label
+            pool_images, labels = self._pool_images(), self.pool_training_labels()
+            rows = torch.arange(len(labels))
+            for index, model in enumerate(models, start=1):
+                self._train_prompt_model(1, index, cfg.phase1.seeds[index - 1], pool_images, rows, labels,
+                                         self_selection=True, start=model)
+                self.state.metrics["phase1"][f"model{index}"].update(
+                    {"train_on": "s_star_then_pool", "train_size": int(len(rows)),
+                     "train_label_accuracy": label_accuracy(labels, self.truth)})
         self.state.prompt_models = models
 
     @staticmethod
@@ -361,19 +408,25 @@ class CoftRun:
         return model_seed + 1_000_003 * (round_ - 1)
 
     def _train_prompt_model(self, round_: int, index: int, seed: int, images: ResidentImages, rows: torch.Tensor,
-                            labels: torch.Tensor):
-        """A freshly initialised phase-I model (frozen CLIP, new prompts) trained on ``rows``; (model, seconds)."""
+                            labels: torch.Tensor, self_selection: bool = False, start: Optional[PromptModel] = None):
+        """A freshly initialised phase-I model (frozen CLIP, new prompts) trained on ``rows``; (model, seconds).
+        With ``start``, that model is trained further instead (its own stage, ``..._pool``), in place.
+        ``self_selection``: DeFT's training on a whole labelled set (see train_phase1)."""
         cfg = self.cfg
         model_seed = self.round_seed(self.cfg.seed * 1000 + seed, round_)
         name = f"phase1_model{index}" if round_ == 1 else f"round{round_}_phase1_model{index}"
-        model = make_prompt_model(self.clip, self.prompt_names, cfg.phase1, model_seed, self.device)
+        if start is not None:
+            name, model_seed = f"{name}_pool", model_seed + POOL_STAGE_SEED
+        model = start if start is not None else make_prompt_model(self.clip, self.prompt_names, cfg.phase1,
+                                                                   model_seed, self.device)
 
         def compute():
             report = train_phase1(
                 model, images, rows, labels, cfg.phase1, model_seed, self.device, cfg.model.precision,
                 checkpoint=self.store.path(f"{name}_progress"), checkpoint_seconds=cfg.run.checkpoint_seconds,
                 progress=self.progress, writer=self.writer, backend=cfg.run.op_backend,
-                tag=f"model{index}" if round_ == 1 else f"round{round_}/model{index}",
+                tag=(f"model{index}" if round_ == 1 else f"round{round_}/model{index}") + ("/pool" if start else ""),
+                self_selection=self_selection,
             )
             return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "report": report}
 
@@ -382,10 +435,15 @@ class CoftRun:
         if self.out_dir:
             save_tensors(self.out_dir / f"prompts_model{index}.safetensors", state["model"],
                          {"class_names": "\n".join(self.names), "seed": str(model_seed), "round": str(round_)})
-        self.state.metrics.setdefault("phase1", {})[f"model{index}"] = {
+        record = {
             "seed": model_seed, "round": round_, "steps": state["report"]["steps"], "seconds": state["seconds"],
             "final_loss": state["report"]["history"][-1]["loss"] if state["report"]["history"] else None,
         }
+        models = self.state.metrics.setdefault("phase1", {})
+        if start is not None:
+            models[f"model{index}"]["pool_stage"] = record
+        else:
+            models[f"model{index}"] = record
         return model, state["seconds"]
 
     def _relabel(self, round_: int, models: List[PromptModel], entry: Dict):

@@ -133,3 +133,78 @@ def test_a_run_with_every_variant_on(tiny_testbed, digits, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["filter"]["rule"] == "mixture" and result.metrics["final"]["acc1"] >= 0
     assert metrics["phase2"]["s1"]["train_size"] == metrics["filter"]["s1"]["size"]
+
+
+def test_stratified_halves_split_each_class_in_two():
+    from coft_fast.pipeline import stratified_halves
+
+    labels = torch.tensor([0] * 7 + [1] * 4 + [2] * 1)
+    first, second = stratified_halves(labels, seed=0)
+    assert sorted(first.tolist() + second.tolist()) == list(range(12)) and not set(first.tolist()) & set(second.tolist())
+    for c in range(3):
+        a, b = int((labels[first] == c).sum()), int((labels[second] == c).sum())
+        assert a - b in (0, 1)
+    again = stratified_halves(labels, seed=0)
+    assert torch.equal(first, again[0]) and not torch.equal(first, stratified_halves(labels, seed=1)[0])
+
+
+def test_selected_cross_entropy():
+    import torch.nn.functional as F
+
+    from coft_fast.phases.phase1 import selected_cross_entropy
+
+    logits = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 0])
+    chosen = torch.tensor([True, False, True, False])
+    assert torch.allclose(selected_cross_entropy(logits, labels, chosen), F.cross_entropy(logits[chosen], labels[chosen]))
+    none = selected_cross_entropy(logits, labels, torch.zeros(4, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_train_on_keys():
+    from coft_fast.api import resolve_config
+
+    assert resolve_config(overrides=["pseudo.source=given"]).phase1.train_on == "pool_halves"
+    assert resolve_config().phase1.train_on == "s_star"  # CoFT's default: the paper's
+    assert resolve_config(overrides=["pseudo.source=given", "phase1.train_on=s_star"]).phase1.train_on == "s_star"
+    with pytest.raises(ConfigError, match="phase1.train_on"):
+        resolve_config(overrides=["method=coft+", "phase1.train_on=pool_halves"])
+    with pytest.raises(ConfigError, match="phase1.train_on"):
+        resolve_config(overrides=["phase1.train_on=everything"])
+
+
+DEFT_SETTINGS = ["phase1.steps=20", "phase1.min_epochs=2", "phase1.vpt_tokens=2", "phase1.n_ctx=4",
+                 "phase1.batch_size=32", "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0", "run.progress=false"]
+
+
+@pytest.mark.parametrize("train_on", ["s_star_then_pool", "pool_halves"])
+def test_runs_that_train_phase1_on_the_pool(tiny_testbed, digits, tmp_path, train_on):
+    import json
+
+    import coft_fast
+
+    coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=tmp_path / "run",
+                    overrides=DEFT_SETTINGS + [f"phase1.train_on={train_on}"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    model1, model2 = metrics["phase1"]["model1"], metrics["phase1"]["model2"]
+    pool = metrics["pool"]["num_images"]
+    assert model1["train_on"] == model2["train_on"] == train_on
+    if train_on == "pool_halves":
+        assert model1["train_size"] + model2["train_size"] == pool and abs(model1["train_size"] - model2["train_size"]) <= 10
+    else:
+        assert model1["train_size"] == pool and model1["pool_stage"]["steps"] >= 20
+    assert metrics["filter"]["s1"]["size"] > 0
+
+
+def test_the_deft_style_stage_resumes_after_a_kill(tiny_testbed, digits, tmp_path):
+    """SIGKILL a run in its DeFT-style continuation on the pool: the resumed run ends as an uninterrupted one."""
+    from test_train import _finish_and_compare, _kill_and_resume, _train_command, _wait_for, reference_run
+
+    settings = DEFT_SETTINGS + ["phase1.train_on=s_star_then_pool", "phase1.min_epochs=6", "run.checkpoint_seconds=0"]
+    command = _train_command(tiny_testbed, digits, settings)
+    reference, _, _ = reference_run(command, tmp_path / "whole")
+    out = tmp_path / "killed"
+    marker = out / "checkpoints" / "phase1_model1_pool_progress.pt"
+    assert _kill_and_resume(command, out, lambda process: _wait_for(marker, process)) == "phase1_model1_pool_progress"
+    _finish_and_compare(command, out, reference)

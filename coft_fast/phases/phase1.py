@@ -123,6 +123,13 @@ def hard_complement_labels(labels: torch.Tensor, probabilities: torch.Tensor, ha
 COMPLEMENT_STREAM = 7_919
 
 
+def selected_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the ``selected`` samples; 0 (with a gradient path) when none is."""
+    if not bool(selected.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[selected], labels[selected])
+
+
 def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
     """At least ``cfg.steps`` optimiser steps and at least ``cfg.min_epochs`` passes over S*."""
     per_epoch = math.ceil(num_samples / cfg.batch_size)
@@ -132,8 +139,12 @@ def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
 def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
                  labels: torch.Tensor, cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "model", backend: str = "auto") -> Dict:
+                 writer=None, tag: str = "model", backend: str = "auto", self_selection: bool = False) -> Dict:
     """Train ``model`` with L1 + lam * L2 on resident images ``rows`` labelled ``labels``.
+
+    ``self_selection`` (DeFT's training on a whole noisy set): after ``cfg.selection_warmup_epochs``
+    epochs on every label, L1 counts only the batch's samples whose p_clean of their label exceeds
+    0.5, and L2's positive target is the model's own prediction where the label is judged noisy.
 
     The run is split into epochs whose randomness comes from (seed, epoch) alone, and the state is
     saved to ``checkpoint`` at epoch ends (at most every ``checkpoint_seconds``), so a killed run
@@ -183,6 +194,13 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
             mine = picked[part.rows].to(device)
             with autocast(precision, device):
                 image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
+            targets = labels[mine]
+            selected = None
+            if self_selection and epoch >= cfg.selection_warmup_epochs:
+                with torch.no_grad():
+                    p_clean = ops.clean_probability(image_feats, pos, neg, targets, logit_scale, backend=backend)
+                    selected = p_clean > 0.5
+                    targets = torch.where(selected, targets, (image_feats.float() @ pos.float().T).argmax(1))
             if hard:
                 with torch.no_grad():
                     probabilities = torch.softmax(logit_scale * image_feats.float() @ pos.float().T, dim=1)
@@ -191,9 +209,12 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
             else:
                 step_complements = complements[mine]
             loss, l1, l2 = ops.dual_prompt_loss(
-                image_feats, pos, neg, labels[mine], step_complements, logit_scale, cfg.lam,
+                image_feats, pos, neg, targets, step_complements, logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend, check_label_range=False,
             )
+            if selected is not None:  # L1 on the samples judged clean, with their own labels (DeFT)
+                l1 = selected_cross_entropy(logit_scale * image_feats.float() @ pos.float().T, labels[mine], selected)
+                loss = l1 + cfg.lam * l2
             guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
             bar.update(1)
