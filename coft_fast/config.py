@@ -171,6 +171,9 @@ class Phase2Config:
     # cross-entropy, (1 - p_y^q) / q, robust to label noise; Zhang & Sabuncu 2018).
     loss: str = "ce"
     gce_q: float = 0.7
+    # Given labels (clean-labels) only: also train on the flagged images whose label both phase-I
+    # models agree on and validate, with that label (false: the kept images only, DeFT's choice).
+    relabel_issues: bool = False
     # Per-sample weights of the loss: "none" (the paper's) or "clean_probability" (each kept sample
     # weighted by the validating model's p_clean of its label; labelled shots weigh 1).
     sample_weight: str = "none"
@@ -398,6 +401,10 @@ class Config:
         if self.phase1.selection_warmup_epochs < 0:
             raise ConfigError("config key 'phase1.selection_warmup_epochs' must be >= 0, got "
                               f"{self.phase1.selection_warmup_epochs}")
+        if self.phase2.relabel_issues is not False and (self.pseudo.source != "given" or self.phase2.relabel_issues is not True):
+            raise ConfigError("config key 'phase2.relabel_issues' must be true or false, and true only with given labels "
+                              f"(pseudo.source=given, clean-labels); got {self.phase2.relabel_issues!r} with pseudo.source="
+                              f"{self.pseudo.source}")
         if self.method == "self-train" and self.phase2.sample_weight != "none":
             raise ConfigError("config key 'phase2.sample_weight' weights the filter's clean sets; self-training has none "
                               "(use none)")

@@ -528,6 +528,10 @@ class CoftRun:
         if self.cfg.method == "self-train":
             return {"s_star": {"rows": selection.rows, "labels": selection.labels}}
         result = self.state.filter
+        if self.cfg.phase2.relabel_issues:  # given labels: confidently relabelled issues join, with the models' label
+            result = result.with_relabelled_issues()
+            self.state.metrics["filter"]["relabelled_issues"] = int(
+                (result.keep1 & ~self.state.filter.keep1).sum())
         sets = {
             "s1": {"rows": result.keep1.nonzero().flatten(), "labels": result.training_labels(1)[result.keep1]},
             "s2": {"rows": result.keep2.nonzero().flatten(), "labels": result.training_labels(2)[result.keep2]},

@@ -208,3 +208,24 @@ def test_the_deft_style_stage_resumes_after_a_kill(tiny_testbed, digits, tmp_pat
     marker = out / "checkpoints" / "phase1_model1_pool_progress.pt"
     assert _kill_and_resume(command, out, lambda process: _wait_for(marker, process)) == "phase1_model1_pool_progress"
     _finish_and_compare(command, out, reference)
+
+
+def test_confidently_relabelled_issues_join_the_training_set():
+    from coft_fast.pseudo.filter import ModelView, validate_given
+
+    # three classes on the axes of a 3-d space; both models share positive prompts, negatives at 45 degrees
+    pos = torch.eye(3)
+    neg = torch.nn.functional.normalize(torch.eye(3) + 0.2, dim=1)
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05, 0.0], [0.0, 1.0, 0.05], [0.9, 0.1, 0.0]]), dim=1)
+    view = ModelView(features, pos, neg)
+    given = torch.tensor([0, 1, 2])  # the third is wrong: it looks like class 0
+    result = validate_given(view, view, given, logit_scale=20.0)
+    assert result.keep1.tolist() == [True, True, False]
+    assert result.relabel.tolist() == [-1, -1, 0]
+    joined = result.with_relabelled_issues()
+    assert joined.keep1.all() and joined.training_labels(1).tolist() == [0, 1, 0]
+    shots = torch.tensor([-1, -1, 2])  # a shot is never relabelled
+    assert result.with_shots(shots).relabel.tolist() == [-1, -1, -1]
+    with pytest.raises(ConfigError, match="phase2.relabel_issues"):
+        Config().override(["phase2.relabel_issues=true"]).validate()
+    Config().override(["phase2.relabel_issues=true", "pseudo.source=given"]).validate()

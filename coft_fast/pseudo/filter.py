@@ -48,6 +48,9 @@ class FilterResult:
     # labels (pseudo.source=given), with the shots' labels in their rows; None: labels1 / labels2
     targets1: Optional[torch.Tensor] = None
     targets2: Optional[torch.Tensor] = None
+    # given labels only: (M,) the label both models agree on where each validates it (p_clean >
+    # threshold) and it differs from the given one; -1 elsewhere (phase2.relabel_issues trains on it)
+    relabel: Optional[torch.Tensor] = None
 
     def training_labels(self, index: int) -> torch.Tensor:
         """The label each row of S<index>_clean (index 1 or 2) trains on."""
@@ -62,9 +65,20 @@ class FilterResult:
         is_shot = shots >= 0
         if not bool(is_shot.any()):
             return self
+        relabel = None if self.relabel is None else torch.where(is_shot, torch.full_like(self.relabel, -1), self.relabel)
         return replace(self, keep1=self.keep1 | is_shot, keep2=self.keep2 | is_shot,
                        targets1=torch.where(is_shot, shots, self.training_labels(1)),
-                       targets2=torch.where(is_shot, shots, self.training_labels(2)))
+                       targets2=torch.where(is_shot, shots, self.training_labels(2)), relabel=relabel)
+
+    def with_relabelled_issues(self) -> "FilterResult":
+        """Given labels: the flagged rows both models confidently relabel (``relabel`` >= 0) join both
+        sets, training on that label (phase2.relabel_issues); unchanged without such rows."""
+        if self.relabel is None or not bool((self.relabel >= 0).any()):
+            return self
+        joins = self.relabel >= 0
+        return replace(self, keep1=self.keep1 | joins, keep2=self.keep2 | joins,
+                       targets1=torch.where(joins, self.relabel, self.training_labels(1)),
+                       targets2=torch.where(joins, self.relabel, self.training_labels(2)))
 
 
 def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float, threshold: float = 0.5) -> FilterResult:
@@ -82,7 +96,11 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
     p_clean1 = view1.clean_probability(given, logit_scale)
     p_clean2 = view2.clean_probability(given, logit_scale)
     keep = (p_clean1 > threshold) & (p_clean2 > threshold)
-    return FilterResult(view1.labels(), view2.labels(), p_clean1, p_clean2, keep, keep.clone(), given, given)
+    labels1, labels2 = view1.labels(), view2.labels()
+    confident = ((labels1 == labels2) & (labels1 != given) & (view1.clean_probability(labels1, logit_scale) > threshold)
+                 & (view2.clean_probability(labels2, logit_scale) > threshold))
+    relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
+    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel)
 
 
 FILTER_RULES = ("paper", "agreement", "mixture")
