@@ -9,8 +9,13 @@ share of each class relabelled with its look-alike: the nearest other class by t
 classes' mean frozen test-bed features of the pool). One seed per noise type, 3 seeds for 40 %
 symmetric. Methods:
 
-- clean-labels: `coft-fast clean-labels` (CoFT with the given labels, the default config); its
-  label_issues.csv gives the detection (is_issue, issue_score) and phase II the final accuracy.
+- clean-labels: `coft-fast clean-labels` (CoFT with the given labels, the default config: each
+  phase-I model trains DeFT-style on one half of the given labels, `phase1.train_on=pool_halves`);
+  its label_issues.csv gives the detection (is_issue, issue_score) and phase II the final accuracy.
+- clean-labels (S*): the same with `phase1.train_on=s_star`, the detector before issue 29 (both
+  models trained on S*, the 160 given labels zero-shot CLIP is surest of).
+- clean-labels + relabel: the default with `phase2.relabel_issues=true` (phase II also trains on
+  the flagged images both models confidently relabel, with their label); 40 % symmetric only.
 - zero-shot confidence: a label is an issue when zero-shot CLIP's prediction differs from it; the
   score is 1 - the zero-shot probability of the given label. No training, so no final accuracy.
 - cleanlab: confident learning (cleanlab.filter.find_label_issues) on out-of-fold probabilities of
@@ -42,9 +47,14 @@ from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_fea
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
-METHODS = ("zero-shot", "cleanlab", "clean-labels", "plain-finetune")
+METHODS = ("zero-shot", "cleanlab", "clean-labels", "clean-labels-s-star", "clean-labels-relabel", "plain-finetune")
 LABELS = {"zero-shot": "zero-shot confidence", "cleanlab": "cleanlab (linear probe, 5-fold)",
-          "clean-labels": "CoFT clean-labels", "plain-finetune": "plain fine-tuning (all given labels)"}
+          "clean-labels": "CoFT clean-labels", "clean-labels-s-star": "CoFT clean-labels (S*, before issue 29)",
+          "clean-labels-relabel": "CoFT clean-labels + relabelled issues",
+          "plain-finetune": "plain fine-tuning (all given labels)"}
+# the options of each clean-labels method
+CLEAN_LABELS_OPTIONS = {"clean-labels": [], "clean-labels-s-star": ["phase1.train_on=s_star"],
+                        "clean-labels-relabel": ["phase2.relabel_issues=true"]}
 HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "recall", "roc auc", "final", "kept",
           "seconds"]
 
@@ -52,7 +62,8 @@ HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "rec
 def cells() -> list:
     """The order the cells run in: 40 % symmetric (3 seeds), then the other noises; cheap methods first."""
     order = [("sym40", seed) for seed in (0, 1, 2)] + [("sym20", 0), ("asym30", 0)]
-    return [{"method": m, "noise": n, "seed": s} for n, s in order for m in METHODS]
+    return [{"method": m, "noise": n, "seed": s} for n, s in order for m in METHODS
+            if m != "clean-labels-relabel" or n == "sym40"]
 
 
 def lookalikes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -159,8 +170,9 @@ def run_cell(cell: dict, pool: Pool, root: Path, testbed: Path, work: Path) -> d
         classes.write_text("\n".join(pool.names) + "\n")
         common = dict(model=f"local-dir:{testbed}", eval_images=root / "test", resume=True,
                       out=work / f"{method}_{noise}_seed{seed}")
-        if method == "clean-labels":
-            result = coft_fast.clean_labels(labelled, classes, overrides=["run.progress=false", f"seed={seed}"], **common)
+        if method in CLEAN_LABELS_OPTIONS:
+            result = coft_fast.clean_labels(labelled, classes, overrides=["run.progress=false", f"seed={seed}",
+                                                                          *CLEAN_LABELS_OPTIONS[method]], **common)
             where = {path: i for i, path in enumerate(pool.paths)}
             flagged, score = torch.zeros(len(given), dtype=torch.bool), torch.zeros(len(given))
             for issue in result.label_issues:
@@ -195,8 +207,10 @@ def plot(rows: list, stem: str = STEM) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
     for ax, key, methods, title, corner in (
-            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels"), "issue ROC AUC", "upper right"),
-            (axes[1], "final", ("clean-labels", "plain-finetune"), "top-1 on cifar10/test (%)", "upper left")):
+            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels"), "issue ROC AUC",
+             "upper right"),
+            (axes[1], "final", ("clean-labels-s-star", "clean-labels", "clean-labels-relabel", "plain-finetune"),
+             "top-1 on cifar10/test (%)", "upper left")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             values = [means(rows, method, n, key) for n in noises]
