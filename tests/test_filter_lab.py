@@ -1,0 +1,35 @@
+"""bench/filter_lab.py on the tiny test bed: cells, reuse of the paper cell's stages, the tables."""
+import csv
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import common  # noqa: E402
+import filter_lab  # noqa: E402
+
+SMOKE = ["phase1.steps=10", "phase1.min_epochs=1", "phase1.vpt_tokens=2", "phase1.n_ctx=4", "phase1.batch_size=32",
+         "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0"]
+
+
+def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(filter_lab, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    spec = f"digits={tiny_testbed},{digits['pool']},{digits['test']}"
+    argv = ["--testbed", spec, "--variants", "agreement", "gce", "--work", str(tmp_path / "work")]
+    for item in SMOKE:
+        argv += ["--set", item]
+    filter_lab.main(argv)
+    with open(tmp_path / "results" / "filter_lab.csv", newline="") as handle:
+        rows = {row["variant"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["paper", "agreement", "gce"]
+    assert int(rows["agreement"]["kept"]) <= int(rows["paper"]["kept"])
+    assert rows["gce"]["kept"] == rows["paper"]["kept"]  # the same models and decision; only phase II differs
+    assert 0.0 <= float(rows["paper"]["filter AUC"]) <= 1.0 and rows["paper"]["final"] != ""
+    log = (tmp_path / "work" / "digits" / "agreement_seed0" / "run.log").read_text()
+    assert "stage phase1_model1: finished by an earlier run, loaded" in log
+    table = (tmp_path / "results" / "filter_lab_digits.md").read_text()
+    assert "| agreement | 1 |" in table and (tmp_path / "results" / "filter_lab_digits.png").is_file()
+    filter_lab.main(argv)  # every cell is done: nothing runs again
+    assert (tmp_path / "work" / "digits" / "paper_seed0" / "run.log").read_text().count("stage zero_shot: started") == 1
