@@ -47,6 +47,7 @@ VARIANTS = {
     "hard-complements-0.5": (["phase1.complement_hard_weight=0.5"], False),
     "deft-pool": (["phase1.train_on=s_star_then_pool"], False),
     "pool-halves": (["phase1.train_on=pool_halves"], False),
+    "s-star-halves-k32": (["phase1.train_on=s_star_halves", "pseudo.top_k=32"], False),
     "agreement": (["filter.rule=agreement"], True),
     "mixture": (["filter.rule=mixture"], True),
     "gce": (["phase2.loss=gce"], True),

@@ -139,8 +139,13 @@ class Phase1Config:
     # "s_star_then_pool" (DeFT-style: after S*, each continues on every pool label with DeFT's
     # warm-up and self-selection); "pool_halves" (each model on one seeded, class-stratified half of
     # the pool's labels from the start, DeFT-style, so each label is also judged by a model that never
-    # trained on it); "auto": pool_halves for given labels (clean-labels), s_star otherwise.
+    # trained on it); "s_star_halves" (diversity: each model on one class-stratified half of S*, so
+    # raise pseudo.top_k to keep K per model); "auto": pool_halves for given labels (clean-labels),
+    # s_star otherwise.
     train_on: str = "auto"
+    # CoFT+ only: how each round ranks a model's pool labels for its next top-K: "own" (its own
+    # softmax confidence, the paper's) or "peer" (that times the other model's p_clean of the label).
+    round_ranking: str = "own"
     # DeFT's self-selection on a whole labelled set: after this many epochs on every label, L1 counts
     # only samples whose p_clean > 0.5, and L2's positive target is the prediction where it is not.
     selection_warmup_epochs: int = 1
@@ -416,7 +421,8 @@ class Config:
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
                    "pseudo.source": ("zeroshot", "given"),
                    "filter.rule": ("paper", "agreement", "mixture"),
-                   "phase1.train_on": ("auto", "s_star", "s_star_then_pool", "pool_halves"),
+                   "phase1.train_on": ("auto", "s_star", "s_star_then_pool", "pool_halves", "s_star_halves"),
+                   "phase1.round_ranking": ("own", "peer"),
                    "phase2.loss": ("ce", "gce"), "phase2.sample_weight": ("none", "clean_probability"),
                    "phase1.text_encoding": ("joint", "separate"),
                    "phase1.augment": AUGMENTATIONS, "phase2.augment": AUGMENTATIONS,

@@ -357,6 +357,17 @@ class CoftRun:
         """Phase I: one round for CoFT; ``phase1.rounds`` for CoFT+, each on the previous round's labels.
         ``phase1.train_on`` other than s_star trains CoFT's two models on the pool's labels, DeFT-style."""
         cfg = self.cfg
+        if cfg.phase1.train_on == "s_star_halves":  # diversity: each model on one half of S*, per class
+            images = self._training_images(self.state.positions[selection.rows], self.clip.model)
+            halves = stratified_halves(selection.labels, cfg.seed)
+            models = [self._train_prompt_model(1, index, seed, images, rows, selection.labels[rows])[0]
+                      for index, (seed, rows) in enumerate(zip(cfg.phase1.seeds, halves), start=1)]
+            for index, rows in enumerate(halves, start=1):
+                self.state.metrics["phase1"][f"model{index}"].update(
+                    {"train_on": "s_star_halves", "train_size": int(len(rows)),
+                     "train_label_accuracy": label_accuracy(selection.labels[rows], self.truth[selection.rows[rows]])})
+            self.state.prompt_models = models
+            return
         if cfg.phase1.train_on == "pool_halves":
             images, labels = self._pool_images(), self.pool_training_labels()
             halves = stratified_halves(labels, cfg.seed)
@@ -458,20 +469,26 @@ class CoftRun:
                 decoder=self.decoder, reuse=cfg.run.reuse), self.state.positions.tolist())
             if not torch.equal(positions, self.state.positions):
                 raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
-            views = []
+            views, model_views = [], []
             for model, feats in zip(models, features):
                 with torch.no_grad():
                     pos, neg = model.text_features()
-                probabilities = ModelView(feats, pos.cpu(), neg.cpu()).positive_logits(self.logit_scale).softmax(1)
+                model_views.append(ModelView(feats, pos.cpu(), neg.cpu()))
+                probabilities = model_views[-1].positive_logits(self.logit_scale).softmax(1)
                 confidence, labels = self.ranked_labels(probabilities)
                 views.append({"labels": labels, "confidence": confidence})
+            for index, view in enumerate(views):  # the peer model's p_clean of each label (round_ranking=peer)
+                view["peer_p_clean"] = model_views[1 - index].clean_probability(view["labels"], self.logit_scale)
             return {"views": views}
 
         state = self._stage(f"round{round_}_labels", "relabel", compute)
         entry["seconds"] += state["seconds"]
         subsets = []
         for index, view in enumerate(state["views"], start=1):
-            chosen = select_top_k(view["labels"], view["confidence"], cfg.pseudo.top_k, self.names, self.shots)
+            ranking = view["confidence"]
+            if cfg.phase1.round_ranking == "peer":  # validated by the other model: own confidence x its p_clean
+                ranking = ranking * view["peer_p_clean"].to(ranking.dtype)
+            chosen = select_top_k(view["labels"], ranking, cfg.pseudo.top_k, self.names, self.shots)
             entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], self.truth)
             if self.shots is not None:  # the next round's subset starts with every shot
                 entry[f"model{index}"]["next_subset_shots"] = int((self.shots[chosen.rows] >= 0).sum())

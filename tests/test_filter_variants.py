@@ -178,7 +178,7 @@ DEFT_SETTINGS = ["phase1.steps=20", "phase1.min_epochs=2", "phase1.vpt_tokens=2"
                  "phase1.batch_size=32", "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0", "run.progress=false"]
 
 
-@pytest.mark.parametrize("train_on", ["s_star_then_pool", "pool_halves"])
+@pytest.mark.parametrize("train_on", ["s_star_then_pool", "pool_halves", "s_star_halves"])
 def test_runs_that_train_phase1_on_the_pool(tiny_testbed, digits, tmp_path, train_on):
     import json
 
@@ -192,6 +192,8 @@ def test_runs_that_train_phase1_on_the_pool(tiny_testbed, digits, tmp_path, trai
     assert model1["train_on"] == model2["train_on"] == train_on
     if train_on == "pool_halves":
         assert model1["train_size"] + model2["train_size"] == pool and abs(model1["train_size"] - model2["train_size"]) <= 10
+    elif train_on == "s_star_halves":
+        assert model1["train_size"] + model2["train_size"] == metrics["selection"]["size"]
     else:
         assert model1["train_size"] == pool and model1["pool_stage"]["steps"] >= 20
     assert metrics["filter"]["s1"]["size"] > 0
@@ -229,3 +231,17 @@ def test_confidently_relabelled_issues_join_the_training_set():
     with pytest.raises(ConfigError, match="phase2.relabel_issues"):
         Config().override(["phase2.relabel_issues=true"]).validate()
     Config().override(["phase2.relabel_issues=true", "pseudo.source=given"]).validate()
+
+
+def test_coft_plus_rounds_ranked_by_the_peer(tiny_testbed, digits, tmp_path):
+    import json
+
+    import coft_fast
+
+    coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=tmp_path / "run",
+                    overrides=DEFT_SETTINGS + ["method=coft+", "phase1.rounds=2", "phase1.round_ranking=peer",
+                                               "contrastive.queue_size=64"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == 2 and metrics["rounds"][1]["model1"]["subset_size"] > 0
+    with pytest.raises(ConfigError, match="phase1.round_ranking"):
+        Config().override(["phase1.round_ranking=both"]).validate()
