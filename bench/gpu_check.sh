@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh --dry-run  # prints each step's command and timeout, runs nothing
 #
 # Steps, each under its own `timeout` (seconds; the sum is 480): the environment, the carried wheels
-# (.whl/, see bench/README.md), the build of the C++/CUDA extension with the project installed
+# (.whl/, see docs/gpus.md), the build of the C++/CUDA extension with the project installed
 # against the machine's torch, the GPU tests (tests/test_gpu_realistic.py and the op tests on CUDA),
 # the three op benchmarks at the sizes, and the end-to-end speed benchmark on ViT-B/16 with
 # random weights over synthetic images that the script writes. A failed step is recorded and the
