@@ -1,7 +1,7 @@
 """The test beds' image towers against the targets for a stand-in with CLIP's few-shot headroom.
 
     python bench/testbed_strong.py --tower NAME=DIR [--tower NAME=DIR ...] [--note NAME=TEXT ...]
-                                   [--threads N] [--redo NAME]
+                                   [--build-minutes NAME=MINUTES ...] [--threads N] [--redo NAME]
 
 For each built test-bed folder (a "tower"), on cifar10/test: zero-shot top-1 with the paper's single
 template and with CLIP's 80-template ensemble (`coft_fast.zeroshot`); the zero-shot-initialised
@@ -45,7 +45,20 @@ TARGETS = [
 ]
 
 
-def measure(name: str, testbed: Path, root: Path, work: Path) -> dict:
+def build_minutes(name: str, report: dict, overrides: dict) -> str:
+    """The whole build's wall minutes: this invocation's, or with epochs resumed from an earlier
+    build, the total the report records (all builds' training time), or ``--build-minutes``."""
+    if name in overrides:
+        return f"{float(overrides[name]):.1f} (given)"
+    resumed = any(report.get("resumed_epochs", {}).values())
+    if not resumed:
+        return f"{report['build_seconds'] / 60:.1f}"
+    if report.get("build_seconds_all_builds") is not None:
+        return f"{report['build_seconds_all_builds'] / 60:.1f} (over resumed builds)"
+    return f"unknown ({report['build_seconds'] / 60:.1f} in its last, resumed invocation)"
+
+
+def measure(name: str, testbed: Path, root: Path, work: Path, overrides: dict) -> dict:
     started = time.perf_counter()
     report = json.loads((testbed / "testbed_report.json").read_text())
     cfg = report["config"]
@@ -56,7 +69,7 @@ def measure(name: str, testbed: Path, root: Path, work: Path) -> dict:
            "teacher": (f"conv width {cfg['teacher_width']}, {cfg['teacher_epochs']} epochs, distill weight "
                        f"{cfg['distill_weight']}") if cfg.get("teacher_width") else "none",
            "teacher train acc": f"{100 * report['teacher_train_accuracy']:.2f}" if report.get("teacher_train_accuracy") else "",
-           "build minutes": f"{report['build_seconds'] / 60:.1f}"}
+           "build minutes": build_minutes(name, report, overrides)}
     for templates in ("single", "ensemble"):
         result = coft_fast.zeroshot(root / "test", model=f"local-dir:{testbed}", templates=templates,
                                     out=work / name / f"zeroshot_{templates}", overrides=["run.progress=false"])
@@ -125,12 +138,16 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[], metavar="NAME=TEXT", help="a note under a tower's targets")
     parser.add_argument("--work", default=str(RESULTS / "tmp" / STEM))
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--build-minutes", action="append", default=[], metavar="NAME=MINUTES",
+                        help="a tower's whole build time, where its folder was finished by a resumed build whose "
+                             "report predates the recorded totals")
     parser.add_argument("--redo", action="append", default=[], metavar="NAME", help="measure this tower again")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     towers = dict(item.split("=", 1) for item in args.tower)
     notes = dict(item.split("=", 1) for item in args.note)
+    build_overrides = dict(item.split("=", 1) for item in args.build_minutes)
     root = data_root() / "cifar10"
     table = CellTable(STEM, HEADER, ("tower",))
     order = [{"tower": name} for name in towers]
@@ -139,7 +156,7 @@ def main() -> None:
             continue
         if not (Path(folder) / "open_clip_config.json").is_file():
             raise SystemExit(f"{folder}: not a built test bed (no open_clip_config.json)")
-        row = measure(name, Path(folder), root, Path(args.work))
+        row = measure(name, Path(folder), root, Path(args.work), build_overrides)
         table.add(row, order)
         write(table, order, notes)
         print(f"{name}: {row}", flush=True)

@@ -287,7 +287,7 @@ class TestbedConfig:
 # for image features with CLIP-like few-shot headroom, keeping the same biased text tower.
 TESTBED_PRESETS: Dict[str, Dict] = {
     "default": {},
-    "strong": dict(image_epochs=18, teacher_width=16, teacher_epochs=10, distill_weight=0.5),
+    "strong": dict(image_epochs=18, teacher_width=16, teacher_epochs=10, distill_weight=0.5, lookalike_share=0.4),
     # the demo's test bed, built on scikit-learn's digits (under a minute on 2 cores)
     "digits": dict(
         image_size=16, patch_size=4, vision_width=64, vision_layers=2, vision_head_width=32, embed_dim=64,

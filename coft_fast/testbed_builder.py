@@ -166,7 +166,9 @@ def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, pa
     (objects with state_dict/load_state_dict), the generator and the summary go to
     ``state_dir/name.pt`` atomically, so a killed build resumes at its last finished epoch. A
     state written for another configuration (``fingerprint``) is ignored. Returns the last summary,
-    with ``resumed_epochs``: how many epochs came from the saved state."""
+    with ``resumed_epochs``: how many epochs came from the saved state, and ``seconds``: the
+    training time of all the epochs, those of earlier (killed) runs included (None for a state
+    saved before this was recorded)."""
     path = state_dir / f"{name}.pt" if state_dir is not None else None
     state = load_state(path) if path is not None else None
     start, summary = 0, {}
@@ -179,11 +181,15 @@ def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, pa
     elif state is not None:
         log.info("test bed: %s ignores %s (written for another configuration or source)", name, path)
     for epoch in range(start, epochs):
-        summary = run_epoch(epoch)
+        started = time.perf_counter()
+        seconds = summary.get("seconds", 0.0)
+        summary = {**run_epoch(epoch), "seconds": seconds + time.perf_counter() - started}
         if path is not None:
             save_state(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "summary": summary,
                               "generator": generator.get_state(),
                               "parts": {key: part.state_dict() for key, part in parts.items()}})
+    if start and "seconds" not in summary:  # a state saved before the seconds were recorded
+        summary = {**summary, "seconds": None}
     return {**summary, "resumed_epochs": start}
 
 
@@ -290,7 +296,7 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
     visual.eval()
     return {"classifier": F.normalize(head["weight"].detach(), dim=-1),
             "train_accuracy_last_epoch": summary.get("train_accuracy", float("nan")),
-            "resumed_epochs": summary["resumed_epochs"]}
+            "resumed_epochs": summary["resumed_epochs"], "seconds": summary.get("seconds", 0.0)}
 
 
 @torch.no_grad()
@@ -471,6 +477,12 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
         "stage2_seconds": stage2_seconds,
         "build_seconds": time.perf_counter() - started,
     }
+    # training time of every epoch, earlier (killed or text-only) builds' included: the whole build's
+    # cost, where build_seconds counts only this invocation (None: a state saved before it was recorded)
+    trained = [stage1.get("seconds"), teacher_summary.get("seconds", 0.0)]
+    untrained = report["build_seconds"] - stage1_seconds - teacher_seconds  # decoding, stage 2, writing
+    report["training_seconds_all_builds"] = {"teacher": trained[1], "image_tower": trained[0]}
+    report["build_seconds_all_builds"] = None if None in trained else untrained + sum(trained)
     atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
     atomic_write_text(out_dir / "classes.txt", "\n".join(source.class_names) + "\n")
     atomic_write_json(out_dir / "testbed_report.json", report)
