@@ -33,7 +33,7 @@ from diagnose_testbed import head_accuracy
 from e2e_shots import Features, coop, draw_shots
 
 STEM = "testbed_strong"
-HEADER = ["tower", "architecture", "images", "image epochs", "teacher", "teacher train acc", "build minutes",
+HEADER = ["tower", "architecture", "images", "image epochs", "teacher", "teacher train acc", "text bias", "build minutes",
           "zero-shot single", "zero-shot ensemble", "probe 16/class", "probe all pool", "CoOp 16 shots", "seconds"]
 # (name, how it is read, bound): each a gain over zero-shot (in points) or an absolute top-1 (%)
 TARGETS = [
@@ -43,6 +43,12 @@ TARGETS = [
     ("probe on 16 labels per class >= zero-shot + 12", "probe 16/class", 12.0),
     ("CoOp on 16 shots >= zero-shot + 10", "CoOp 16 shots", 10.0),
 ]
+
+
+def text_bias(report: dict) -> str:
+    """The text tower's biases (stage 2) as the build report records them."""
+    cfg = report["config"]
+    return f"long tail {cfg['longtail_ratio']:g}, look-alike share {cfg['lookalike_share']:g}"
 
 
 def build_minutes(name: str, report: dict, overrides: dict) -> str:
@@ -69,6 +75,7 @@ def measure(name: str, testbed: Path, root: Path, work: Path, overrides: dict) -
            "teacher": (f"conv width {cfg['teacher_width']}, {cfg['teacher_epochs']} epochs, distill weight "
                        f"{cfg['distill_weight']}") if cfg.get("teacher_width") else "none",
            "teacher train acc": f"{100 * report['teacher_train_accuracy']:.2f}" if report.get("teacher_train_accuracy") else "",
+           "text bias": text_bias(report),
            "build minutes": build_minutes(name, report, overrides)}
     for templates in ("single", "ensemble"):
         result = coft_fast.zeroshot(root / "test", model=f"local-dir:{testbed}", templates=templates,
@@ -153,6 +160,10 @@ def main() -> None:
     order = [{"tower": name} for name in towers]
     for name, folder in towers.items():
         if {"tower": name} in table and name not in args.redo:
+            row = table.rows[table.key({"tower": name})]
+            if not row.get("text bias"):  # a row measured before the column existed: read off its report
+                table.add({**row, "text bias": text_bias(json.loads((Path(folder) / "testbed_report.json").read_text()))},
+                          order)
             continue
         if not (Path(folder) / "open_clip_config.json").is_file():
             raise SystemExit(f"{folder}: not a built test bed (no open_clip_config.json)")
