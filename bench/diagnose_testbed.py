@@ -135,6 +135,17 @@ def main() -> None:
         scored = labels["p_clean1"].isfinite()  # images the run could not read have no score
         filter_auc = ranking_auc(labels["p_clean1"][scored], (labels["model1"] == truth)[scored])
         zero_shot_auc = ranking_auc(labels["confidence"], labels["zero_shot"] == truth)
+        per_class = ["", f"What {run}'s filter keeps, per class of model 1's label:", "",
+                     "| class | pool images | model 1 labels | their precision | kept in S1 | S1 precision | share of the "
+                     "class's correct labels kept |", "|---|---|---|---|---|---|---|"]
+        for c, name in enumerate(names):
+            given = labels["model1"] == c
+            right = given & (truth == c)
+            kept_c = given & kept
+            per_class.append(f"| {name} | {int((truth == c).sum())} | {int(given.sum())} | {100 * right.sum().item() / max(int(given.sum()), 1):.1f} % | "
+                             f"{int(kept_c.sum())} | {100 * (kept_c & right).sum().item() / max(int(kept_c.sum()), 1):.1f} % | "
+                             f"{100 * (kept_c & right).sum().item() / max(int(right.sum()), 1):.1f} % |")
+        run_notes.append("\n".join(per_class))
         run_notes.append(f"{run}: its phase II (full fine-tuning on S1's pseudo-labels) scored "
                          f"{100 * labels['final']:.2f} %. How well scores rank labels (ROC AUC of correct "
                          f"against wrong): model 2's clean probability of model 1's labels {filter_auc:.3f}, "
