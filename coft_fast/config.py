@@ -283,8 +283,9 @@ class TestbedConfig:
 
 # Named test-bed presets: each is a set of ``testbed.*`` fields over the defaults (`coft-fast testbed
 # --preset NAME`); none of them is specific to one dataset. "default" is the CIFAR-10 test bed of the
-# benchmark tables; "strong" trades build time (about 50 minutes on 2 cores for 40,000 32-px images)
-# for image features with CLIP-like few-shot headroom, keeping the same biased text tower.
+# benchmark tables; "strong" trades build time (about 42 minutes on 2 cores for 40,000 32-px images)
+# for image features with CLIP-like few-shot headroom, keeping the same biased text tower with a larger
+# look-alike share (0.4: at 0.3 its zero-shot on CIFAR-10 was 56 %; bench/results/testbed_strong.md).
 TESTBED_PRESETS: Dict[str, Dict] = {
     "default": {},
     "strong": dict(image_epochs=18, teacher_width=16, teacher_epochs=10, distill_weight=0.5, lookalike_share=0.4),
@@ -304,8 +305,8 @@ TESTBED_PRESETS: Dict[str, Dict] = {
 # One line each for `coft-fast testbed --help`.
 TESTBED_PRESET_HELP: Dict[str, str] = {
     "default": "the test bed of the CIFAR-10 tables (ViT 128x4, 10 epochs; about 6 min for 10k images)",
-    "strong": "stronger image features for the same biased text tower (18 epochs, distilled from a "
-              "convolutional teacher; about 50 min for 40k 32-px images on 2 cores)",
+    "strong": "stronger image features for the same kind of biased text tower (18 epochs, distilled from a "
+              "convolutional teacher; look-alike share 0.4; about 42 min for 40k 32-px images on 2 cores)",
     "digits": "the demo's test bed (16 px, small)",
     "tiny": "the unit tests' test bed (seconds)",
 }
