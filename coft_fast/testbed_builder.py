@@ -161,7 +161,7 @@ def _conv_autocast():
 
 
 def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, parts: Dict, generator: torch.Generator,
-                      epochs: int, run_epoch) -> Dict:
+                      epochs: int, run_epoch, bar=None, steps_per_epoch: int = 0) -> Dict:
     """Run ``run_epoch(epoch) -> summary`` for the epochs not done yet; after each one, ``parts``
     (objects with state_dict/load_state_dict), the generator and the summary go to
     ``state_dir/name.pt`` atomically, so a killed build resumes at its last finished epoch. A
@@ -177,6 +177,8 @@ def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, pa
             part.load_state_dict(state["parts"][key])
         generator.set_state(state["generator"])
         start, summary = state["epoch"], state["summary"]
+        if bar is not None:
+            bar.update(start * steps_per_epoch)
         log.info("test bed: %s resumes after epoch %d of %d (%s)", name, start, epochs, path)
     elif state is not None:
         log.info("test bed: %s ignores %s (written for another configuration or source)", name, path)
@@ -231,19 +233,12 @@ def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         return {"train_accuracy": correct / len(images)}
 
-    bar.update(_done_steps(state_dir, "teacher", fingerprint) * steps_per_epoch)
     summary = _resumable_epochs("teacher", state_dir, fingerprint,
                                 {"model": teacher, "optimizer": optimizer, "schedule": schedule}, generator,
-                                cfg.teacher_epochs, run_epoch)
+                                cfg.teacher_epochs, run_epoch, bar, steps_per_epoch)
     bar.close()
     teacher.eval()
     return teacher, summary
-
-
-def _done_steps(state_dir: Optional[Path], name: str, fingerprint: str) -> int:
-    """Epochs already finished in a resumable stage's state (0 when none), for the progress bar."""
-    state = load_state(state_dir / f"{name}.pt") if state_dir is not None else None
-    return state["epoch"] if state is not None and state.get("fingerprint") == fingerprint else 0
 
 
 def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
@@ -288,10 +283,9 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         return {"train_accuracy": correct / max(seen, 1)}
 
-    bar.update(_done_steps(state_dir, "image_tower", fingerprint) * steps_per_epoch)
     summary = _resumable_epochs("image_tower", state_dir, fingerprint,
                                 {"visual": visual, "head": head, "optimizer": optimizer, "schedule": schedule},
-                                generator, cfg.image_epochs, run_epoch)
+                                generator, cfg.image_epochs, run_epoch, bar, steps_per_epoch)
     bar.close()
     visual.eval()
     return {"classifier": F.normalize(head["weight"].detach(), dim=-1),

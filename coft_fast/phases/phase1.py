@@ -196,14 +196,17 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
                 image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
             targets = labels[mine]
             selected = None
-            if self_selection and epoch >= cfg.selection_warmup_epochs:
+            selecting = self_selection and epoch >= cfg.selection_warmup_epochs
+            # the positive logits, once per step, for the variants that read them
+            positive = logit_scale * image_feats.float() @ pos.float().T if selecting or hard else None
+            if selecting:
                 with torch.no_grad():
                     p_clean = ops.clean_probability(image_feats, pos, neg, targets, logit_scale, backend=backend)
                     selected = p_clean > 0.5
-                    targets = torch.where(selected, targets, (image_feats.float() @ pos.float().T).argmax(1))
+                    targets = torch.where(selected, targets, positive.argmax(1))
             if hard:
                 with torch.no_grad():
-                    probabilities = torch.softmax(logit_scale * image_feats.float() @ pos.float().T, dim=1)
+                    probabilities = torch.softmax(positive.detach(), dim=1)
                 step_complements = hard_complement_labels(labels[mine].cpu(), probabilities.cpu(),
                                                           cfg.complement_hard_weight, complement_generator).to(device)
             else:
@@ -213,7 +216,7 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend, check_label_range=False,
             )
             if selected is not None:  # L1 on the samples judged clean, with their own labels (DeFT)
-                l1 = selected_cross_entropy(logit_scale * image_feats.float() @ pos.float().T, labels[mine], selected)
+                l1 = selected_cross_entropy(positive, labels[mine], selected)
                 loss = l1 + cfg.lam * l2
             guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
