@@ -218,3 +218,28 @@ def run_label_aucs(run_dir) -> tuple:
     zero_shot_auc = auc([int(r["zero_shot_label"] == t) for r, t in zip(rows, truth)],
                         [float(r["zero_shot_confidence"]) for r in rows])
     return filter_auc, zero_shot_auc
+
+
+def run_own_confidence_auc(run_dir):
+    """The ROC AUC of model 1's own softmax confidence in its label for correct against wrong
+    model-1 labels of a finished CoFT run (the ranking the negative prompts have to beat); None
+    where the run's filter did not record confidences or the pool has no labels."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    from coft_fast.runtime.checkpoint import load_state
+
+    run_dir = Path(run_dir)
+    checkpoint = load_state(run_dir / "checkpoints" / "filter.pt")
+    if checkpoint is None or checkpoint["result"].get("confidence1") is None:
+        return None
+    with open(run_dir / "pseudo_labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not rows[0].get("pool_label") or not rows[0].get("model1_label"):
+        return None
+    confidence = checkpoint["result"]["confidence1"].double().tolist()
+    positions = checkpoint["positions"]
+    positions = positions.tolist() if hasattr(positions, "tolist") else list(positions)
+    correct = [int(rows[p]["model1_label"] == rows[p]["pool_label"]) for p in positions]
+    return float(roc_auc_score(correct, confidence)) if 0 < sum(correct) < len(correct) else None

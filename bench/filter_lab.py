@@ -18,7 +18,8 @@ Variants (each a set of config keys whose defaults are the paper's; see VARIANTS
 Per cell, over the pool (truth used only for scoring): kept count and share, precision and recall
 of S1 (model 1's labels kept by model 2), the ROC AUC of the clean probability that decides (model
 2's p_clean of model 1's labels; correct against wrong model-1 labels) beside zero-shot confidence's
-(for zero-shot labels), the two models' agreement, per-class kept and precision, and the final
+(for zero-shot labels) and model 1's own softmax confidence's (for its labels: the ranking the
+negative prompts must beat), the two models' agreement, per-class kept and precision, and the final
 top-1. Resumable per cell: bench/results/filter_lab.csv holds every finished cell and is never
 rerun; bench/results/filter_lab_<testbed>.md and .png (precision against kept share) are rewritten
 from it.
@@ -37,7 +38,8 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, CellTable, data_root, machine, markdown_table, run_cells, run_label_aucs
+from common import (RESULTS, CellTable, data_root, machine, markdown_table, run_cells, run_label_aucs,
+                    run_own_confidence_auc)
 
 STEM = "filter_lab"
 # name: (config overrides, decision-only: reuses the paper cell's stages up to the filter)
@@ -55,7 +57,7 @@ VARIANTS = {
 }
 REUSED_STAGES = ("zero_shot.pt", "phase1_model1.pt", "phase1_model2.pt", "filter.pt")
 HEADER = ["testbed", "variant", "seed", "kept", "kept share", "precision", "recall", "filter AUC", "zero-shot AUC",
-          "agreement", "model1 pool acc", "final", "per class (kept/precision)", "seconds"]
+          "own AUC", "agreement", "model1 pool acc", "final", "per class (kept/precision)", "seconds"]
 
 
 def parse_testbeds(specs, cifar10: Path) -> dict:
@@ -96,11 +98,13 @@ def run_cell(cell: dict, testbeds: dict, work: Path, common_overrides=()) -> dic
     m = result.metrics
     s1 = m["filter"]["s1"]
     filter_auc, zero_shot_auc = run_label_aucs(out)
+    own_auc = run_own_confidence_auc(out)
     per_class = per_class_quality(out)
     return {**cell, "kept": s1["size"], "kept share": pct(s1["size"] / m["pool"]["num_images"]),
             "precision": pct(s1.get("precision")), "recall": pct(s1.get("recall")),
             "filter AUC": "" if filter_auc is None else f"{filter_auc:.4f}",
             "zero-shot AUC": "" if zero_shot_auc is None else f"{zero_shot_auc:.4f}",
+            "own AUC": "" if own_auc is None else f"{own_auc:.4f}",
             "agreement": pct(m["filter"]["agreement"]), "model1 pool acc": pct(m["phase1"]["model1"].get("pool_label_accuracy")),
             "final": pct(m["final"].get("acc1")), "per class (kept/precision)": per_class,
             "seconds": f"{time.perf_counter() - started:.0f}"}
@@ -151,18 +155,20 @@ def write(table: CellTable, order: list) -> None:
         lines = [f"# Filter lab: the {testbed} test bed ({machine()})", "",
                  "`python bench/filter_lab.py` (resumable per cell). S1: model 1's labels kept by model 2. precision / "
                  "recall: of S1 against the pool's true labels; filter AUC: ROC AUC of model 2's p_clean of model 1's "
-                 "labels (correct against wrong); zero-shot AUC: of zero-shot confidence for zero-shot labels; final: "
+                 "labels (correct against wrong); zero-shot AUC: of zero-shot confidence for zero-shot labels; own AUC: of "
+                 "model 1's softmax confidence for its own labels; final: "
                  "top-1 on the evaluation images. Decision variants (agreement, mixture, gce, clean-weights) reuse the "
                  "paper cell's phase-I models. Percentages in %.", "",
                  *markdown_table(HEADER, mine), "", "Means over seeds:", "",
-                 "| variant | seeds | kept share | precision | recall | filter AUC | final |", "|---|---|---|---|---|---|---|"]
+                 "| variant | seeds | kept share | precision | recall | filter AUC | own AUC | agreement | final |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for variant in VARIANTS:
             found = [r for r in mine if r["variant"] == variant]
             if found:
                 cols = [statistics.mean(float(r[k]) for r in found if r[k] != "") if any(r[k] != "" for r in found) else None
-                        for k in ("kept share", "precision", "recall", "filter AUC", "final")]
+                        for k in ("kept share", "precision", "recall", "filter AUC", "own AUC", "agreement", "final")]
                 lines.append(f"| {variant} | {len(found)} | " + " | ".join(
-                    "-" if v is None else (f"{v:.4f}" if i == 3 else f"{v:.2f}") for i, v in enumerate(cols)) + " |")
+                    "-" if v is None else (f"{v:.4f}" if i in (3, 4) else f"{v:.2f}") for i, v in enumerate(cols)) + " |")
         atomic_write_text(RESULTS / f"{STEM}_{testbed}.md", "\n".join(lines) + "\n")
         plot(mine, testbed)
 

@@ -27,6 +27,7 @@ def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path,
     assert int(rows["agreement"]["kept"]) <= int(rows["paper"]["kept"])
     assert rows["gce"]["kept"] == rows["paper"]["kept"]  # the same models and decision; only phase II differs
     assert 0.0 <= float(rows["paper"]["filter AUC"]) <= 1.0 and rows["paper"]["final"] != ""
+    assert 0.0 <= float(rows["paper"]["own AUC"]) <= 1.0
     log = (tmp_path / "work" / "digits" / "agreement_seed0" / "run.log").read_text()
     assert "stage phase1_model1: finished by an earlier run, loaded" in log
     table = (tmp_path / "results" / "filter_lab_digits.md").read_text()

@@ -70,6 +70,25 @@ def test_agreement_keeps_only_labels_both_models_give_and_validate():
     assert decide(result, "paper") is result
 
 
+def test_filters_record_each_models_own_confidence():
+    from coft_fast.pseudo.filter import ModelView, generate_and_validate, validate_given
+
+    generator = torch.Generator().manual_seed(0)
+
+    def view():
+        unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=generator), dim=-1)
+        return ModelView(unit(7, 5), unit(3, 5), unit(3, 5))
+
+    view1, view2 = view(), view()
+    result = generate_and_validate(view1, view2, logit_scale=10.0)
+    probabilities1 = (10.0 * view1.features @ view1.pos.T).softmax(dim=1)
+    assert torch.allclose(result.confidence1, probabilities1.max(dim=1).values)
+    assert torch.allclose(result.confidence2, (10.0 * view2.features @ view2.pos.T).softmax(dim=1).max(dim=1).values)
+    given = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    checked = validate_given(view1, view2, given, logit_scale=10.0)
+    assert torch.allclose(checked.confidence1, probabilities1[torch.arange(7), given])
+
+
 def test_mixture_splits_each_class_where_a_threshold_keeps_everything():
     from coft_fast.pseudo.filter import decide
 

@@ -35,6 +35,12 @@ class ModelView:
     def clean_probability(self, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
         return ops.clean_probability(self.features, self.pos, self.neg, labels, logit_scale)
 
+    def confidence(self, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """(M,) the softmax probability over the positive prompts of ``labels`` (the model's own
+        confidence in a label, the score a filter without negative prompts would rank by)."""
+        probabilities = self.positive_logits(logit_scale).softmax(dim=1)
+        return probabilities.gather(1, labels.view(-1, 1)).squeeze(1)
+
 
 @dataclass
 class FilterResult:
@@ -51,6 +57,10 @@ class FilterResult:
     # given labels only: (M,) the label both models agree on where each validates it (p_clean >
     # threshold) and it differs from the given one; -1 elsewhere (phase2.relabel_issues trains on it)
     relabel: Optional[torch.Tensor] = None
+    # (M,) diagnostics: each model's own softmax confidence in the label it scores (its own label;
+    # given labels: the given one); None in filters saved before they were recorded
+    confidence1: Optional[torch.Tensor] = None
+    confidence2: Optional[torch.Tensor] = None
 
     def training_labels(self, index: int) -> torch.Tensor:
         """The label each row of S<index>_clean (index 1 or 2) trains on."""
@@ -85,7 +95,9 @@ def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float
     labels1, labels2 = view1.labels(), view2.labels()
     p_clean1 = view2.clean_probability(labels1, logit_scale)
     p_clean2 = view1.clean_probability(labels2, logit_scale)
-    return FilterResult(labels1, labels2, p_clean1, p_clean2, p_clean1 > threshold, p_clean2 > threshold)
+    return FilterResult(labels1, labels2, p_clean1, p_clean2, p_clean1 > threshold, p_clean2 > threshold,
+                        confidence1=view1.confidence(labels1, logit_scale),
+                        confidence2=view2.confidence(labels2, logit_scale))
 
 
 def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logit_scale: float,
@@ -100,7 +112,8 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
     confident = ((labels1 == labels2) & (labels1 != given) & (view1.clean_probability(labels1, logit_scale) > threshold)
                  & (view2.clean_probability(labels2, logit_scale) > threshold))
     relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
-    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel)
+    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel,
+                        view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
 
 
 FILTER_RULES = ("paper", "agreement", "mixture")
