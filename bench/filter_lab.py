@@ -54,6 +54,8 @@ VARIANTS = {
     "mixture": (["filter.rule=mixture"], True),
     "gce": (["phase2.loss=gce"], True),
     "clean-weights": (["phase2.sample_weight=clean_probability"], True),
+    # the reference the targets name: self-training on the top-K (no filter; final only)
+    "self-train": (["method=self-train"], False),
 }
 REUSED_STAGES = ("zero_shot.pt", "phase1_model1.pt", "phase1_model2.pt", "filter.pt")
 HEADER = ["testbed", "variant", "seed", "kept", "kept share", "precision", "recall", "filter AUC", "zero-shot AUC",
@@ -96,18 +98,20 @@ def run_cell(cell: dict, testbeds: dict, work: Path, common_overrides=()) -> dic
     result = coft_fast.train(pool, model=f"local-dir:{model}", eval_images=evaluation, out=out, resume=True,
                              overrides=["run.progress=false", f"seed={seed}", *common_overrides, *overrides])
     m = result.metrics
+    final = {**cell, "final": pct(m["final"].get("acc1")), "seconds": f"{time.perf_counter() - started:.0f}"}
+    if "filter" not in m:  # self-training: no filter to score
+        return final
     s1 = m["filter"]["s1"]
     filter_auc, zero_shot_auc = run_label_aucs(out)
     own_auc = run_own_confidence_auc(out)
     per_class = per_class_quality(out)
-    return {**cell, "kept": s1["size"], "kept share": pct(s1["size"] / m["pool"]["num_images"]),
+    return {**final, "kept": s1["size"], "kept share": pct(s1["size"] / m["pool"]["num_images"]),
             "precision": pct(s1.get("precision")), "recall": pct(s1.get("recall")),
             "filter AUC": "" if filter_auc is None else f"{filter_auc:.4f}",
             "zero-shot AUC": "" if zero_shot_auc is None else f"{zero_shot_auc:.4f}",
             "own AUC": "" if own_auc is None else f"{own_auc:.4f}",
             "agreement": pct(m["filter"]["agreement"]), "model1 pool acc": pct(m["phase1"]["model1"].get("pool_label_accuracy")),
-            "final": pct(m["final"].get("acc1")), "per class (kept/precision)": per_class,
-            "seconds": f"{time.perf_counter() - started:.0f}"}
+            "per class (kept/precision)": per_class}
 
 
 def per_class_quality(run: Path) -> str:

@@ -17,13 +17,14 @@ def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path,
     monkeypatch.setattr(filter_lab, "RESULTS", tmp_path / "results")
     (tmp_path / "results").mkdir()
     spec = f"digits={tiny_testbed},{digits['pool']},{digits['test']}"
-    argv = ["--testbed", spec, "--variants", "agreement", "gce", "--work", str(tmp_path / "work")]
+    argv = ["--testbed", spec, "--variants", "agreement", "gce", "self-train", "--work", str(tmp_path / "work")]
     for item in SMOKE:
         argv += ["--set", item]
     filter_lab.main(argv)
     with open(tmp_path / "results" / "filter_lab.csv", newline="") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["paper", "agreement", "gce"]
+    assert list(rows) == ["paper", "agreement", "gce", "self-train"]
+    assert rows["self-train"]["kept"] == "" and rows["self-train"]["final"] != ""  # no filter to score
     assert int(rows["agreement"]["kept"]) <= int(rows["paper"]["kept"])
     assert rows["gce"]["kept"] == rows["paper"]["kept"]  # the same models and decision; only phase II differs
     assert 0.0 <= float(rows["paper"]["filter AUC"]) <= 1.0 and rows["paper"]["final"] != ""
