@@ -2,14 +2,17 @@
 
     python bench/diagnose_clean_labels.py --work DIR
 
-Reads every finished `clean-labels_<noise>_seed<s>` run folder that bench/e2e_noisy_labels.py left
+Reads every finished `clean-labels*_<noise>_seed<s>` run folder that bench/e2e_noisy_labels.py left
 under ``--work`` (with its given-label CSV there) and scores, against the pool's true labels (each
 image's class folder), the ROC AUC of wrong-label scores: zero-shot confidence of the given label
 (the baseline, from the run's own zero-shot stage), each phase-I model's 1 - p_clean alone, the
-library's rule (1 - the smaller p_clean) and 1 - the mean p_clean; the phase-I models' top-1 on the
-eval split; and the kept set: its size, the share of its labels that are right, and the share of
-the pool's right labels it keeps. No training: it only reads run folders. Writes
-bench/results/noisy_labels_diagnosis.md.
+library's rule (1 - the smaller p_clean) and 1 - the mean p_clean; where the filter recorded them,
+the models' own confidence (1 - the smaller positive-prompt softmax probability of the given label,
+confident learning's self-confidence) and, for the pool-halves detector, each score taken from the
+model that did not train on the label; the phase-I models' top-1 on the eval split; and the kept set:
+its size, the share of its labels that are right, and the share of the pool's right labels it keeps.
+No training: it only reads run folders. Rows accumulate in bench/results/noisy_labels_diagnosis.csv
+(a run read again replaces its row; runs no longer on disk keep theirs); the .md is rewritten.
 """
 from __future__ import annotations
 
@@ -25,9 +28,13 @@ from sklearn.metrics import roc_auc_score
 from coft_fast.runtime.checkpoint import load_state
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, markdown_table
+from coft_fast.pipeline import stratified_halves
 
+from common import RESULTS, CellTable, markdown_table
+
+STEM = "noisy_labels_diagnosis"
 HEADER = ["run", "noisy share", "zero-shot auc", "model1 auc", "model2 auc", "min rule auc", "mean rule auc",
+          "own confidence auc", "out-of-fold p_clean auc", "out-of-fold own confidence auc",
           "model1 top-1", "model2 top-1", "kept", "kept correct", "right labels kept"]
 
 
@@ -51,7 +58,7 @@ def diagnose(run: Path, given_csv: Path) -> dict:
         return f"{roc_auc_score(wrong.numpy(), score.numpy()):.4f}"
 
     phase1 = json.loads((run / "metrics.json").read_text())["phase1"]
-    return {"run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
+    return {**filter_scores(run, pool, index, issues, wrong, auc), "run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
             "zero-shot auc": auc(1 - zs), "model1 auc": auc(1 - p1), "model2 auc": auc(1 - p2),
             "min rule auc": auc(1 - torch.minimum(p1, p2)), "mean rule auc": auc(1 - (p1 + p2) / 2),
             "model1 top-1": f"{100 * phase1['model1']['acc1']:.2f}", "model2 top-1": f"{100 * phase1['model2']['acc1']:.2f}",
@@ -59,28 +66,57 @@ def diagnose(run: Path, given_csv: Path) -> dict:
             "right labels kept": f"{100 * kept[~wrong].double().mean().item():.2f}"}
 
 
+def filter_scores(run: Path, pool: list, index: dict, issues: list, wrong: torch.Tensor, auc) -> dict:
+    """The own-confidence and out-of-fold AUCs, where the run's filter recorded the confidences."""
+    state = load_state(run / "checkpoints" / "filter.pt")
+    if state is None or state["result"].get("confidence1") is None:
+        return {}
+    result, positions = state["result"], state["positions"].tolist()
+    row_of = {pool[p][0]: row for row, p in enumerate(positions)}
+    order = torch.tensor([row_of[r["path"]] for r in issues])  # label_issues.csv's rows in filter rows
+    c1, c2 = result["confidence1"].double()[order], result["confidence2"].double()[order]
+    found = {"own confidence auc": auc(1 - torch.minimum(c1, c2))}
+    if json.loads((run / "metrics.json").read_text())["phase1"]["model1"].get("train_on") != "pool_halves":
+        return found
+    given = torch.tensor([index[label] for _, label in pool])[torch.tensor(positions)]
+    seed = int(re.search(r"_seed(\d+)$", run.name)[1])
+    first_half = torch.zeros(len(positions), dtype=torch.bool)
+    first_half[stratified_halves(given, seed)[0]] = True  # model 1 trained on these rows: model 2 judges them
+    judged_by_2 = first_half[order]
+    p1 = torch.tensor([float(r["p_clean_model1"]) for r in issues], dtype=torch.float64)
+    p2 = torch.tensor([float(r["p_clean_model2"]) for r in issues], dtype=torch.float64)
+    found["out-of-fold p_clean auc"] = auc(1 - torch.where(judged_by_2, p2, p1))
+    found["out-of-fold own confidence auc"] = auc(1 - torch.where(judged_by_2, c2, c1))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="bench/e2e_noisy_labels.py's --work folder")
     args = parser.parse_args()
     work = Path(args.work)
-    rows = []
-    for run in sorted(work.glob("clean-labels_*_seed*")):
-        match = re.fullmatch(r"clean-labels_(\w+)_seed(\d+)", run.name)
+    table = CellTable(STEM, HEADER, ("run",))
+    for run in sorted(work.glob("clean-labels*_seed*")):
+        match = re.fullmatch(r"clean-labels[a-z-]*_(\w+)_seed(\d+)", run.name)
         if match and (run / "label_issues.csv").is_file():
-            rows.append(diagnose(run, work / f"given_{match[1]}_seed{match[2]}.csv"))
-            print(rows[-1], flush=True)
-    if not rows:
+            row = diagnose(run, work / f"given_{match[1]}_seed{match[2]}.csv")
+            table.add(row, [])
+            print(row, flush=True)
+    if not table.rows:
         raise SystemExit(f"{work}: no finished clean-labels run folders")
+    rows = sorted(table.rows.values(), key=lambda r: r["run"])
     lines = ["# Why clean-labels ranks wrong labels as it does (CIFAR-10 test bed)", "",
              "`python bench/diagnose_clean_labels.py --work <e2e_noisy_labels work folder>`: reads the finished "
-             "`clean-labels` runs. AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
+             "`clean-labels` runs (clean-labels: the pool-halves detector, the default; clean-labels-s-star: the S* "
+             "detector). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
              "zero-shot probability of the given label, from the run's own zero-shot stage; modelN: 1 - that "
-             "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean). modelN "
+             "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean; own "
+             "confidence: 1 - the smaller positive-prompt softmax probability of the given label; out-of-fold: "
+             "the score of the model that did not train on the label; '-': not recorded by that run). modelN "
              "top-1: phase-I model on cifar10/test (%). kept correct: share of the kept labels that are right; "
              "right labels kept: share of the pool's right labels that are kept (%).", "",
              *markdown_table(HEADER, rows)]
-    atomic_write_text(RESULTS / "noisy_labels_diagnosis.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / f"{STEM}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,24 @@ def test_clean_labels_diagnosis_scores_a_run_folder(tmp_path):
     assert row["zero-shot auc"] == "0.6667" and row["min rule auc"] == "1.0000" and row["mean rule auc"] == "1.0000"
     assert (row["model1 top-1"], row["model2 top-1"]) == ("50.00", "25.00")
     assert row["kept"] == 3 and row["kept correct"] == "100.00" and row["right labels kept"] == "100.00"
+    assert row.get("own confidence auc") is None  # the filter did not record the models' confidences
+
+    # a pool-halves run whose filter recorded them: own-confidence and out-of-fold columns
+    from sklearn.metrics import roc_auc_score
+
+    from coft_fast.pipeline import stratified_halves
+
+    (run / "metrics.json").write_text(json.dumps({"phase1": {"model1": {"acc1": 0.5, "train_on": "pool_halves"},
+                                                            "model2": {"acc1": 0.25, "train_on": "pool_halves"}}}))
+    c1, c2 = torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0.1, 0.9, 0.8, 0.6])
+    torch.save({"positions": torch.arange(4), "result": {"confidence1": c1, "confidence2": c2}},
+               run / "checkpoints" / "filter.pt")
+    row = diagnose_clean_labels.diagnose(run, tmp_path / "given_sym40_seed0.csv")
+    assert row["own confidence auc"] == "0.6667"  # 1 - min(c1, c2) = [0.9, 0.2, 0.3, 0.8]: row 0 outranks the wrong one
+    first = stratified_halves(torch.zeros(4, dtype=torch.long), 0)[0]  # model 1 trained there: model 2 judges
+    judged_by_2 = torch.zeros(4, dtype=torch.bool)
+    judged_by_2[first] = True
+    p1, p2 = torch.tensor([a for a, _ in p_clean]), torch.tensor([b for _, b in p_clean])
+    wrong = [0, 0, 0, 1]
+    assert row["out-of-fold p_clean auc"] == f"{roc_auc_score(wrong, 1 - torch.where(judged_by_2, p2, p1)):.4f}"
+    assert row["out-of-fold own confidence auc"] == f"{roc_auc_score(wrong, 1 - torch.where(judged_by_2, c2, c1)):.4f}"
