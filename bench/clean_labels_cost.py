@@ -1,4 +1,4 @@
-"""Wall time of `clean-labels` with the pool-halves detector (the default) against the S* one.
+"""Wall time of `clean-labels` with the pool-halves detector (an option) against the S* one (the default).
 
     python bench/clean_labels_cost.py --testbed DIR [--noise sym40] [--seed 0] [--threads N]
 
@@ -22,7 +22,7 @@ from coft_fast.runtime.io import atomic_write_text
 from common import RESULTS, data_root, machine, testbed_settings
 from e2e_noisy_labels import NOISES, Pool
 
-DETECTORS = {"S* (before issue 29)": "s_star", "pool halves (default)": "pool_halves"}
+DETECTORS = {"S* (the default)": "s_star", "pool halves (option)": "pool_halves"}
 
 
 def main() -> None:

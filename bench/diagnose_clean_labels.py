@@ -107,8 +107,8 @@ def main() -> None:
     rows = sorted(table.rows.values(), key=lambda r: r["run"])
     lines = ["# Why clean-labels ranks wrong labels as it does (CIFAR-10 test bed)", "",
              "`python bench/diagnose_clean_labels.py --work <e2e_noisy_labels work folder>`: reads the finished "
-             "`clean-labels` runs (clean-labels: the pool-halves detector, the default; clean-labels-s-star: the S* "
-             "detector). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
+             "`clean-labels` runs (clean-labels-s-star: the S* detector, the default; clean-labels-pool-halves: the "
+             "pool-halves detector, an option). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
              "zero-shot probability of the given label, from the run's own zero-shot stage; modelN: 1 - that "
              "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean; own "
              "confidence: 1 - the smaller positive-prompt softmax probability of the given label; out-of-fold: "

@@ -9,12 +9,15 @@ share of each class relabelled with its look-alike: the nearest other class by t
 classes' mean frozen test-bed features of the pool). One seed per noise type, 3 seeds for 40 %
 symmetric. Methods:
 
-- clean-labels: `coft-fast clean-labels` (CoFT with the given labels, the default config: each
-  phase-I model trains DeFT-style on one half of the given labels, `phase1.train_on=pool_halves`);
-  its label_issues.csv gives the detection (is_issue, issue_score) and phase II the final accuracy.
-- clean-labels (S*): the same with `phase1.train_on=s_star`, the detector before issue 29 (both
-  models trained on S*, the 160 given labels zero-shot CLIP is surest of).
-- clean-labels + relabel: the default with `phase2.relabel_issues=true` (phase II also trains on
+- clean-labels (S*): `coft-fast clean-labels` (CoFT with the given labels) with its default
+  detector, `phase1.train_on=s_star`: both models train on S*, the 160 given labels zero-shot CLIP
+  is surest of; its label_issues.csv gives the detection (is_issue, issue_score) and phase II the
+  final accuracy.
+- clean-labels (pool halves): the same with `phase1.train_on=pool_halves` (issue 29's DeFT-style
+  detector: each phase-I model trains on one half of the given labels with warm-up and
+  self-selection, so each label is also judged by a model that never saw it). It was the default
+  for one session and went back to an option when it ranked labels worse.
+- clean-labels + relabel: the S* detector with `phase2.relabel_issues=true` (phase II also trains on
   the flagged images both models confidently relabel, with their label); 40 % symmetric only.
 - zero-shot confidence: a label is an issue when zero-shot CLIP's prediction differs from it; the
   score is 1 - the zero-shot probability of the given label. No training, so no final accuracy.
@@ -47,14 +50,17 @@ from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_fea
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
-METHODS = ("zero-shot", "cleanlab", "clean-labels", "clean-labels-s-star", "clean-labels-relabel", "plain-finetune")
+METHODS = ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel",
+           "plain-finetune")
 LABELS = {"zero-shot": "zero-shot confidence", "cleanlab": "cleanlab (linear probe, 5-fold)",
-          "clean-labels": "CoFT clean-labels", "clean-labels-s-star": "CoFT clean-labels (S*, before issue 29)",
-          "clean-labels-relabel": "CoFT clean-labels + relabelled issues",
+          "clean-labels-s-star": "CoFT clean-labels, S* detector (the default)",
+          "clean-labels-pool-halves": "CoFT clean-labels, pool-halves detector (option)",
+          "clean-labels-relabel": "CoFT clean-labels (S*) + relabelled issues",
           "plain-finetune": "plain fine-tuning (all given labels)"}
 # the options of each clean-labels method
-CLEAN_LABELS_OPTIONS = {"clean-labels": [], "clean-labels-s-star": ["phase1.train_on=s_star"],
-                        "clean-labels-relabel": ["phase2.relabel_issues=true"]}
+CLEAN_LABELS_OPTIONS = {"clean-labels-s-star": ["phase1.train_on=s_star"],
+                        "clean-labels-pool-halves": ["phase1.train_on=pool_halves"],
+                        "clean-labels-relabel": ["phase1.train_on=s_star", "phase2.relabel_issues=true"]}
 HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "recall", "roc auc", "final", "kept",
           "seconds"]
 
@@ -207,9 +213,9 @@ def plot(rows: list, stem: str = STEM) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
     for ax, key, methods, title, corner in (
-            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels"), "issue ROC AUC",
+            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves"), "issue ROC AUC",
              "upper right"),
-            (axes[1], "final", ("clean-labels-s-star", "clean-labels", "clean-labels-relabel", "plain-finetune"),
+            (axes[1], "final", ("clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel", "plain-finetune"),
              "top-1 on cifar10/test (%)", "upper left")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
@@ -248,12 +254,13 @@ def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> N
                     (f"{v[0]:.4f} ({v[1]})" if key == "roc auc" else f"{v[0]:.2f} ({v[1]})") if v else "-"
                     for key, v in found.items()) + " |")
     auc = {m: [float(r["roc auc"]) for r in rows if r["method"] == m and r["noise"] == "sym40" and r["roc auc"]]
-           for m in ("zero-shot", "cleanlab", "clean-labels")}
-    if len(auc["clean-labels"]) == 3:
-        for other in ("zero-shot", "cleanlab"):
-            if len(auc[other]) == 3:
-                lines.append(f"\n40 % symmetric, 3-seed means: clean-labels ROC AUC minus {LABELS[other]}: "
-                             f"{statistics.mean(auc['clean-labels']) - statistics.mean(auc[other]):+.4f}.")
+           for m in ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves")}
+    for mine in ("clean-labels-s-star", "clean-labels-pool-halves"):
+        if len(auc[mine]) == 3:
+            for other in ("zero-shot", "cleanlab"):
+                if len(auc[other]) == 3:
+                    lines.append(f"\n40 % symmetric, 3-seed means: {LABELS[mine]} ROC AUC minus {LABELS[other]}: "
+                                 f"{statistics.mean(auc[mine]) - statistics.mean(auc[other]):+.4f}.")
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
     plot(rows, stem)
 

@@ -140,8 +140,8 @@ class Phase1Config:
     # warm-up and self-selection); "pool_halves" (each model on one seeded, class-stratified half of
     # the pool's labels from the start, DeFT-style, so each label is also judged by a model that never
     # trained on it); "s_star_halves" (diversity: each model on one class-stratified half of S*, so
-    # raise pseudo.top_k to keep K per model); "auto": pool_halves for given labels (clean-labels),
-    # s_star otherwise.
+    # raise pseudo.top_k to keep K per model); "auto": s_star, for zero-shot and for given labels
+    # alike (pool_halves ranked given labels worse on the test bed: docs/noisy-labels.md).
     train_on: str = "auto"
     # CoFT+ only: how each round ranks a model's pool labels for its next top-K: "own" (its own
     # softmax confidence, the paper's) or "peer" (that times the other model's p_clean of the label).
@@ -605,8 +605,8 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
     - ``zeroshot.templates=auto``: "ensemble" for the ``zeroshot`` command and for coft+ (with a
       warning: the paper's CoFT+ averages LLM-written templates, give them with --templates), else
       "single" (the paper's hand template);
-    - ``phase1.train_on=auto``: "pool_halves" for given labels (``pseudo.source=given``, clean-labels)
-      with method coft, else "s_star" (the paper's);
+    - ``phase1.train_on=auto``: "s_star" (the paper's; also for given labels, where "pool_halves" was
+      measured and ranked labels worse);
     - ``phase2.pretrained`` unset while ``phase2.model`` is another open_clip model: ``model.pretrained``
       when ``phase2.model`` has that pre-trained tag, else a ConfigError naming ``phase2.pretrained``
       (a phase II backbone with random weights is never built by accident).
@@ -624,8 +624,7 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
         else:
             cfg.zeroshot.templates = "single"
     if cfg.phase1.train_on == "auto":
-        given_coft = cfg.pseudo.source == "given" and cfg.method == "coft"
-        cfg.phase1.train_on = "pool_halves" if given_coft else "s_star"
+        cfg.phase1.train_on = "s_star"
     phase2 = cfg.phase2
     if phase2.model and phase2.pretrained is None and not phase2.model.startswith("local-dir:"):
         inherited = cfg.model.pretrained

@@ -184,9 +184,9 @@ def test_selected_cross_entropy():
 def test_train_on_keys():
     from coft_fast.api import resolve_config
 
-    assert resolve_config(overrides=["pseudo.source=given"]).phase1.train_on == "pool_halves"
     assert resolve_config().phase1.train_on == "s_star"  # CoFT's default: the paper's
-    assert resolve_config(overrides=["pseudo.source=given", "phase1.train_on=s_star"]).phase1.train_on == "s_star"
+    assert resolve_config(overrides=["pseudo.source=given"]).phase1.train_on == "s_star"  # clean-labels' too
+    assert resolve_config(overrides=["pseudo.source=given", "phase1.train_on=pool_halves"]).phase1.train_on == "pool_halves"
     with pytest.raises(ConfigError, match="phase1.train_on"):
         resolve_config(overrides=["method=coft+", "phase1.train_on=pool_halves"])
     with pytest.raises(ConfigError, match="phase1.train_on"):
