@@ -101,18 +101,23 @@ def results_stem(op: str, device: torch.device, args) -> str:
 class CellTable:
     """A benchmark's finished cells, kept in ``bench/results/<stem>.csv`` as each cell finishes: a cell
     already in the file is never run again, so a committed table lets a later session continue it.
-    ``key_fields`` name the columns that identify a cell."""
+    ``key_fields`` name the columns that identify a cell. Several processes may fill one table (e.g.
+    one per test bed): each write re-reads the file under a lock and keeps the rows others added."""
 
     def __init__(self, stem: str, header, key_fields):
         self.path = RESULTS / f"{stem}.csv"
         self.header, self.key_fields = list(header), tuple(key_fields)
         self.rows = {}
-        if self.path.is_file():
-            import csv
+        self._read()
 
+    def _read(self) -> None:
+        """Add the file's rows that this table does not hold yet."""
+        import csv
+
+        if self.path.is_file():
             with open(self.path, newline="") as handle:
                 for row in csv.DictReader(handle):
-                    self.rows[self.key(row)] = {h: row.get(h, "") for h in self.header}
+                    self.rows.setdefault(self.key(row), {h: row.get(h, "") for h in self.header})
 
     def key(self, row) -> tuple:
         return tuple(str(row[field]) for field in self.key_fields)
@@ -121,11 +126,18 @@ class CellTable:
         return self.key(row) in self.rows
 
     def add(self, row, order) -> None:
-        """Record ``row`` and rewrite the CSV, its rows in the order of the cells in ``order``."""
+        """Record ``row`` and rewrite the CSV (with the rows other processes wrote meanwhile), its rows
+        in the order of the cells in ``order``."""
+        import fcntl
+
         from coft_fast.runtime.io import atomic_write_csv
 
-        self.rows[self.key(row)] = {h: row.get(h, "") for h in self.header}
-        atomic_write_csv(self.path, self.header, ([r[h] for h in self.header] for r in self.ordered(order)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._read()
+            self.rows[self.key(row)] = {h: row.get(h, "") for h in self.header}
+            atomic_write_csv(self.path, self.header, ([r[h] for h in self.header] for r in self.ordered(order)))
 
     def ordered(self, order) -> list:
         keys = [self.key(cell) for cell in order]

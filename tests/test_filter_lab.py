@@ -35,3 +35,16 @@ def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path,
     assert "| agreement | 1 |" in table and (tmp_path / "results" / "filter_lab_digits.png").is_file()
     filter_lab.main(argv)  # every cell is done: nothing runs again
     assert (tmp_path / "work" / "digits" / "paper_seed0" / "run.log").read_text().count("stage zero_shot: started") == 1
+
+
+def test_two_processes_filling_one_cell_table_keep_each_others_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    header, keys = ["testbed", "seed", "final"], ("testbed", "seed")
+    first, second = common.CellTable("lab", header, keys), common.CellTable("lab", header, keys)  # both start empty
+    first.add({"testbed": "a", "seed": 0, "final": "1"}, [])
+    second.add({"testbed": "b", "seed": 0, "final": "2"}, [])  # must not drop a's row
+    first.add({"testbed": "a", "seed": 1, "final": "3"}, [])  # nor this b's
+    with open(tmp_path / "lab.csv", newline="") as handle:
+        rows = {(r["testbed"], r["seed"]): r["final"] for r in csv.DictReader(handle)}
+    assert rows == {("a", "0"): "1", ("b", "0"): "2", ("a", "1"): "3"}
+    assert {"testbed": "b", "seed": 0} in first  # what another process finished counts as done
