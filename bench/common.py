@@ -202,10 +202,12 @@ def run_cells(args, order, name_of, is_done, run, record) -> None:
 
 
 def run_label_aucs(run_dir) -> tuple:
-    """(filter AUC, zero-shot AUC) of a finished CoFT run on a pool with class folders: the ROC AUC
-    of model 2's clean probability of model 1's labels for correct against wrong model-1 labels, and
-    of zero-shot confidence for correct against wrong zero-shot labels (the pool's folders are the
-    truth, used only here). (None, None) where the run has no filter stage or no pool labels."""
+    """(filter AUC, zero-shot AUC, own AUC) of a finished CoFT run on a pool with class folders: the
+    ROC AUC of model 2's clean probability of model 1's labels for correct against wrong model-1
+    labels, of zero-shot confidence for correct against wrong zero-shot labels, and of model 1's own
+    softmax confidence for its labels (the ranking the negative prompts have to beat; None where the
+    filter did not record it). The pool's folders are the truth, used only here. All None where the
+    run has no filter stage or no pool labels."""
     import csv
 
     from sklearn.metrics import roc_auc_score
@@ -217,41 +219,21 @@ def run_label_aucs(run_dir) -> tuple:
         rows = list(csv.DictReader(handle))
     checkpoint = load_state(run_dir / "checkpoints" / "filter.pt")
     if checkpoint is None or not rows or not rows[0].get("pool_label") or not rows[0].get("model1_label"):
-        return None, None
+        return None, None, None
     truth = [r["pool_label"] for r in rows]
-    p_clean = torch.full((len(rows),), float("nan"), dtype=torch.float64)
-    p_clean[checkpoint["positions"]] = checkpoint["result"]["p_clean1"].double()
-    scored = [i for i in range(len(rows)) if p_clean[i].isfinite()]
+    result, positions = checkpoint["result"], checkpoint["positions"]
 
     def auc(correct, score):
         return float(roc_auc_score(correct, score)) if 0 < sum(correct) < len(correct) else None
 
-    filter_auc = auc([int(rows[i]["model1_label"] == truth[i]) for i in scored], [float(p_clean[i]) for i in scored])
+    def model1_label_auc(score):  # over the filtered rows, whose positions index the CSV's rows
+        per_row = torch.full((len(rows),), float("nan"), dtype=torch.float64)
+        per_row[positions] = score.double()
+        scored = [i for i in range(len(rows)) if per_row[i].isfinite()]
+        return auc([int(rows[i]["model1_label"] == truth[i]) for i in scored], [float(per_row[i]) for i in scored])
+
+    filter_auc = model1_label_auc(result["p_clean1"])
     zero_shot_auc = auc([int(r["zero_shot_label"] == t) for r, t in zip(rows, truth)],
                         [float(r["zero_shot_confidence"]) for r in rows])
-    return filter_auc, zero_shot_auc
-
-
-def run_own_confidence_auc(run_dir):
-    """The ROC AUC of model 1's own softmax confidence in its label for correct against wrong
-    model-1 labels of a finished CoFT run (the ranking the negative prompts have to beat); None
-    where the run's filter did not record confidences or the pool has no labels."""
-    import csv
-
-    from sklearn.metrics import roc_auc_score
-
-    from coft_fast.runtime.checkpoint import load_state
-
-    run_dir = Path(run_dir)
-    checkpoint = load_state(run_dir / "checkpoints" / "filter.pt")
-    if checkpoint is None or checkpoint["result"].get("confidence1") is None:
-        return None
-    with open(run_dir / "pseudo_labels.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not rows[0].get("pool_label") or not rows[0].get("model1_label"):
-        return None
-    confidence = checkpoint["result"]["confidence1"].double().tolist()
-    positions = checkpoint["positions"]
-    positions = positions.tolist() if hasattr(positions, "tolist") else list(positions)
-    correct = [int(rows[p]["model1_label"] == rows[p]["pool_label"]) for p in positions]
-    return float(roc_auc_score(correct, confidence)) if 0 < sum(correct) < len(correct) else None
+    own_auc = model1_label_auc(result["confidence1"]) if result.get("confidence1") is not None else None
+    return filter_auc, zero_shot_auc, own_auc

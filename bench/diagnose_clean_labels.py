@@ -58,7 +58,8 @@ def diagnose(run: Path, given_csv: Path) -> dict:
         return f"{roc_auc_score(wrong.numpy(), score.numpy()):.4f}"
 
     phase1 = json.loads((run / "metrics.json").read_text())["phase1"]
-    return {**filter_scores(run, pool, index, issues, wrong, auc), "run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
+    return {**filter_scores(run, pool, index, issues, p1, p2, phase1, auc),
+            "run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
             "zero-shot auc": auc(1 - zs), "model1 auc": auc(1 - p1), "model2 auc": auc(1 - p2),
             "min rule auc": auc(1 - torch.minimum(p1, p2)), "mean rule auc": auc(1 - (p1 + p2) / 2),
             "model1 top-1": f"{100 * phase1['model1']['acc1']:.2f}", "model2 top-1": f"{100 * phase1['model2']['acc1']:.2f}",
@@ -66,8 +67,10 @@ def diagnose(run: Path, given_csv: Path) -> dict:
             "right labels kept": f"{100 * kept[~wrong].double().mean().item():.2f}"}
 
 
-def filter_scores(run: Path, pool: list, index: dict, issues: list, wrong: torch.Tensor, auc) -> dict:
-    """The own-confidence and out-of-fold AUCs, where the run's filter recorded the confidences."""
+def filter_scores(run: Path, pool: list, index: dict, issues: list, p1: torch.Tensor, p2: torch.Tensor, phase1: dict,
+                  auc) -> dict:
+    """The own-confidence and out-of-fold AUCs, where the run's filter recorded the confidences
+    (``issues``, ``p1``, ``p2``: label_issues.csv's rows and p_clean columns, as diagnose read them)."""
     state = load_state(run / "checkpoints" / "filter.pt")
     if state is None or state["result"].get("confidence1") is None:
         return {}
@@ -76,15 +79,13 @@ def filter_scores(run: Path, pool: list, index: dict, issues: list, wrong: torch
     order = torch.tensor([row_of[r["path"]] for r in issues])  # label_issues.csv's rows in filter rows
     c1, c2 = result["confidence1"].double()[order], result["confidence2"].double()[order]
     found = {"own confidence auc": auc(1 - torch.minimum(c1, c2))}
-    if json.loads((run / "metrics.json").read_text())["phase1"]["model1"].get("train_on") != "pool_halves":
+    if phase1["model1"].get("train_on") != "pool_halves":
         return found
     given = torch.tensor([index[label] for _, label in pool])[torch.tensor(positions)]
     seed = int(re.search(r"_seed(\d+)$", run.name)[1])
     first_half = torch.zeros(len(positions), dtype=torch.bool)
     first_half[stratified_halves(given, seed)[0]] = True  # model 1 trained on these rows: model 2 judges them
     judged_by_2 = first_half[order]
-    p1 = torch.tensor([float(r["p_clean_model1"]) for r in issues], dtype=torch.float64)
-    p2 = torch.tensor([float(r["p_clean_model2"]) for r in issues], dtype=torch.float64)
     found["out-of-fold p_clean auc"] = auc(1 - torch.where(judged_by_2, p2, p1))
     found["out-of-fold own confidence auc"] = auc(1 - torch.where(judged_by_2, c2, c1))
     return found

@@ -38,8 +38,7 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import (RESULTS, CellTable, data_root, machine, markdown_table, run_cells, run_label_aucs,
-                    run_own_confidence_auc)
+from common import RESULTS, CellTable, data_root, machine, markdown_table, run_cells, run_label_aucs
 
 STEM = "filter_lab"
 # name: (config overrides, decision-only: reuses the paper cell's stages up to the filter)
@@ -102,8 +101,7 @@ def run_cell(cell: dict, testbeds: dict, work: Path, common_overrides=()) -> dic
     if "filter" not in m:  # self-training: no filter to score
         return final
     s1 = m["filter"]["s1"]
-    filter_auc, zero_shot_auc = run_label_aucs(out)
-    own_auc = run_own_confidence_auc(out)
+    filter_auc, zero_shot_auc, own_auc = run_label_aucs(out)
     per_class = per_class_quality(out)
     return {**final, "kept": s1["size"], "kept share": pct(s1["size"] / m["pool"]["num_images"]),
             "precision": pct(s1.get("precision")), "recall": pct(s1.get("recall")),

@@ -78,7 +78,7 @@ def run_cell(root: Path, testbed: Path, work: Path, row: str, recipe, method, se
                              out=work / f"{name}_seed{seed}", resume=True, recipe=recipe, overrides=overrides)
     m = result.metrics
     s1 = m.get("filter", {}).get("s1", {})
-    filter_auc, zero_shot_auc = run_label_aucs(work / f"{name}_seed{seed}") if s1 else (None, None)
+    filter_auc, zero_shot_auc, _ = run_label_aucs(work / f"{name}_seed{seed}") if s1 else (None, None, None)
     return {"row": row, "recipe": recipe, "seed": seed, "templates": m["zero_shot"].get("templates"),
             "zero-shot": pct(m["zero_shot"]["acc1"]), "S* precision": pct(m["selection"]["pseudo_label_accuracy"]),
             "clean set size": s1.get("size", ""), "filter precision": pct(s1.get("precision")),

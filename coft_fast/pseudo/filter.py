@@ -11,6 +11,7 @@ Labelled shots are trusted: they are kept, with their own labels, whatever the m
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -29,8 +30,13 @@ class ModelView:
     def positive_logits(self, logit_scale: float) -> torch.Tensor:
         return logit_scale * self.features @ self.pos.T
 
+    @cached_property
+    def similarities(self) -> torch.Tensor:
+        """(M, C) cosine similarities to the positive prompts, computed once for labels and confidences."""
+        return self.features @ self.pos.T
+
     def labels(self) -> torch.Tensor:
-        return (self.features @ self.pos.T).argmax(dim=1)
+        return self.similarities.argmax(dim=1)
 
     def clean_probability(self, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
         return ops.clean_probability(self.features, self.pos, self.neg, labels, logit_scale)
@@ -38,7 +44,7 @@ class ModelView:
     def confidence(self, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
         """(M,) the softmax probability over the positive prompts of ``labels`` (the model's own
         confidence in a label, the score a filter without negative prompts would rank by)."""
-        probabilities = self.positive_logits(logit_scale).softmax(dim=1)
+        probabilities = (logit_scale * self.similarities).softmax(dim=1)
         return probabilities.gather(1, labels.view(-1, 1)).squeeze(1)
 
 
