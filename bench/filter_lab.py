@@ -11,6 +11,9 @@ folders whose labels are used only for scoring.
 
 Variants (each a set of config keys whose defaults are the paper's; see VARIANTS):
 - training variants run a whole `coft_fast.train` (phase I, filter, phase II, evaluation);
+- coftplus and coftplus-peer run the paper-coftplus recipe (3 rounds of phase I), the second with
+  each round's subset ranked by the peer model's p_clean too (phase1.round_ranking=peer); their
+  rows add model 1's pool-label accuracy after each round;
 - decision variants (filter.rule, phase II options) reuse the `paper` cell's zero-shot, phase-I
   and filter stages: its checkpoints are copied into a fresh run folder that resumes from them, so
   only the decision and phase II run (their detection figures are the same models' labels).
@@ -55,10 +58,15 @@ VARIANTS = {
     "clean-weights": (["phase2.sample_weight=clean_probability"], True),
     # the reference the issue's targets name: self-training on the top-K (no filter; final only)
     "self-train": (["method=self-train"], False),
+    # CoFT+ (the paper-coftplus recipe) with each round's subset ranked by the model's own confidence
+    # (the paper) or by it times the peer model's p_clean of the label
+    "coftplus": ([], False),
+    "coftplus-peer": (["phase1.round_ranking=peer"], False),
 }
+RECIPES = {"coftplus": "paper-coftplus", "coftplus-peer": "paper-coftplus"}  # default: paper-coft
 REUSED_STAGES = ("zero_shot.pt", "phase1_model1.pt", "phase1_model2.pt", "filter.pt")
 HEADER = ["testbed", "variant", "seed", "kept", "kept share", "precision", "recall", "filter AUC", "zero-shot AUC",
-          "own AUC", "agreement", "model1 pool acc", "final", "per class (kept/precision)", "seconds"]
+          "own AUC", "agreement", "model1 pool acc", "rounds: model1 pool acc", "final", "per class (kept/precision)", "seconds"]
 
 
 def parse_testbeds(specs, cifar10: Path) -> dict:
@@ -95,7 +103,7 @@ def run_cell(cell: dict, testbeds: dict, work: Path, common_overrides=()) -> dic
         for stage in REUSED_STAGES:
             shutil.copy(source / stage, out / "checkpoints" / stage)
     result = coft_fast.train(pool, model=f"local-dir:{model}", eval_images=evaluation, out=out, resume=True,
-                             overrides=["run.progress=false", f"seed={seed}", *common_overrides, *overrides])
+                             recipe=RECIPES.get(variant), overrides=["run.progress=false", f"seed={seed}", *common_overrides, *overrides])
     m = result.metrics
     final = {**cell, "final": pct(m["final"].get("acc1")), "seconds": f"{time.perf_counter() - started:.0f}"}
     if "filter" not in m:  # self-training: no filter to score
@@ -109,6 +117,7 @@ def run_cell(cell: dict, testbeds: dict, work: Path, common_overrides=()) -> dic
             "zero-shot AUC": "" if zero_shot_auc is None else f"{zero_shot_auc:.4f}",
             "own AUC": "" if own_auc is None else f"{own_auc:.4f}",
             "agreement": pct(m["filter"]["agreement"]), "model1 pool acc": pct(m["phase1"]["model1"].get("pool_label_accuracy")),
+            "rounds: model1 pool acc": " → ".join(pct(r["model1"].get("pool_label_accuracy")) for r in m.get("rounds", [])),
             "per class (kept/precision)": per_class}
 
 

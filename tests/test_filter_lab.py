@@ -9,7 +9,7 @@ import common  # noqa: E402
 import filter_lab  # noqa: E402
 
 SMOKE = ["phase1.steps=10", "phase1.min_epochs=1", "phase1.vpt_tokens=2", "phase1.n_ctx=4", "phase1.batch_size=32",
-         "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0"]
+         "phase2.epochs=1", "pseudo.top_k=8", "data.num_workers=0", "phase1.rounds=2"]
 
 
 def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path, monkeypatch):
@@ -17,13 +17,17 @@ def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path,
     monkeypatch.setattr(filter_lab, "RESULTS", tmp_path / "results")
     (tmp_path / "results").mkdir()
     spec = f"digits={tiny_testbed},{digits['pool']},{digits['test']}"
-    argv = ["--testbed", spec, "--variants", "agreement", "gce", "self-train", "--work", str(tmp_path / "work")]
+    argv = ["--testbed", spec, "--variants", "agreement", "gce", "self-train", "coftplus-peer", "--work", str(tmp_path / "work")]
     for item in SMOKE:
         argv += ["--set", item]
     filter_lab.main(argv)
     with open(tmp_path / "results" / "filter_lab.csv", newline="") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["paper", "agreement", "gce", "self-train"]
+    assert list(rows) == ["paper", "agreement", "gce", "self-train", "coftplus-peer"]
+    assert rows["paper"]["rounds: model1 pool acc"] == ""  # CoFT: no rounds
+    assert len(rows["coftplus-peer"]["rounds: model1 pool acc"].split(" → ")) == 2  # one accuracy per round
+    config = (tmp_path / "work" / "digits" / "coftplus-peer_seed0" / "config.yaml").read_text()
+    assert "method: coft+" in config and "round_ranking: peer" in config
     assert rows["self-train"]["kept"] == "" and rows["self-train"]["final"] != ""  # no filter to score
     assert int(rows["agreement"]["kept"]) <= int(rows["paper"]["kept"])
     assert rows["gce"]["kept"] == rows["paper"]["kept"]  # the same models and decision; only phase II differs
