@@ -9,10 +9,15 @@ share of each class relabelled with its look-alike: the nearest other class by t
 classes' mean frozen test-bed features of the pool). One seed per noise type, 3 seeds for 40 %
 symmetric. Methods:
 
-- clean-labels (S*): `coft-fast clean-labels` (CoFT with the given labels) with its default
-  detector, `phase1.train_on=s_star`: both models train on S*, the 160 given labels zero-shot CLIP
-  is surest of; its label_issues.csv gives the detection (is_issue, issue_score) and phase II the
-  final accuracy.
+- clean-labels (probe): `coft-fast clean-labels` (CoFT with the given labels) with its default
+  detector, `filter.detector=probe`: no phase I; two 5-fold ensembles of linear probes on the
+  frozen image features judge every given label out of fold, the second round training only on
+  the labels the first round's out-of-fold prediction agrees with, and a per-class two-component
+  mixture on the probability of the given label flags the issues (filter.rule=mixture); its
+  label_issues.csv gives the detection (is_issue, issue_score) and phase II the final accuracy.
+- clean-labels (S*): the phase-I prompt detector (`filter.detector=prompts`,
+  `phase1.train_on=s_star`): both models train on S*, the 160 given labels zero-shot CLIP is surest
+  of. The default before issue 29's probe detector.
 - clean-labels (pool halves): the same with `phase1.train_on=pool_halves` (issue 29's DeFT-style
   detector: each phase-I model trains on one half of the given labels with warm-up and
   self-selection, so each label is also judged by a model that never saw it). It was the default
@@ -50,17 +55,20 @@ from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_fea
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
-METHODS = ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel",
+METHODS = ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel",
            "plain-finetune")
 LABELS = {"zero-shot": "zero-shot confidence", "cleanlab": "cleanlab (linear probe, 5-fold)",
-          "clean-labels-s-star": "CoFT clean-labels, S* detector (the default)",
+          "clean-labels-probe": "CoFT clean-labels, probe detector (the default)",
+          "clean-labels-s-star": "CoFT clean-labels, S* prompt detector (option)",
           "clean-labels-pool-halves": "CoFT clean-labels, pool-halves detector (option)",
           "clean-labels-relabel": "CoFT clean-labels (S*) + relabelled issues",
           "plain-finetune": "plain fine-tuning (all given labels)"}
 # the options of each clean-labels method
-CLEAN_LABELS_OPTIONS = {"clean-labels-s-star": ["phase1.train_on=s_star"],
-                        "clean-labels-pool-halves": ["phase1.train_on=pool_halves"],
-                        "clean-labels-relabel": ["phase1.train_on=s_star", "phase2.relabel_issues=true"]}
+CLEAN_LABELS_OPTIONS = {"clean-labels-probe": ["filter.detector=probe"],
+                        "clean-labels-s-star": ["filter.detector=prompts", "phase1.train_on=s_star"],
+                        "clean-labels-pool-halves": ["filter.detector=prompts", "phase1.train_on=pool_halves"],
+                        "clean-labels-relabel": ["filter.detector=prompts", "phase1.train_on=s_star",
+                                                 "phase2.relabel_issues=true"]}
 HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "recall", "roc auc", "final", "kept",
           "seconds"]
 
@@ -213,9 +221,10 @@ def plot(rows: list, stem: str = STEM) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
     for ax, key, methods, title, corner in (
-            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves"), "issue ROC AUC",
-             "upper right"),
-            (axes[1], "final", ("clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel", "plain-finetune"),
+            (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star",
+                                  "clean-labels-pool-halves"), "issue ROC AUC", "lower right"),
+            (axes[1], "final", ("clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves",
+                                "clean-labels-relabel", "plain-finetune"),
              "top-1 on cifar10/test (%)", "upper left")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
@@ -254,8 +263,8 @@ def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> N
                     (f"{v[0]:.4f} ({v[1]})" if key == "roc auc" else f"{v[0]:.2f} ({v[1]})") if v else "-"
                     for key, v in found.items()) + " |")
     auc = {m: [float(r["roc auc"]) for r in rows if r["method"] == m and r["noise"] == "sym40" and r["roc auc"]]
-           for m in ("zero-shot", "cleanlab", "clean-labels-s-star", "clean-labels-pool-halves")}
-    for mine in ("clean-labels-s-star", "clean-labels-pool-halves"):
+           for m in ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves")}
+    for mine in ("clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves"):
         if len(auc[mine]) == 3:
             for other in ("zero-shot", "cleanlab"):
                 if len(auc[other]) == 3:

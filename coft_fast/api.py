@@ -397,8 +397,10 @@ def clean_labels(
 ) -> TrainResult:
     """Find the wrong labels of a labelled pool, then fine-tune on the rest: CoFT with the labels the
     ``images`` came with (class sub-folders, a CSV of path,label or a CoOp JSON) in place of zero-shot
-    pseudo-labels (``pseudo.source=given``). A given label is an issue iff model 1's or model 2's
-    p_clean of it is at most ``filter.threshold``. The result's ``label_issues`` (and, with ``out``,
+    pseudo-labels (``pseudo.source=given``). Two models judge each given label (by default two K-fold
+    ensembles of linear probes on the frozen image features, out of fold: ``filter.detector=probe``),
+    and it is an issue iff either puts it in the low component of a per-class two-component mixture on
+    its probability (``filter.rule=mixture``; docs/noisy-labels.md). The result's ``label_issues`` (and, with ``out``,
     label_issues.csv, label_issue_scores.png and metrics.json's ``label_issues``) list them, most
     likely wrong first. Other arguments as ``train``."""
     return train(images, classes, model=model, pretrained=pretrained, out=out, eval_images=eval_images, config=config,

@@ -87,10 +87,10 @@ class PseudoConfig:
     knn_refine: bool = False
     knn_k: int = 10
     # Where the labels come from: "zeroshot" (CLIP's zero-shot pseudo-labels; CoFT) or "given" (the
-    # labels the pool came with, which may be wrong; `coft-fast clean-labels`): S* is then the
-    # class-balanced top-K ranked by the zero-shot probability of the given label, the filter keeps a
-    # given label iff both models' p_clean of it exceed filter.threshold, and the run writes
-    # label_issues.csv.
+    # labels the pool came with, which may be wrong; `coft-fast clean-labels`): the filter judges the
+    # given labels (filter.detector: out-of-fold linear probes by default, or the phase-I prompt
+    # models trained on S*, the class-balanced top-K ranked by the zero-shot probability of the given
+    # label), phase II trains on the kept ones, and the run writes label_issues.csv.
     source: str = "zeroshot"
 
 
@@ -165,7 +165,17 @@ class FilterConfig:
     # each set by the other model's p_clean > threshold), "agreement" (kept only where both models
     # give the same label and each validates it), or "mixture" (per class, a two-component Gaussian
     # mixture on logit p_clean, as DivideMix fits one to the loss). See pseudo/filter.py: decide.
-    rule: str = "paper"
+    # "auto": mixture with the probe detector, else paper.
+    rule: str = "auto"
+    # Who judges the labels: "prompts" (the phase-I models' p_clean, the paper's filter) or, for
+    # given labels only, "probe" (no phase I: two K-fold ensembles of linear probes on the frozen
+    # image features, each label judged out of fold; pseudo/probe_detector.py). "auto": probe for
+    # given labels with method coft and phase1.train_on left at auto, else prompts.
+    detector: str = "auto"
+    # The probe detector: folds per model, and rounds (round r > 1 trains only on the labels the
+    # previous round's out-of-fold prediction agrees with: DeFT's self-selection).
+    probe_folds: int = 5
+    probe_rounds: int = 2
 
 
 @dataclass
@@ -398,9 +408,20 @@ class Config:
         if self.pseudo.source == "given" and self.pseudo.knn_refine:
             raise ConfigError("config key 'pseudo.knn_refine' relabels zero-shot pseudo-labels; it cannot be combined "
                               "with pseudo.source=given (the pool's own labels)")
-        if self.pseudo.source == "given" and self.filter.rule != "paper":
-            raise ConfigError(f"config key 'filter.rule' is {self.filter.rule}, but with pseudo.source=given there "
-                              "are no two generated labels to decide between: use paper")
+        if self.pseudo.source == "given" and self.filter.rule == "agreement":
+            raise ConfigError("config key 'filter.rule' is agreement, but with pseudo.source=given there are no two "
+                              "generated labels to agree on: use paper or mixture")
+        if self.filter.detector == "probe":
+            if self.pseudo.source != "given" or self.method != "coft":
+                raise ConfigError("config key 'filter.detector' is probe, which judges given labels in place of phase I: "
+                                  f"it needs pseudo.source=given and method=coft (got {self.pseudo.source} and "
+                                  f"{self.method}); use prompts")
+            if self.phase1.train_on not in ("auto", "s_star"):
+                raise ConfigError(f"config key 'phase1.train_on' is {self.phase1.train_on}, but filter.detector=probe "
+                                  "trains no phase-I models: use filter.detector=prompts")
+        if self.filter.probe_folds < 2 or self.filter.probe_rounds < 1:
+            raise ConfigError("config keys 'filter.probe_folds' and 'filter.probe_rounds' must be >= 2 and >= 1, got "
+                              f"{self.filter.probe_folds} and {self.filter.probe_rounds}")
         if self.method == "coft+" and self.phase1.train_on not in ("auto", "s_star"):
             raise ConfigError(f"config key 'phase1.train_on' is {self.phase1.train_on}, but CoFT+ rounds train on "
                               "each round's top-K subsets: use s_star (or auto) with method=coft+")
@@ -421,7 +442,8 @@ class Config:
                               "one (the given labels both models keep): use s1")
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
                    "pseudo.source": ("zeroshot", "given"),
-                   "filter.rule": ("paper", "agreement", "mixture"),
+                   "filter.rule": ("auto", "paper", "agreement", "mixture"),
+                   "filter.detector": ("auto", "prompts", "probe"),
                    "phase1.train_on": ("auto", "s_star", "s_star_then_pool", "pool_halves", "s_star_halves"),
                    "phase1.round_ranking": ("own", "peer"),
                    "phase2.loss": ("ce", "gce"), "phase2.sample_weight": ("none", "clean_probability"),
@@ -605,6 +627,10 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
     - ``zeroshot.templates=auto``: "ensemble" for the ``zeroshot`` command and for coft+ (with a
       warning: the paper's CoFT+ averages LLM-written templates, give them with --templates), else
       "single" (the paper's hand template);
+    - ``filter.detector=auto``: "probe" for given labels (pseudo.source=given, the ``clean-labels``
+      command) with method coft and phase1.train_on left at auto, where it ranked labels best on the
+      test bed (docs/noisy-labels.md); else "prompts" (the paper's);
+    - ``filter.rule=auto``: "mixture" with the probe detector, else "paper";
     - ``phase1.train_on=auto``: "s_star" (the paper's; also for given labels, where "pool_halves" was
       measured and ranked labels worse);
     - ``phase2.pretrained`` unset while ``phase2.model`` is another open_clip model: ``model.pretrained``
@@ -623,6 +649,11 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
             cfg.zeroshot.templates = "ensemble"
         else:
             cfg.zeroshot.templates = "single"
+    if cfg.filter.detector == "auto":
+        probe = cfg.pseudo.source == "given" and cfg.method == "coft" and cfg.phase1.train_on == "auto"
+        cfg.filter.detector = "probe" if probe else "prompts"
+    if cfg.filter.rule == "auto":
+        cfg.filter.rule = "mixture" if cfg.filter.detector == "probe" else "paper"
     if cfg.phase1.train_on == "auto":
         cfg.phase1.train_on = "s_star"
     phase2 = cfg.phase2

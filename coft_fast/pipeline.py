@@ -30,6 +30,7 @@ from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embe
                               prompt_names, templates_record, zeroshot_probabilities)
 from coft_fast.pseudo.filter import FilterResult, ModelView, decide, filter_quality, generate_and_validate, validate_given
 from coft_fast.pseudo.label_issues import LabelIssue, label_issue_counts, label_issues
+from coft_fast.pseudo.probe_detector import probe_detector, stratified_folds
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
@@ -47,15 +48,8 @@ POOL_STAGE_SEED = 500_009
 def stratified_halves(labels: torch.Tensor, seed: int):
     """Two disjoint row sets covering ``labels``, each class split in half by a seeded permutation
     (the odd one of a class goes to the first half): phase1.train_on=pool_halves's out-of-fold split."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-    first, second = [], []
-    for label in torch.unique(labels).tolist():
-        members = (labels == label).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        cut = (len(members) + 1) // 2
-        first.append(members[:cut])
-        second.append(members[cut:])
-    return torch.cat(first).sort().values, torch.cat(second).sort().values
+    fold = stratified_folds(labels, 2, seed)
+    return (fold == 0).nonzero().flatten(), (fold == 1).nonzero().flatten()
 
 
 def sharded(encode, indices: List[int]):
@@ -111,7 +105,7 @@ class RunState:
 
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
-    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.knn_refine only
+    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.knn_refine and filter.detector=probe only
     text_embeddings: Optional[torch.Tensor] = None
     filter: Optional[FilterResult] = None
     prompt_models: List[PromptModel] = field(default_factory=list)
@@ -160,7 +154,8 @@ class CoftRun:
         self.zero_shot()
         selection = self.select()
         if self.cfg.method in ("coft", "coft+"):
-            self.phase1(selection)
+            if self.cfg.filter.detector == "prompts":
+                self.phase1(selection)
             self.filter()
         sets = self.training_sets(selection)
         clip2 = self.phase2(sets)
@@ -258,7 +253,7 @@ class CoftRun:
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
             skipped = gather_objects(self.pool.skipped)  # each rank met the broken files of its shard
             return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped,
-                    "features": features if cfg.pseudo.knn_refine else None}
+                    "features": features if cfg.pseudo.knn_refine or cfg.filter.detector == "probe" else None}
 
         state = self._stage("zero_shot", "zero_shot", compute)
         self.state.metrics.setdefault("zero_shot", {})["templates"] = templates_record(cfg.zeroshot.templates)
@@ -496,11 +491,27 @@ class CoftRun:
         record_pool_labels(entry, state["views"][0]["labels"], state["views"][1]["labels"], self.names)
         return subsets
 
+    def probe_filter(self) -> Dict:
+        """filter.detector=probe: the given labels judged out of fold by linear probes on the zero-shot
+        stage's frozen features (no phase I)."""
+        cfg = self.cfg
+        features = self.state.zs_features
+        if features is None:
+            raise RuntimeError("filter.detector=probe needs the zero-shot stage's image features, which its checkpoint "
+                               "lacks (it was written with another detector): start the run in a new folder")
+        trusted = None if self.shots is None else self.shots >= 0
+        result = probe_detector(features.to(self.device), self.pool_training_labels(), len(self.names),
+                                cfg.phase1.seeds, cfg.filter.probe_folds, cfg.filter.probe_rounds,
+                                cfg.filter.threshold, trusted)
+        return {"result": result.__dict__, "positions": self.state.positions}
+
     def filter(self) -> None:
         cfg = self.cfg
         models = self.state.prompt_models
 
         def compute():
+            if cfg.filter.detector == "probe":
+                return self.probe_filter()
             features, positions = sharded(lambda shard: encode_with_models(
                 models, self.pool, shard, self.device, cfg.model.precision, cfg.data.batch_size,
                 cfg.data.num_workers, self.progress, description="labelling the pool", decoder=self.decoder,
@@ -520,9 +531,13 @@ class CoftRun:
         result = checked if self.shots is None else checked.with_shots(self.shots)  # shots are never filtered out
         self.state.filter = result
         truth = self.truth
-        phase1 = self.state.metrics.setdefault("phase1", {})
-        for index, labels in ((1, result.labels1), (2, result.labels2)):
-            phase1[f"model{index}"]["pool_label_accuracy"] = label_accuracy(labels, truth)
+        if cfg.filter.detector == "probe":
+            self.state.metrics["detector"] = {"name": "probe", "folds": cfg.filter.probe_folds,
+                                              "rounds": cfg.filter.probe_rounds, "seeds": list(cfg.phase1.seeds)}
+        else:
+            phase1 = self.state.metrics.setdefault("phase1", {})
+            for index, labels in ((1, result.labels1), (2, result.labels2)):
+                phase1[f"model{index}"]["pool_label_accuracy"] = label_accuracy(labels, truth)
         rounds = self.state.metrics.get("rounds")
         if rounds:  # the last round's models are the filter's
             for index in (1, 2):
@@ -539,7 +554,8 @@ class CoftRun:
         }
         if self.given:
             self.state.metrics["label_issues"] = label_issue_counts(result, self.given_labels, self.names,
-                                                                    cfg.filter.threshold)
+                                                                    cfg.filter.threshold, cfg.filter.rule,
+                                                                    cfg.filter.detector)
 
     def training_sets(self, selection) -> Dict[str, Dict[str, torch.Tensor]]:
         if self.cfg.method == "self-train":

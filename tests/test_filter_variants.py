@@ -114,7 +114,29 @@ def test_variant_keys_are_validated_by_name():
     with pytest.raises(ConfigError, match="phase2.sample_weight"):
         Config().override(["method=self-train", "phase2.sample_weight=clean_probability"]).validate()
     defaults = Config()
-    assert (defaults.filter.rule, defaults.phase2.loss, defaults.phase2.sample_weight) == ("paper", "ce", "none")
+    assert (defaults.filter.rule, defaults.phase2.loss, defaults.phase2.sample_weight) == ("auto", "ce", "none")
+
+
+def test_detector_keys_resolve_and_are_validated_by_name():
+    from coft_fast.api import resolve_config
+
+    coft = resolve_config()
+    assert (coft.filter.detector, coft.filter.rule) == ("prompts", "paper")  # CoFT: the paper's filter
+    given = resolve_config(overrides=["pseudo.source=given"])  # clean-labels
+    assert (given.filter.detector, given.filter.rule) == ("probe", "mixture")
+    chosen = resolve_config(overrides=["pseudo.source=given", "phase1.train_on=pool_halves"])  # a phase-I choice
+    assert (chosen.filter.detector, chosen.filter.rule) == ("prompts", "paper")
+    assert resolve_config(overrides=["pseudo.source=given", "method=coft+"]).filter.detector == "prompts"
+    explicit = resolve_config(overrides=["pseudo.source=given", "filter.detector=probe", "filter.rule=paper"])
+    assert (explicit.filter.detector, explicit.filter.rule) == ("probe", "paper")
+    for overrides, key in ((["filter.detector=probe"], "filter.detector"),  # zero-shot labels
+                           (["pseudo.source=given", "method=coft+", "filter.detector=probe"], "filter.detector"),
+                           (["pseudo.source=given", "filter.detector=probe", "phase1.train_on=pool_halves"],
+                            "phase1.train_on"),
+                           (["filter.detector=linear"], "filter.detector"),
+                           (["pseudo.source=given", "filter.probe_folds=1"], "filter.probe_folds")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            resolve_config(overrides=overrides)
 
 
 def test_phase2_losses():

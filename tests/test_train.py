@@ -347,17 +347,20 @@ def _shots_csv(digits, path, per_class=1):
     return path
 
 
-def test_clean_labels_with_shots_resumes_after_a_kill(tiny_testbed, digits, tmp_path):
-    """SIGKILL `coft-fast clean-labels --labeled` in phase I and in phase II: the resumed run ends with
-    the metrics and label_issues.csv of an uninterrupted one."""
+@pytest.mark.parametrize("detector, markers", [("prompts", ("phase1_model1_progress.pt", "phase2_s1_progress.pt")),
+                                               ("probe", ("phase2_s1_progress.pt",))])
+def test_clean_labels_with_shots_resumes_after_a_kill(tiny_testbed, digits, tmp_path, detector, markers):
+    """SIGKILL `coft-fast clean-labels --labeled` in phase I (prompt detector) and in phase II: the
+    resumed run ends with the metrics and label_issues.csv of an uninterrupted one."""
     shots = _shots_csv(digits, tmp_path / "shots.csv")
-    command = _train_command(tiny_testbed, digits) + ["--labeled", str(shots)]
+    command = _train_command(tiny_testbed, digits) + ["--labeled", str(shots), "--set", f"filter.detector={detector}"]
     command[command.index("train")] = "clean-labels"
     reference, _, _ = reference_run(command, tmp_path / "whole")
     assert reference["label_issues"]["num_images"] == reference["pool"]["num_images"]
     assert reference["shots"]["total"] == 10
+    assert ("phase1" in reference) == (detector == "prompts") and ("detector" in reference) == (detector == "probe")
     out = tmp_path / "killed"
-    for marker in ("phase1_model1_progress.pt", "phase2_s1_progress.pt"):
+    for marker in markers:
         assert _kill_and_resume(command, out, lambda process: _wait_for(out / "checkpoints" / marker, process))
     _finish_and_compare(command, out, reference)
     assert (out / "label_issues.csv").read_text() == (tmp_path / "whole" / "label_issues.csv").read_text()

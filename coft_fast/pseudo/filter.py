@@ -5,7 +5,8 @@ Model 1 labels every pool image with its positive prompts (y1 = argmax s+); mode
 is the same with the roles swapped. No global confidence threshold and no top-K.
 
 With labels that came with the pool (``pseudo.source=given``) there is nothing to generate: both
-models validate the given label, which is kept iff each model's p_clean of it exceeds the threshold.
+models validate the given label, which is kept iff each model's p_clean of it exceeds the threshold
+(the phase-I prompt models here; pseudo/probe_detector.py builds the same result from linear probes).
 Labelled shots are trusted: they are kept, with their own labels, whatever the models say.
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
     - ``paper``: as computed (S1 keeps model 1's label where model 2's p_clean of it > threshold);
     - ``agreement``: a sample is kept (in both sets) only where the two models give the same label
       and each validates it (both p_clean > threshold);
-    - ``mixture``: per class of the label, a two-component Gaussian mixture on logit(p_clean) (as
+    - ``mixture``: per class of the label judged (given labels: the given one), a two-component Gaussian mixture on logit(p_clean) (as
       DivideMix fits one to the loss); kept where the posterior of the higher-mean component
       exceeds 0.5 (classes with too few samples fall back to the threshold).
     """
@@ -142,8 +143,8 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
         both = (result.labels1 == result.labels2) & (result.p_clean1 > threshold) & (result.p_clean2 > threshold)
         return replace(result, keep1=both, keep2=both.clone())
     if rule == "mixture":
-        return replace(result, keep1=mixture_keep(result.p_clean1, result.labels1, threshold),
-                       keep2=mixture_keep(result.p_clean2, result.labels2, threshold))
+        return replace(result, keep1=mixture_keep(result.p_clean1, result.training_labels(1), threshold),
+                       keep2=mixture_keep(result.p_clean2, result.training_labels(2), threshold))
     raise ValueError(f"unknown filter rule {rule!r} (one of {', '.join(FILTER_RULES)})")
 
 

@@ -1,9 +1,11 @@
 """Label issues of a pool that came with labels (``pseudo.source=given``): what the filter dropped.
 
-A given label is an issue exactly when the filter does not keep it, i.e. when model 1's or model
-2's p_clean of it is at most ``filter.threshold``. Its issue score, 1 - min(p_clean_model1,
-p_clean_model2), ranks the pool from most to least likely wrong (at threshold 0.5 the issues are the
-scores of 0.5 and above). Labelled shots are trusted: never issues, score 0.
+A given label is an issue exactly when the filter does not keep it: with filter.rule=paper when
+model 1's or model 2's p_clean of it is at most ``filter.threshold``; with mixture when either
+model's per-class two-component mixture puts it in the low component. The two models are the
+phase-I prompt models (filter.detector=prompts) or two out-of-fold linear-probe ensembles (probe).
+Its issue score, 1 - min(p_clean_model1, p_clean_model2), ranks the pool from most to least likely
+wrong. Labelled shots are trusted: never issues, score 0.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def issue_scores(result: FilterResult, shots: Optional[torch.Tensor] = None) -> 
     return scores if shots is None else torch.where(shots >= 0, torch.zeros_like(scores), scores)
 
 
-def label_issue_counts(result: FilterResult, given: torch.Tensor, class_names: Sequence[str], threshold: float) -> Dict:
+def label_issue_counts(result: FilterResult, given: torch.Tensor, class_names: Sequence[str], threshold: float,
+                       rule: str = "paper", detector: str = "prompts") -> Dict:
     """What metrics.json records: the rule, totals, and per class the given labels and the issues among them.
     ``result``: the filter's, with the shots already kept (FilterResult.with_shots)."""
     issue = ~result.keep1
@@ -47,8 +50,11 @@ def label_issue_counts(result: FilterResult, given: torch.Tensor, class_names: S
     given_counts = torch.bincount(given, minlength=num_classes).tolist()
     issue_counts = torch.bincount(given[issue], minlength=num_classes).tolist()
     return {
-        "rule": f"a given label is an issue iff model 1's or model 2's p_clean of it is <= {threshold} "
-                "(labelled shots never are)",
+        "rule": (f"a given label is an issue iff model 1's or model 2's p_clean of it is <= {threshold}"
+                 if rule == "paper" else "a given label is an issue iff model 1's or model 2's per-class two-component "
+                 "mixture on p_clean puts it in the low component")
+                + f" (models: {'out-of-fold linear probes' if detector == 'probe' else 'phase-I prompt models'}; "
+                "labelled shots never are)",
         "threshold": threshold,
         "num_images": int(len(given)),
         "issues": int(issue.sum()),

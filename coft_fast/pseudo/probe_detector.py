@@ -1,0 +1,73 @@
+"""Wrong given labels found out of fold by linear probes on frozen image features (``filter.detector=probe``).
+
+Each of the two models is a K-fold ensemble of linear probes over its own seeded, class-stratified
+split of the pool: the probe of fold f trains on the other folds' given labels and scores fold f,
+so no label is judged by a probe that trained on it. Round 1 trains on every given label; each later
+round only on the rows whose previous-round out-of-fold prediction is their given label (DeFT's
+self-selection; labelled shots always train). A model's p_clean of a label is its last round's
+out-of-fold softmax probability of it, and ``decide`` (filter.rule) turns the two into keep flags.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from coft_fast.pseudo.filter import FilterResult
+from coft_fast.runtime.metrics import fit_linear_probe
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """(M,) the fold (0..folds-1) of each row: each class is permuted (seeded) and cut into ``folds``
+    contiguous chunks whose sizes differ by at most one, the larger ones first."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for label in torch.unique(labels).tolist():
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold[members] = torch.arange(len(members)) * folds // max(len(members), 1)
+    return fold
+
+
+def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_classes: int, fold: torch.Tensor,
+                              train: Optional[torch.Tensor] = None, steps: int = 500) -> torch.Tensor:
+    """(M, C) each row's softmax probabilities from the probe trained on the other folds' rows (only
+    those with ``train`` set, when given) and their ``labels``."""
+    probabilities = torch.zeros(len(labels), num_classes)
+    for f in range(int(fold.max()) + 1):
+        held = fold == f
+        rows = ~held if train is None else ~held & train
+        predict = fit_linear_probe(features[rows], labels[rows], num_classes, steps=steps)
+        probabilities[held.cpu()] = predict(features[held]).softmax(1).float().cpu()
+    return probabilities
+
+
+def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int, seeds: Sequence[int],
+                   folds: int = 5, rounds: int = 2, threshold: float = 0.5,
+                   trusted: Optional[torch.Tensor] = None) -> FilterResult:
+    """The two models' out-of-fold views of the ``given`` labels as a FilterResult (keep: both p_clean
+    > ``threshold``, the paper rule; ``decide`` applies another). ``features``: (M, d) frozen image
+    features (on the device the probes should train on); ``trusted``: (M,) bool rows that always
+    train (labelled shots)."""
+    if folds < 2 or rounds < 1:
+        raise ValueError(f"probe detector: folds must be >= 2 and rounds >= 1, got {folds} and {rounds}")
+    device = features.device
+    given_on = given.to(device)
+    views = []
+    for seed in seeds:
+        fold = stratified_folds(given, folds, seed).to(device)
+        train = None
+        for _ in range(rounds):
+            probabilities = out_of_fold_probabilities(features, given_on, num_classes, fold, train)
+            agrees = probabilities.argmax(1) == given  # self-selection for the next round
+            train = (agrees if trusted is None else agrees | trusted).to(device)
+        views.append(probabilities)
+    (first, second), rows = views, torch.arange(len(given))
+    p_clean1, p_clean2 = first[rows, given], second[rows, given]
+    labels1, labels2 = first.argmax(1), second.argmax(1)
+    keep = (p_clean1 > threshold) & (p_clean2 > threshold)
+    confident = (labels1 == labels2) & (labels1 != given) & (first[rows, labels1] > threshold) & (
+        second[rows, labels2] > threshold)
+    relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
+    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel,
+                        p_clean1.clone(), p_clean2.clone())
