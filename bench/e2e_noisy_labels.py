@@ -22,6 +22,8 @@ symmetric. Methods:
   detector: each phase-I model trains on one half of the given labels with warm-up and
   self-selection, so each label is also judged by a model that never saw it). It was the default
   for one session and went back to an option when it ranked labels worse.
+- clean-labels (probe) + relabel: the probe detector with `phase2.relabel_issues=true`; 40 %
+  symmetric only.
 - clean-labels + relabel: the S* detector with `phase2.relabel_issues=true` (phase II also trains on
   the flagged images both models confidently relabel, with their label); 40 % symmetric only.
 - zero-shot confidence: a label is an issue when zero-shot CLIP's prediction differs from it; the
@@ -56,19 +58,21 @@ from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_fea
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
 METHODS = ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel",
-           "plain-finetune")
+           "clean-labels-probe-relabel", "plain-finetune")
 LABELS = {"zero-shot": "zero-shot confidence", "cleanlab": "cleanlab (linear probe, 5-fold)",
           "clean-labels-probe": "CoFT clean-labels, probe detector (the default)",
           "clean-labels-s-star": "CoFT clean-labels, S* prompt detector (option)",
           "clean-labels-pool-halves": "CoFT clean-labels, pool-halves detector (option)",
           "clean-labels-relabel": "CoFT clean-labels (S*) + relabelled issues",
+          "clean-labels-probe-relabel": "CoFT clean-labels (probe) + relabelled issues",
           "plain-finetune": "plain fine-tuning (all given labels)"}
 # the options of each clean-labels method
 CLEAN_LABELS_OPTIONS = {"clean-labels-probe": ["filter.detector=probe"],
                         "clean-labels-s-star": ["filter.detector=prompts", "phase1.train_on=s_star"],
                         "clean-labels-pool-halves": ["filter.detector=prompts", "phase1.train_on=pool_halves"],
                         "clean-labels-relabel": ["filter.detector=prompts", "phase1.train_on=s_star",
-                                                 "phase2.relabel_issues=true"]}
+                                                 "phase2.relabel_issues=true"],
+                        "clean-labels-probe-relabel": ["filter.detector=probe", "phase2.relabel_issues=true"]}
 HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "recall", "roc auc", "final", "kept",
           "seconds"]
 
@@ -77,7 +81,7 @@ def cells() -> list:
     """The order the cells run in: 40 % symmetric (3 seeds), then the other noises; cheap methods first."""
     order = [("sym40", seed) for seed in (0, 1, 2)] + [("sym20", 0), ("asym30", 0)]
     return [{"method": m, "noise": n, "seed": s} for n, s in order for m in METHODS
-            if m != "clean-labels-relabel" or n == "sym40"]
+            if "relabel" not in m or n == "sym40"]
 
 
 def lookalikes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -223,8 +227,8 @@ def plot(rows: list, stem: str = STEM) -> None:
     for ax, key, methods, title, corner in (
             (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star",
                                   "clean-labels-pool-halves"), "issue ROC AUC", "lower right"),
-            (axes[1], "final", ("clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves",
-                                "clean-labels-relabel", "plain-finetune"),
+            (axes[1], "final", ("clean-labels-probe", "clean-labels-probe-relabel", "clean-labels-s-star",
+                                "clean-labels-pool-halves", "clean-labels-relabel", "plain-finetune"),
              "top-1 on cifar10/test (%)", "upper left")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
