@@ -99,7 +99,8 @@ def main() -> None:
     table = CellTable(STEM, HEADER, ("run",))
     for run in sorted(work.glob("clean-labels*_seed*")):
         match = re.fullmatch(r"clean-labels[a-z-]*_(\w+)_seed(\d+)", run.name)
-        if match and (run / "label_issues.csv").is_file():
+        prompts = "phase1" in json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else False
+        if match and prompts and (run / "label_issues.csv").is_file():  # the prompt detectors' runs (phase I)
             row = diagnose(run, work / f"given_{match[1]}_seed{match[2]}.csv")
             table.add(row, [])
             print(row, flush=True)
@@ -108,8 +109,8 @@ def main() -> None:
     rows = sorted(table.rows.values(), key=lambda r: r["run"])
     lines = ["# Why clean-labels ranks wrong labels as it does (CIFAR-10 test bed)", "",
              "`python bench/diagnose_clean_labels.py --work <e2e_noisy_labels work folder>`: reads the finished "
-             "`clean-labels` runs (clean-labels-s-star: the S* detector, the default; clean-labels-pool-halves: the "
-             "pool-halves detector, an option). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
+             "`clean-labels` runs of the phase-I prompt detectors, options since the probe detector became the default "
+             "(clean-labels-s-star: the S* detector; clean-labels-pool-halves: the pool-halves detector). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
              "zero-shot probability of the given label, from the run's own zero-shot stage; modelN: 1 - that "
              "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean; own "
              "confidence: 1 - the smaller positive-prompt softmax probability of the given label; out-of-fold: "
