@@ -222,14 +222,14 @@ def plot(rows: list, stem: str = STEM) -> None:
 
     from coft_fast.runtime.io import atomic_write
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
     noises = [n for n in NOISES if any(r["noise"] == n for r in rows)]
-    for ax, key, methods, title, corner in (
+    for ax, key, methods, title in (
             (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star",
-                                  "clean-labels-pool-halves"), "issue ROC AUC", "lower right"),
+                                  "clean-labels-pool-halves"), "issue ROC AUC"),
             (axes[1], "final", ("clean-labels-probe", "clean-labels-probe-relabel", "clean-labels-s-star",
                                 "clean-labels-pool-halves", "clean-labels-relabel", "plain-finetune"),
-             "top-1 on cifar10/test (%)", "upper left")):
+             "top-1 on cifar10/test (%)")):
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             values = [means(rows, method, n, key) for n in noises]
@@ -238,7 +238,7 @@ def plot(rows: list, stem: str = STEM) -> None:
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(noises))])
         ax.set_xticklabels(noises)
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc=corner)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1)  # below: no bar hidden
     axes[0].set_ylim(0.5, 1.0)
     finals = [float(r["final"]) for r in rows if r["final"] != ""]
     if finals:  # start the accuracy axis near the bars so their differences show
