@@ -620,6 +620,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- auto values
+def resolve_filter(cfg: Config) -> Config:
+    """``filter.detector`` and ``filter.rule`` at auto replaced by what they resolve to (in place;
+    see :func:`resolve_auto`); the pipeline calls it too, for configs that skipped resolve_auto."""
+    if cfg.filter.detector == "auto":
+        probe = cfg.pseudo.source == "given" and cfg.method == "coft" and cfg.phase1.train_on == "auto"
+        cfg.filter.detector = "probe" if probe else "prompts"
+    if cfg.filter.rule == "auto":
+        cfg.filter.rule = "mixture" if cfg.filter.detector == "probe" else "paper"
+    return cfg
+
+
 def resolve_auto(cfg: Config, command: str = "train") -> Config:
     """Replace the values that depend on others by what they resolve to (in place; returns ``cfg``),
     so that a printed or saved config shows what a run uses:
@@ -649,11 +660,7 @@ def resolve_auto(cfg: Config, command: str = "train") -> Config:
             cfg.zeroshot.templates = "ensemble"
         else:
             cfg.zeroshot.templates = "single"
-    if cfg.filter.detector == "auto":
-        probe = cfg.pseudo.source == "given" and cfg.method == "coft" and cfg.phase1.train_on == "auto"
-        cfg.filter.detector = "probe" if probe else "prompts"
-    if cfg.filter.rule == "auto":
-        cfg.filter.rule = "mixture" if cfg.filter.detector == "probe" else "paper"
+    resolve_filter(cfg)
     if cfg.phase1.train_on == "auto":
         cfg.phase1.train_on = "s_star"
     phase2 = cfg.phase2

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from coft_fast.config import Config
+from coft_fast.config import Config, resolve_filter
 from coft_fast.data import ImageSource
 from coft_fast.data.resident import ResidentImages, decoded_bytes, preprocess_stats
 from coft_fast.data.streaming import StreamedImages, resolve_decoder
@@ -118,6 +118,7 @@ class CoftRun:
     def __init__(self, cfg: Config, pool: ImageSource, eval_source: Optional[ImageSource], clip: ClipModel,
                  device: torch.device, out_dir: Optional[Path], writer=None, shots: Optional[Sequence[int]] = None):
         """``shots``: per pool position, the class of a labelled shot (-1: none); see data.add_shots."""
+        resolve_filter(cfg)  # a config built without api.resolve_config still runs the filter it names
         self.cfg, self.pool, self.eval_source, self.clip, self.device = cfg, pool, eval_source, clip, device
         self.out_dir = out_dir
         self.store = StageStore(out_dir / "checkpoints" if out_dir else None)
