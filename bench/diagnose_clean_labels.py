@@ -21,6 +21,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from sklearn.metrics import roc_auc_score
@@ -38,7 +39,11 @@ HEADER = ["run", "noisy share", "zero-shot auc", "model1 auc", "model2 auc", "mi
           "model1 top-1", "model2 top-1", "kept", "kept correct", "right labels kept"]
 
 
-def diagnose(run: Path, given_csv: Path) -> dict:
+def diagnose(run: Path, given_csv: Path) -> Optional[dict]:
+    """One run's row; None for a run without phase I (the probe detector: no prompt models to diagnose)."""
+    phase1 = json.loads((run / "metrics.json").read_text()).get("phase1")
+    if phase1 is None:
+        return None
     with open(given_csv, newline="") as handle:
         pool = [(row["path"], row["label"]) for row in csv.DictReader(handle)]
     names = json.loads((run / "class_names.json").read_text())
@@ -57,7 +62,6 @@ def diagnose(run: Path, given_csv: Path) -> dict:
     def auc(score):
         return f"{roc_auc_score(wrong.numpy(), score.numpy()):.4f}"
 
-    phase1 = json.loads((run / "metrics.json").read_text())["phase1"]
     return {**filter_scores(run, pool, index, issues, p1, p2, phase1, auc),
             "run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
             "zero-shot auc": auc(1 - zs), "model1 auc": auc(1 - p1), "model2 auc": auc(1 - p2),
@@ -99,11 +103,11 @@ def main() -> None:
     table = CellTable(STEM, HEADER, ("run",))
     for run in sorted(work.glob("clean-labels*_seed*")):
         match = re.fullmatch(r"clean-labels[a-z-]*_(\w+)_seed(\d+)", run.name)
-        prompts = "phase1" in json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else False
-        if match and prompts and (run / "label_issues.csv").is_file():  # the prompt detectors' runs (phase I)
+        if match and (run / "label_issues.csv").is_file():
             row = diagnose(run, work / f"given_{match[1]}_seed{match[2]}.csv")
-            table.add(row, [])
-            print(row, flush=True)
+            if row is not None:  # the prompt detectors' runs
+                table.add(row, [])
+                print(row, flush=True)
     if not table.rows:
         raise SystemExit(f"{work}: no finished clean-labels run folders")
     rows = sorted(table.rows.values(), key=lambda r: r["run"])

@@ -112,15 +112,25 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
     """Both models validate the labels the pool came with: a given label is kept (in both sets) iff
     model 1's and model 2's p_clean of it exceed ``threshold``; labels1/labels2 are the models' own
     predictions, for inspection."""
-    p_clean1 = view1.clean_probability(given, logit_scale)
-    p_clean2 = view2.clean_probability(given, logit_scale)
-    keep = (p_clean1 > threshold) & (p_clean2 > threshold)
     labels1, labels2 = view1.labels(), view2.labels()
-    confident = ((labels1 == labels2) & (labels1 != given) & (view1.clean_probability(labels1, logit_scale) > threshold)
-                 & (view2.clean_probability(labels2, logit_scale) > threshold))
+    return judge_given(given, labels1, labels2, view1.clean_probability(given, logit_scale),
+                       view2.clean_probability(given, logit_scale), view1.clean_probability(labels1, logit_scale),
+                       view2.clean_probability(labels2, logit_scale), threshold,
+                       view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
+
+
+def judge_given(given: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor, p_clean1: torch.Tensor,
+                p_clean2: torch.Tensor, own1: torch.Tensor, own2: torch.Tensor, threshold: float,
+                confidence1: Optional[torch.Tensor] = None, confidence2: Optional[torch.Tensor] = None) -> FilterResult:
+    """The given labels' FilterResult from any two models (the phase-I prompt models, or the probe
+    detector's): kept (in both sets) iff both p_clean of the given label exceed ``threshold``; a
+    dropped one is relabelled where both models predict the same other label and each model's
+    probability of its own label (``own1``, ``own2``) exceeds ``threshold``."""
+    keep = (p_clean1 > threshold) & (p_clean2 > threshold)
+    confident = (labels1 == labels2) & (labels1 != given) & (own1 > threshold) & (own2 > threshold)
     relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
     return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel,
-                        view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
+                        confidence1, confidence2)
 
 
 FILTER_RULES = ("paper", "agreement", "mixture")
@@ -133,9 +143,10 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
     - ``paper``: as computed (S1 keeps model 1's label where model 2's p_clean of it > threshold);
     - ``agreement``: a sample is kept (in both sets) only where the two models give the same label
       and each validates it (both p_clean > threshold);
-    - ``mixture``: per class of the label judged (given labels: the given one), a two-component Gaussian mixture on logit(p_clean) (as
-      DivideMix fits one to the loss); kept where the posterior of the higher-mean component
-      exceeds 0.5 (classes with too few samples fall back to the threshold).
+    - ``mixture``: per class of the label judged (given labels: the given one), a two-component
+      Gaussian mixture on logit(p_clean) (as DivideMix fits one to the loss); kept where the
+      posterior of the higher-mean component exceeds 0.5 (classes with too few samples fall back
+      to the threshold).
     """
     if rule == "paper":
         return result

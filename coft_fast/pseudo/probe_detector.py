@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from coft_fast.pseudo.filter import FilterResult
+from coft_fast.pseudo.filter import FilterResult, judge_given
 from coft_fast.runtime.metrics import fit_linear_probe
 
 
@@ -62,12 +62,7 @@ def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int
             agrees = probabilities.argmax(1) == given  # self-selection for the next round
             train = (agrees if trusted is None else agrees | trusted).to(device)
         views.append(probabilities)
-    (first, second), rows = views, torch.arange(len(given))
-    p_clean1, p_clean2 = first[rows, given], second[rows, given]
-    labels1, labels2 = first.argmax(1), second.argmax(1)
-    keep = (p_clean1 > threshold) & (p_clean2 > threshold)
-    confident = (labels1 == labels2) & (labels1 != given) & (first[rows, labels1] > threshold) & (
-        second[rows, labels2] > threshold)
-    relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
-    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel,
-                        p_clean1.clone(), p_clean2.clone())
+    (own1, labels1), (own2, labels2) = (view.max(1) for view in views)
+    p_clean1, p_clean2 = (view.gather(1, given.view(-1, 1)).squeeze(1) for view in views)
+    # a probe's p_clean of the given label is also its own confidence in it
+    return judge_given(given, labels1, labels2, p_clean1, p_clean2, own1, own2, threshold, p_clean1, p_clean2)
