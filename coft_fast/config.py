@@ -82,9 +82,12 @@ class ZeroShotConfig:
 class PseudoConfig:
     # Class-balanced top-K: the K most confident zero-shot samples of each class form S*.
     top_k: int = 16
-    # Beyond the paper, off by default: before selection, each pool image's zero-shot label is
-    # replaced by a confidence-weighted vote of its knn_k nearest neighbours (zero-shot features).
-    knn_refine: bool = False
+    # Beyond the paper, "none" by default: before selection, the pool's zero-shot labels are refined
+    # on its frozen features. "knn": a confidence-weighted vote of each image's knn_k nearest
+    # neighbours; "transclip": TransCLIP's transductive solver (Zanella et al., NeurIPS 2024; class
+    # Gaussians, a 3-neighbour graph, a KL tie to the zero-shot softmax). S* is ranked by the refined
+    # labels' confidence, and every later stage trains on the refined labels.
+    refine: str = "none"
     knn_k: int = 10
     # Where the labels come from: "zeroshot" (CLIP's zero-shot pseudo-labels; CoFT) or "given" (the
     # labels the pool came with, which may be wrong; `coft-fast clean-labels`): the filter judges the
@@ -350,6 +353,23 @@ class RunConfig:
 
 METHODS = ("coft", "coft+", "self-train")
 AUGMENTATIONS = ("deft", "random_resized_crop")
+REFINE_CHOICES = ("none", "knn", "transclip")
+# Keys that no longer exist: (the value that meant "off", which a saved run config may still carry and
+# is ignored; what to use instead). Any other value, and any --set of the key, is an error.
+REMOVED_KEYS = {
+    "pseudo.knn_refine": (False, "use pseudo.refine=knn (or none, or transclip)"),
+}
+
+
+def check_removed(key: str, value: Any, explicit: bool) -> bool:
+    """True when ``key`` was removed and ``value`` may be ignored (a saved config's old default);
+    a ConfigError naming the key and its replacement when the key was set otherwise."""
+    if key not in REMOVED_KEYS:
+        return False
+    off, instead = REMOVED_KEYS[key]
+    if not explicit and value == off:
+        return True
+    raise ConfigError(f"config key {key!r} was removed: {instead}")
 
 
 @dataclass
@@ -405,9 +425,9 @@ class Config:
             value = getattr(getattr(self, section), name)
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"config key {key!r} must be in (0, 1], got {value}")
-        if self.pseudo.source == "given" and self.pseudo.knn_refine:
-            raise ConfigError("config key 'pseudo.knn_refine' relabels zero-shot pseudo-labels; it cannot be combined "
-                              "with pseudo.source=given (the pool's own labels)")
+        if self.pseudo.source == "given" and self.pseudo.refine != "none":
+            raise ConfigError(f"config key 'pseudo.refine' is {self.pseudo.refine}, which relabels zero-shot "
+                              "pseudo-labels; it cannot be combined with pseudo.source=given (the pool's own labels)")
         if self.pseudo.source == "given" and self.filter.rule == "agreement":
             raise ConfigError("config key 'filter.rule' is agreement, but with pseudo.source=given there are no two "
                               "generated labels to agree on: use paper or mixture")
@@ -441,7 +461,7 @@ class Config:
             raise ConfigError("config key 'phase2.train_on' is both, but with pseudo.source=given the two clean sets are "
                               "one (the given labels both models keep): use s1")
         choices = {"data.decoder": ("auto", "pil", "dali"), "data.resident": ("auto", "always", "never"),
-                   "pseudo.source": ("zeroshot", "given"),
+                   "pseudo.source": ("zeroshot", "given"), "pseudo.refine": REFINE_CHOICES,
                    "filter.rule": ("auto", "paper", "agreement", "mixture"),
                    "filter.detector": ("auto", "prompts", "probe"),
                    "phase1.train_on": ("auto", "s_star", "s_star_then_pool", "pool_halves", "s_star_halves"),
@@ -539,6 +559,8 @@ def _field_types(obj: Any) -> Dict[str, Any]:
 
 def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
     """Set a (possibly nested) field, checking the key exists and the value has the field's type."""
+    if check_removed(dotted_key, value, explicit=True):
+        return
     parts = dotted_key.split(".")
     target = cfg
     for depth, name in enumerate(parts):
@@ -565,6 +587,8 @@ def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
 
 def _update(section: Any, data: Dict[str, Any], prefix: str) -> None:
     for key, value in data.items():
+        if check_removed(prefix + str(key), value, explicit=False):
+            continue
         try:
             set_value(section, str(key), value)
         except ConfigError as exc:

@@ -24,6 +24,7 @@ from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt
 from coft_fast.models.attention import use_batch_major_attention
 from coft_fast.models.momentum import MomentumContrast
 from coft_fast.neighbors import knn_accuracy, knn_vote
+from coft_fast.pseudo.transductive import TextPrior, transclip
 from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, NormalizedEncoder, build_classifier,
                                      classifier_logits, train_phase2)
 from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
@@ -105,7 +106,10 @@ class RunState:
 
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
-    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.knn_refine and filter.detector=probe only
+    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.refine and filter.detector=probe only
+    # the pool's labels for every later stage: the zero-shot probabilities, or pseudo.refine's
+    pool_probabilities: Optional[torch.Tensor] = None
+    pool_ranking: Optional[torch.Tensor] = None  # pseudo.refine: what ranks S* (None: the probability)
     text_embeddings: Optional[torch.Tensor] = None
     filter: Optional[FilterResult] = None
     prompt_models: List[PromptModel] = field(default_factory=list)
@@ -153,6 +157,7 @@ class CoftRun:
     def execute(self):
         """Every stage in order; returns (the phase II training sets, the phase II CLIP)."""
         self.zero_shot()
+        self.refine()
         selection = self.select()
         if self.cfg.method in ("coft", "coft+"):
             if self.cfg.filter.detector == "prompts":
@@ -254,7 +259,7 @@ class CoftRun:
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
             skipped = gather_objects(self.pool.skipped)  # each rank met the broken files of its shard
             return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped,
-                    "features": features if cfg.pseudo.knn_refine or cfg.filter.detector == "probe" else None}
+                    "features": features if cfg.pseudo.refine != "none" or cfg.filter.detector == "probe" else None}
 
         state = self._stage("zero_shot", "zero_shot", compute)
         self.state.metrics.setdefault("zero_shot", {})["templates"] = templates_record(cfg.zeroshot.templates)
@@ -269,17 +274,49 @@ class CoftRun:
         self.state.metrics["pool"] = {
             "num_images": int(len(state["positions"])),
             "num_skipped": len(state["skipped"]),
+            "refine": cfg.pseudo.refine,
             "pseudo_label_accuracy": label_accuracy(labels, self.truth),
         }
+        self.state.metrics["zero_shot"]["pool_acc1"] = self.state.metrics["pool"]["pseudo_label_accuracy"]
+        self.state.pool_probabilities = state["probabilities"]
         self.record_shots()
+
+    def refine(self) -> None:
+        """pseudo.refine: the pool's labels refined on its zero-shot features (a stage, so a resumed
+        run reuses them); pool_probabilities and pool_ranking then hold them for every later stage."""
+        mode = self.cfg.pseudo.refine
+        if mode == "none":
+            return
+        features, zero_shot = self.state.zs_features, self.state.zs_probabilities
+        if features is None:
+            raise RuntimeError(f"pseudo.refine={mode} needs the zero-shot stage's image features, which its checkpoint "
+                               "lacks (it was written with pseudo.refine=none): start the run in a new folder")
+
+        def compute():
+            if mode == "knn":
+                return self.knn_refined(zero_shot, features)
+            result = transclip(features.to(self.device), TextPrior(features.to(self.device), self.state.text_embeddings,
+                                                                   self.logit_scale))
+            log_probabilities = result.log_probabilities.cpu()
+            return {"probabilities": log_probabilities.exp(), "ranking": log_probabilities.max(1).values,
+                    "details": {"graph": result.graph, "empty_classes": [self.names[i] for i in result.empty_classes]}}
+
+        state = self._stage(f"refine_{mode}", "refine", compute)
+        self.state.pool_probabilities, self.state.pool_ranking = state["probabilities"], state["ranking"]
+        labels = state["probabilities"].argmax(1)
+        pool = self.state.metrics["pool"]
+        pool["zero_shot_label_accuracy"] = pool["pseudo_label_accuracy"]
+        pool["pseudo_label_accuracy"] = label_accuracy(labels, self.truth)
+        pool["refine_details"] = {**state["details"], "seconds": state["seconds"],
+                                  "changed": (labels != zero_shot.argmax(1)).double().mean().item()}
+        log.info("pseudo.refine=%s changed %.1f %% of the zero-shot labels", mode, 100 * pool["refine_details"]["changed"])
 
     def select(self):
         """S*: the class-balanced top-K of the zero-shot labels (pseudo.source=given: of the given labels,
         ranked by their zero-shot probability); labelled shots first, with their labels."""
-        probabilities = self.state.zs_probabilities
-        confidence, labels = self.ranked_labels(probabilities)
-        if self.cfg.pseudo.knn_refine:
-            confidence, labels = self.knn_refined(probabilities)
+        confidence, labels = self.ranked_labels(self.state.pool_probabilities)
+        if self.state.pool_ranking is not None:
+            confidence = self.state.pool_ranking
         selection = select_top_k(labels, confidence, self.cfg.pseudo.top_k, self.names, self.shots)
         self.state.metrics["selection"] = {
             "source": self.cfg.pseudo.source,
@@ -290,29 +327,28 @@ class CoftRun:
             "classes_empty": selection.empty_classes,
             "pseudo_label_accuracy": label_accuracy(selection.labels, self.truth[selection.rows]),
         }
+        if self.state.pool_ranking is not None:  # the top-K the zero-shot labels alone give, for comparison
+            zs_confidence, zs_labels = self.ranked_labels(self.state.zs_probabilities)
+            before = select_top_k(zs_labels, zs_confidence, self.cfg.pseudo.top_k, self.names, self.shots)
+            self.state.metrics["selection"]["zero_shot_pseudo_label_accuracy"] = label_accuracy(
+                before.labels, self.truth[before.rows])
         return selection
 
-    def knn_refined(self, probabilities: torch.Tensor):
-        """(confidence, labels) of the pool after ``pseudo.knn_refine``: each image's label is the
-        confidence-weighted vote of its nearest neighbours (zero-shot features), ranked for top-K by
-        the vote's share times the zero-shot probability of that label (vote shares alone are often
-        exactly 1, which would leave top-K nothing to rank by). The pool metrics get the accuracy."""
+    def knn_refined(self, probabilities: torch.Tensor, features: torch.Tensor) -> Dict:
+        """pseudo.refine=knn: each image's label distribution is the confidence-weighted vote of its
+        knn_k nearest neighbours (zero-shot features), ranked for top-K by the vote's share times the
+        zero-shot probability of that label (vote shares alone are often exactly 1, which would leave
+        top-K nothing to rank by)."""
         k = self.cfg.pseudo.knn_k
-        features = self.state.zs_features
-        if features is None:
-            raise RuntimeError("pseudo.knn_refine needs the zero-shot features, which the zero_shot stage did not keep")
         if len(features) <= k:
-            log.warning("pseudo.knn_refine: %d pool images, not more than knn_k=%d; labels left as they are", len(features), k)
-            return probabilities.max(1)
-        started = time.perf_counter()
-        share, labels = knn_vote(probabilities, features, k).max(1)
-        confidence = share * probabilities.gather(1, labels[:, None]).squeeze(1)
-        changed = (labels != probabilities.argmax(1)).double().mean().item()
-        self.state.metrics["pool"]["knn_refine"] = {
-            "k": k, "changed": changed, "pseudo_label_accuracy": label_accuracy(labels, self.truth),
-            "seconds": time.perf_counter() - started}
-        log.info("kNN refinement (k=%d) changed %.1f %% of the zero-shot labels", k, 100 * changed)
-        return confidence, labels
+            log.warning("pseudo.refine=knn: %d pool images, not more than knn_k=%d; labels left as they are",
+                        len(features), k)
+            votes = probabilities
+        else:
+            votes = knn_vote(probabilities, features, k)
+        share, labels = votes.max(1)
+        return {"probabilities": votes, "ranking": share * probabilities.gather(1, labels[:, None]).squeeze(1),
+                "details": {"k": k}}
 
     def knn_monitor(self, classifier: FineTunedClassifier, clip2: ClipModel):
         """What phase II calls after each epoch (``phase2.knn_monitor``): leave-one-out kNN accuracy
@@ -344,7 +380,7 @@ class CoftRun:
     def pool_training_labels(self) -> torch.Tensor:
         """Every pool row's label for training on the whole pool: the given labels (pseudo.source=given)
         or the zero-shot pseudo-labels, with each labelled shot's own label in its row."""
-        labels = self.given_labels.clone() if self.given else self.state.zs_probabilities.argmax(1)
+        labels = self.given_labels.clone() if self.given else self.state.pool_probabilities.argmax(1)
         if self.shots is not None:
             labels = torch.where(self.shots >= 0, self.shots, labels)
         return labels
@@ -671,7 +707,6 @@ class CoftRun:
         metrics = self.state.metrics
         source = self.eval_source
         zero_shot = metrics.setdefault("zero_shot", {})
-        zero_shot["pool_acc1"] = metrics["pool"]["pseudo_label_accuracy"]
         final = metrics.setdefault("final", {})
         if source is None or not source.has_labels:
             return

@@ -1,4 +1,4 @@
-"""The two uses of coft_fast.neighbors in a run: kNN refinement of pseudo-labels and the kNN monitor."""
+"""The two uses of coft_fast.neighbors in a run: kNN refinement of pseudo-labels (pseudo.refine=knn) and the kNN monitor."""
 import torch
 
 import coft_fast
@@ -13,10 +13,10 @@ def test_knn_refinement_selects_s_star_from_the_neighbours_vote(digits_testbed, 
     plain = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "plain",
                             overrides=SETTINGS)
     refined = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "knn",
-                              overrides=SETTINGS + ["pseudo.knn_refine=true", "pseudo.knn_k=10"])
-    report = refined.metrics["pool"]["knn_refine"]
-    assert report["k"] == 10 and 0 < report["changed"] < 1
-    assert "knn_refine" not in plain.metrics["pool"]
+                              overrides=SETTINGS + ["pseudo.refine=knn", "pseudo.knn_k=10"])
+    pool = refined.metrics["pool"]
+    assert pool["refine"] == "knn" and pool["refine_details"]["k"] == 10 and 0 < pool["refine_details"]["changed"] < 1
+    assert plain.metrics["pool"]["refine"] == "none" and "refine_details" not in plain.metrics["pool"]
     # S* is the class-balanced top-K of the vote, recomputed here from the kept zero-shot features
     state = torch.load(tmp_path / "knn" / "checkpoints" / "zero_shot.pt", weights_only=False)
     share, labels = knn_vote(state["probabilities"], state["features"], 10).max(1)

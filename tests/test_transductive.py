@@ -1,0 +1,151 @@
+"""pseudo.refine=transclip: TransCLIP's zero-shot solver (coft_fast.pseudo.transductive) and its stage in a run."""
+import json
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coft_fast.config import Config, ConfigError
+from coft_fast.pseudo.transductive import TextPrior, transclip, transclip_dense
+
+
+def planted(rows=800, classes=8, dim=128, noise=0.6, seed=0):
+    """Class clusters (noise: the norm of each row's offset from its centre) whose text embeddings
+    lean towards the previous class's centre, so zero-shot mislabels a share of every class:
+    (features, labels, text)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(classes, dim, generator=generator), dim=1)
+    labels = torch.arange(rows) % classes
+    offsets = noise / math.sqrt(dim) * torch.randn(rows, dim, generator=generator)
+    features = F.normalize(centres[labels] + offsets, dim=1)
+    lean = centres.roll(1, 0) + 0.3 / math.sqrt(dim) * torch.randn(classes, dim, generator=generator)
+    return features, labels, F.normalize(centres + 0.9 * lean, dim=1)
+
+
+def accuracy(labels, truth):
+    return (labels == truth).double().mean().item()
+
+
+def test_planted_clusters_that_zero_shot_mislabels_are_recovered():
+    features, truth, text = planted()
+    prior = TextPrior(features, text, 15.0)
+    zero_shot = prior(0, len(features)).argmax(1)
+    result = transclip(features, prior)
+    assert accuracy(zero_shot, truth) < 0.9
+    assert accuracy(result.labels, truth) > 0.98
+    assert result.graph == "exact" and result.empty_classes == []
+    assert torch.allclose(result.probabilities.sum(1), torch.ones(len(features)), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,classes,dim", [(257, 7, 33), (90, 3, 5)])
+def test_it_matches_the_dense_reference(rows, classes, dim):
+    features, _, text = planted(rows, classes, dim, noise=1.5, seed=rows)
+    log_prior = TextPrior(features, text, 15.0)(0, rows)
+    ours = transclip(features, log_prior)
+    reference = transclip_dense(features, log_prior)
+    assert (ours.probabilities - reference).abs().max() < 1e-4
+    assert torch.equal(ours.labels, reference.argmax(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_feature_dtypes_give_float32_labels_close_to_float32_inputs(dtype):
+    features, _, text = planted(noise=1.5)
+    log_prior = TextPrior(features, text, 15.0)(0, len(features))
+    ours = transclip(features.to(dtype), log_prior)
+    assert ours.log_probabilities.dtype == torch.float32
+    agreement = accuracy(ours.labels, transclip(features, log_prior).labels)
+    assert agreement == 1.0 if dtype == torch.float64 else agreement > 0.95
+
+
+def test_deterministic_and_chunked_equals_unchunked():
+    features, _, text = planted(rows=333, noise=1.5)
+    prior = TextPrior(features, text, 15.0)
+    first, second = transclip(features, prior), transclip(features, prior)
+    assert torch.equal(first.log_probabilities, second.log_probabilities)
+    chunked = transclip(features, prior, chunk_rows=7)
+    assert (chunked.log_probabilities.exp() - first.probabilities).abs().max() < 1e-5
+    tensor_prior = transclip(features, prior(0, len(features)), chunk_rows=50)
+    assert (tensor_prior.probabilities - first.probabilities).abs().max() < 1e-5
+
+
+def test_fewer_images_than_neighbours_and_an_empty_class_warn(caplog):
+    features, _, text = planted(rows=3, classes=3)
+    with caplog.at_level(logging.WARNING):
+        result = transclip(features, TextPrior(features, text, 15.0))
+    assert result.graph == "none" and result.labels.shape == (3,)
+    assert "no neighbour term" in caplog.text
+    features, truth, text = planted(rows=60, classes=3)
+    log_prior = torch.log_softmax(torch.tensor([0.0, 0.0, -80.0]).expand(60, 3) + 20 * features @ text.T * 0, 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = transclip(features, log_prior.contiguous())
+    assert 2 in result.empty_classes and "get no image" in caplog.text
+
+
+def test_bad_inputs_are_named():
+    features, _, text = planted(rows=20)
+    with pytest.raises(ValueError, match="prior must be"):
+        transclip(features, torch.zeros(19, 5))
+    with pytest.raises(ValueError, match="features must be"):
+        transclip(torch.zeros(0, 4), torch.zeros(0, 5))
+    with pytest.raises(ValueError, match="text embeddings"):
+        TextPrior(features, text[:, :3], 15.0)
+
+
+def test_the_config_key_and_the_removed_one():
+    assert Config().pseudo.refine == "none"
+    Config().override(["pseudo.refine=transclip"]).validate()
+    with pytest.raises(ConfigError, match="pseudo.refine"):
+        Config().override(["pseudo.refine=trans"]).validate()
+    with pytest.raises(ConfigError, match="'pseudo.knn_refine' was removed: use pseudo.refine=knn"):
+        Config().override(["pseudo.knn_refine=true"])
+    with pytest.raises(ConfigError, match="pseudo.refine=knn"):
+        Config.from_dict({"pseudo": {"knn_refine": True}})
+    assert Config.from_dict({"pseudo": {"knn_refine": False}}).pseudo.refine == "none"  # an older run's saved config
+    with pytest.raises(ConfigError, match="pseudo.refine"):
+        Config().override(["pseudo.refine=transclip", "pseudo.source=given"]).validate()
+
+
+SETTINGS = ["phase2.epochs=2", "pseudo.top_k=8", "data.num_workers=0", "run.progress=false"]
+
+
+def test_a_run_trains_on_the_refined_labels(digits_testbed, digits, tmp_path):
+    import coft_fast
+
+    model = f"local-dir:{digits_testbed['model']}"
+    run = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "run",
+                          overrides=SETTINGS + ["pseudo.refine=transclip"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    pool, selection = metrics["pool"], metrics["selection"]
+    assert pool["refine"] == "transclip" and pool["refine_details"]["graph"] == "exact"
+    assert metrics["zero_shot"]["pool_acc1"] == pool["zero_shot_label_accuracy"]
+    assert pool["pseudo_label_accuracy"] != pool["zero_shot_label_accuracy"]
+    assert 0 <= selection["zero_shot_pseudo_label_accuracy"] <= 1
+    # S* is the class-balanced top-K of the refined labels, ranked by log z
+    zero_shot = torch.load(tmp_path / "run" / "checkpoints" / "zero_shot.pt", weights_only=False)
+    refined = torch.load(tmp_path / "run" / "checkpoints" / "refine_transclip.pt", weights_only=False)
+    from coft_fast.pseudo.selection import select_top_k
+
+    expected = select_top_k(refined["probabilities"].argmax(1), refined["ranking"], 8, run.class_names)
+    names = run.class_names
+    want = sorted((run.pool.paths[int(zero_shot["positions"][r])], names[int(l)])
+                  for r, l in zip(expected.rows, expected.labels))
+    assert sorted(run.clean_sets["s_star"]) == want
+
+
+def test_a_killed_run_resumes_with_the_refined_labels(tiny_testbed, digits, tmp_path):
+    """SIGKILL a run once its refined labels are saved: the resumed run loads them and ends as an uninterrupted one."""
+    from test_train import _finish_and_compare, _kill_and_resume, _train_command, _wait_for, reference_run
+
+    settings = SETTINGS + ["method=self-train", "pseudo.refine=transclip", "phase2.epochs=4",
+                           "run.checkpoint_seconds=0"]
+    command = _train_command(tiny_testbed, digits, settings)
+    reference, _, _ = reference_run(command, tmp_path / "whole")
+    out = tmp_path / "killed"
+    marker = out / "checkpoints" / "refine_transclip.pt"
+    assert _kill_and_resume(command, out, lambda process: _wait_for(marker, process)) in (
+        "refine_transclip", "phase2_s_star_progress")
+    _finish_and_compare(command, out, reference)
+    assert "stage refine_transclip: finished by an earlier run, loaded" in (out / "run.log").read_text()
