@@ -16,6 +16,7 @@ from coft_fast.inference import PredictionResult, RunModel, classifier_metadata,
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
 from coft_fast.pseudo import ZeroShotResult, class_name_mapping, class_prompts, prompt_names, templates_record, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime import distributed
 from coft_fast.runtime.device import resolve_device, seed_everything
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
@@ -25,7 +26,6 @@ from coft_fast.runtime.metrics import classification_metrics
 PARTIAL_METRICS = "metrics_partial.json"  # what a failed run had measured, and its error
 log = logging.getLogger("coft_fast")
 PathLike = Union[str, os.PathLike]
-UNSET = object()
 
 
 def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
@@ -35,8 +35,9 @@ def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iter
     `coft-fast recipes` or a recipe file), ``config`` (a YAML file; or a Config object, which replaces
     the defaults and cannot be combined with a recipe or a preset), ``preset`` (dotted keys and values,
     e.g. a test-bed preset's fields; applied after the recipe), ``overrides`` ("a.b=v"), then the explicit
-    ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``). Values that depend
-    on others (``zeroshot.templates=auto``, an unset ``phase2.pretrained``) are resolved for ``command``."""
+    ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``; each one given is set,
+    None included: the entry points pass theirs through ``given_fields``). Values that depend on others
+    (``zeroshot.templates=auto``, an unset ``phase2.pretrained``) are resolved for ``command``."""
     if isinstance(config, Config):
         if recipe is not None:
             raise ConfigError("give a recipe or a Config object, not both (a recipe's Config is "
@@ -52,15 +53,26 @@ def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iter
             apply_file(cfg, config)
     cfg.override(list(overrides))
     for key, value in fields.items():
-        if value is not UNSET:
-            set_value(cfg, key.replace("__", "."), value)
+        set_value(cfg, key.replace("__", "."), value)
     return resolve_auto(cfg.validate(), command)
 
 
-def _pretrained_value(pretrained):
-    if isinstance(pretrained, str) and pretrained.lower() in ("none", ""):
-        return None
-    return pretrained
+def given_fields(**arguments) -> dict:
+    """The ``resolve_config`` fields of an entry point's arguments (dotted keys with ``__``): an
+    argument left at None is dropped, so the config's (or recipe's) value stands. The values that
+    stand for None are translated: ``model__pretrained="none"`` (or "") is None, random weights;
+    ``run__out_dir=""`` and ``data__labeled=""`` are None, no run folder and no labelled shots even
+    where the config names them. Other paths become strings."""
+    fields = {}
+    for key, value in arguments.items():
+        if value is None:
+            continue
+        if key == "model__pretrained" and isinstance(value, str) and value.lower() in ("none", ""):
+            value = None
+        elif key in ("run__out_dir", "data__labeled"):
+            value = str(value) if value != "" else None
+        fields[key] = value
+    return fields
 
 
 def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None, evaluation: bool = False) -> ImageSource:
@@ -74,10 +86,10 @@ def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None, ev
 def zeroshot(
     images: PathLike,
     classes: Union[None, PathLike, Sequence[str]] = None,
-    model=UNSET,
-    pretrained=UNSET,
-    templates=UNSET,
-    out: Optional[PathLike] = UNSET,
+    model: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    templates: Optional[PathLike] = None,
+    out: Optional[PathLike] = None,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     recipe: Optional[PathLike] = None,
@@ -88,10 +100,20 @@ def zeroshot(
     ``classes`` a list of names or a text file (one per line; optional for class folders).
     With ``out``, writes ``predictions.csv``, ``metrics.json`` (when labels exist), ``class_names.json``
     and ``config.yaml``. ``recipe``: a named recipe under ``config`` (see ``resolve_config``).
+
+    ``model``, ``pretrained``, ``templates`` and ``out`` left at None take the config's value (after
+    ``recipe``, ``config`` and ``overrides``); an explicit value sets that config key over them:
+
+    - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
+    - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
+    - ``templates``: ``zeroshot.templates`` (default ``"auto"``, here CLIP's 80-template ensemble),
+      ``"single"``, ``"ensemble"`` or a JSON file.
+    - ``out``: ``run.out_dir`` (default none: nothing is written); ``""``: no folder even where the
+      config names one.
     """
     cfg = resolve_config(
-        config, overrides, recipe=recipe, command="zeroshot", model__name=model, model__pretrained=_pretrained_value(pretrained),
-        zeroshot__templates=templates, run__out_dir=UNSET if out is UNSET else (out and str(out)),
+        config, overrides, recipe=recipe, command="zeroshot",
+        **given_fields(model__name=model, model__pretrained=pretrained, zeroshot__templates=templates, run__out_dir=out),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     with log_to_file(out_dir / "run.log" if out_dir else None):
@@ -125,6 +147,13 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
                "templates": templates_record(cfg.zeroshot.templates)}
     if source.has_labels:
         metrics.update(classification_metrics(probabilities, result.labels))
+    if cfg.pseudo.refine != "none":  # transductive: the scored images are their own pool
+        refined = refine_labels(cfg.pseudo.refine, probabilities, features.to(device), cfg.pseudo.knn_k)
+        result.refined_probabilities = refined.probabilities
+        metrics["refine"] = cfg.pseudo.refine
+        if source.has_labels:
+            refined_metrics = classification_metrics(refined.probabilities, result.labels)
+            metrics.update({f"refined_{key}": value for key, value in refined_metrics.items()})
     metrics["seconds"] = time.perf_counter() - started
     result.metrics = metrics
     log.info("zero-shot done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
@@ -151,8 +180,8 @@ def testbed(
     images: Union[PathLike, Sequence[PathLike]],
     out: PathLike,
     classes: Union[None, PathLike, Sequence[str]] = None,
-    per_class: Optional[int] = UNSET,
-    seed: int = UNSET,
+    per_class: Optional[int] = None,
+    seed: Optional[int] = None,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     recipe: Optional[PathLike] = None,
@@ -164,7 +193,9 @@ def testbed(
     ``preset``: a named test bed (``coft_fast.config.TESTBED_PRESETS``: default, strong, digits,
     tiny); its ``testbed.*`` fields sit over the recipe and under ``config`` and ``overrides``.
     With ``per_class``, only the first N images of each class (sorted by file name) are used. A
-    killed build resumes when called again with the same arguments.
+    killed build resumes when called again with the same arguments. ``per_class`` and ``seed`` left
+    at None take the config's value (``testbed.per_class``, default none: every image; ``seed``,
+    default 0); an explicit value sets that key over ``config`` and ``overrides``.
     """
     from coft_fast.data import combine_sources
     from coft_fast.testbed_builder import build_testbed, preset_fields
@@ -173,8 +204,8 @@ def testbed(
         fields = {f"testbed.{key}": value for key, value in preset_fields(preset).items()} if preset else {}
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    cfg = resolve_config(config, overrides, recipe=recipe, preset=fields, testbed__per_class=per_class, seed=seed,
-                         run__out_dir=str(out))
+    cfg = resolve_config(config, overrides, recipe=recipe, preset=fields, run__out_dir=str(out),
+                         **given_fields(testbed__per_class=per_class, seed=seed))
     sources = [images] if isinstance(images, (str, os.PathLike)) else list(images)
     source = combine_sources([load_images(path, classes, cfg) for path in sources], classes_given=classes is not None)
     if cfg.testbed.per_class is not None:
@@ -280,17 +311,17 @@ def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
 def train(
     images: PathLike,
     classes: Union[None, PathLike, Sequence[str]] = None,
-    model=UNSET,
-    pretrained=UNSET,
-    method=UNSET,
-    out: Optional[PathLike] = UNSET,
+    model: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    method: Optional[str] = None,
+    out: Optional[PathLike] = None,
     eval_images: Optional[PathLike] = None,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     resume: bool = False,
     recipe: Optional[PathLike] = None,
-    labeled: Optional[PathLike] = UNSET,
-    labeled_split: Optional[str] = UNSET,
+    labeled: Optional[PathLike] = None,
+    labeled_split: Optional[str] = None,
 ) -> TrainResult:
     """Adapt CLIP to ``classes`` on the unlabelled ``images`` (CoFT by default; see ``method``).
 
@@ -302,13 +333,26 @@ def train(
     checkpoints, TensorBoard logs and plots, and a killed run continues with ``resume=True``.
     ``recipe``: a named recipe (`coft-fast recipes`) under ``config`` and ``overrides``; the
     defaults are the paper's (``paper-coft``).
+
+    ``model``, ``pretrained``, ``method``, ``out``, ``labeled`` and ``labeled_split`` left at None
+    take the config's value (after ``recipe``, ``config`` and ``overrides``); an explicit value sets
+    that config key over them:
+
+    - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
+    - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
+    - ``method``: ``method`` (default ``"coft"``; ``"coft+"``, ``"self-train"``).
+    - ``out``: ``run.out_dir`` (default none: nothing is written); ``""``: no folder even where the
+      config names one.
+    - ``labeled``: ``data.labeled`` (default none: no labelled shots); ``""``: none even where the
+      config names some.
+    - ``labeled_split``: ``data.labeled_split`` (default none), the split of a CoOp JSON ``labeled``.
     """
     from coft_fast.pipeline import CoftRun
 
     cfg = resolve_config(
-        config, overrides, recipe=recipe, model__name=model, model__pretrained=_pretrained_value(pretrained), method=method,
-        run__out_dir=UNSET if out is UNSET else (out and str(out)),
-        data__labeled=UNSET if labeled in (UNSET, None) else str(labeled), data__labeled_split=labeled_split,
+        config, overrides, recipe=recipe,
+        **given_fields(model__name=model, model__pretrained=pretrained, method=method, run__out_dir=out,
+                       data__labeled=labeled, data__labeled_split=labeled_split),
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     device = distributed.init_from_env(cfg.model.device)  # joins torchrun's process group, if any
@@ -384,16 +428,16 @@ def train(
 def clean_labels(
     images: PathLike,
     classes: Union[None, PathLike, Sequence[str]] = None,
-    model=UNSET,
-    pretrained=UNSET,
-    out: Optional[PathLike] = UNSET,
+    model: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    out: Optional[PathLike] = None,
     eval_images: Optional[PathLike] = None,
     config: Union[None, Config, PathLike] = None,
     overrides: Iterable[str] = (),
     resume: bool = False,
     recipe: Optional[PathLike] = None,
-    labeled: Optional[PathLike] = UNSET,
-    labeled_split: Optional[str] = UNSET,
+    labeled: Optional[PathLike] = None,
+    labeled_split: Optional[str] = None,
 ) -> TrainResult:
     """Find the wrong labels of a labelled pool, then fine-tune on the rest: CoFT with the labels the
     ``images`` came with (class sub-folders, a CSV of path,label or a CoOp JSON) in place of zero-shot
@@ -402,7 +446,8 @@ def clean_labels(
     and it is an issue iff either puts it in the low component of a per-class two-component mixture on
     its probability (``filter.rule=mixture``; docs/noisy-labels.md). The result's ``label_issues`` (and, with ``out``,
     label_issues.csv, label_issue_scores.png and metrics.json's ``label_issues``) list them, most
-    likely wrong first. Other arguments as ``train``."""
+    likely wrong first. Other arguments as ``train``: ``model``, ``pretrained``, ``out``, ``labeled``
+    and ``labeled_split`` left at None take the config's value."""
     return train(images, classes, model=model, pretrained=pretrained, out=out, eval_images=eval_images, config=config,
                  overrides=[*overrides, "pseudo.source=given"], resume=resume, recipe=recipe, labeled=labeled,
                  labeled_split=labeled_split)
@@ -420,15 +465,17 @@ def _write_report(out_dir: Path) -> None:
 
 def predict(run: PathLike, images, out: Optional[PathLike] = None, classifier: Optional[str] = None,
             device: str = "auto", batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-            split: Optional[str] = None, top5: bool = False, progress: bool = True) -> dict:
+            split: Optional[str] = None, top5: bool = False, progress: bool = True, transductive: bool = False) -> dict:
     """Classify ``images`` with a finished run's model (``load_run``), streaming ``predictions.csv``
     (and ``metrics.json`` when the images carry labels, ``skipped.csv`` for unreadable files) into
-    ``out``. Returns the metrics (zero-shot's keys)."""
+    ``out``. Returns the metrics (zero-shot's keys). ``transductive``: the images are labelled
+    together by TransCLIP, the run's classifier as its prior (``predict_to_folder``)."""
     model = load_run(run, classifier=classifier, device=device)
     out_dir = Path(out) if out else None
     with log_to_file(out_dir / "predict.log" if out_dir else None):
-        log.info("predict: run %s (classifier %s) on %s", run, ", ".join(model.classifiers), model.device)
-        return predict_to_folder(model, images, out_dir, batch_size, num_workers, top5, progress, split)
+        log.info("predict: run %s (classifier %s) on %s%s", run, ", ".join(model.classifiers), model.device,
+                 ", transductive (TransCLIP over the whole set)" if transductive else "")
+        return predict_to_folder(model, images, out_dir, batch_size, num_workers, top5, progress, split, transductive)
 
 
 def export(run: PathLike, fmt: str, out: PathLike, classifier: Optional[str] = None) -> Path:

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-workers", type=int, help="decoding worker processes (default: the run's)")
     pr.add_argument("--device", default="auto", help="auto (the run's model.device), cpu, cuda, cuda:1 ...")
     pr.add_argument("--top5", action="store_true", help="add top5 and top5_confidence columns")
+    pr.add_argument("--transductive", action="store_true",
+                    help="label the images together: TransCLIP refines the run's predictions over the whole set "
+                         "(the classifier as its prior); predictions.csv adds the classifier's own columns")
     pr.add_argument("--classifier", choices=["s1", "s2"],
                     help="one classifier of a phase2.train_on=both run (default: the run's ensemble)")
     pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -223,7 +226,7 @@ def _run_folder_command(api, args) -> int:
     if args.command == "predict":
         metrics = api.predict(args.run, args.images, out=args.out, classifier=args.classifier, device=args.device,
                               batch_size=args.batch_size, num_workers=args.num_workers, split=args.split,
-                              top5=args.top5, progress=not args.no_progress)
+                              top5=args.top5, progress=not args.no_progress, transductive=args.transductive)
         _print_metrics("predictions", metrics)
         rate = metrics["num_images"] / metrics["seconds"] if metrics["seconds"] > 0 else float("nan")
         print(f"  {metrics['seconds']:.1f} s ({rate:.1f} images/s)")
@@ -311,6 +314,14 @@ def _print_metrics(title: str, metrics: dict) -> None:
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         if key in metrics:
             print(f"  {key:<22} {100 * metrics[key]:6.2f} %")
+    if "refine" in metrics:  # zeroshot --set pseudo.refine=...: the predictions are the refined labels
+        print(f"  labels refined by pseudo.refine={metrics['refine']} (predictions.csv holds them)")
+        if "refined_acc1" in metrics:
+            print(f"  {'refined acc1':<22} {100 * metrics['refined_acc1']:6.2f} %")
+    if metrics.get("predictions") == "transductive":
+        print("  transductive predictions (TransCLIP over the whole set, the run's classifier as the prior)")
+        if "inductive" in metrics:
+            print(f"  {'classifier alone acc1':<22} {100 * metrics['inductive']['acc1']:6.2f} %")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

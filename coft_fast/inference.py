@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from coft_fast.config import Config, ConfigError
 from coft_fast.data import ImageSource, load_source
 from coft_fast.data.streaming import eval_batches
 from coft_fast.phases.phase2 import FineTunedClassifier, ScaledLinearHead
+from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime.device import autocast, resolve_device
 from coft_fast.runtime.io import atomic_csv_writer, atomic_write_csv, atomic_write_json
 from coft_fast.runtime.metrics import RunningClassificationMetrics
@@ -153,24 +155,51 @@ class RunModel:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, C) of preprocessed images (B, 3, S, S), as ``preprocess`` makes them."""
+        return self.encode(images)[0]
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, C), features (B, d)) in float32: the features are each classifier's normalised
+        image features, concatenated and normalised again (their cosine: the classifiers' mean cosine)."""
         images = images.to(self.device, non_blocking=True)
+        logits, features = [], []
         with autocast(self.config.model.precision, self.device):
-            outputs = [classifier(images).float() for classifier in self.classifiers.values()]
-        return ensemble_logits(outputs)
+            for classifier in self.classifiers.values():
+                feature = F.normalize(classifier.visual(images).float(), dim=-1)
+                features.append(feature)
+                logits.append(classifier.head(feature).float())
+        return ensemble_logits(logits), F.normalize(torch.cat(features, dim=1), dim=1)
 
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                progress: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """(positions in ``source``, logits on the CPU) batch by batch; unreadable files are skipped
-        (listed in ``source.skipped``). Memory does not grow with the number of images."""
+                progress: bool = False, transductive: bool = False
+                ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(positions in ``source``, probabilities, the classifier's own probabilities), on the CPU,
+        batch by batch; unreadable files are skipped (listed in ``source.skipped``). Memory does not
+        grow with the number of images, except with ``transductive``: every image is scored first,
+        then TransCLIP refines the classifier's probabilities over the whole set (the classifier as
+        its prior), given as one batch. Without it the two probabilities are the same tensor."""
         batch_size = batch_size or self.config.data.batch_size
         num_workers = self.config.data.num_workers if num_workers is None else num_workers
         bar = progress_bar(total=len(source), desc="predicting", unit="img", disable=not progress, leave=False)
+        rows, probabilities, features = [], [], []
         try:
             for batch in eval_batches(source, None, self.preprocess, batch_size, num_workers, device=self.device):
-                yield batch.indices, self.logits(batch.images).cpu()
+                logits, feature = self.encode(batch.images)
+                if transductive:
+                    rows.append(batch.indices)
+                    probabilities.append(logits.softmax(1).cpu())
+                    features.append(feature.cpu())
+                else:
+                    batch_probabilities = logits.softmax(1).cpu()
+                    yield batch.indices, batch_probabilities, batch_probabilities
                 bar.update(len(batch.indices) + len(batch.failed))
         finally:
             bar.close()
+        if transductive and rows:
+            inductive = torch.cat(probabilities)
+            log.info("transductive predictions: TransCLIP over %d images, the run's classifier as the prior", len(inductive))
+            refined = refine_labels("transclip", inductive, torch.cat(features).to(self.device))
+            yield torch.cat(rows), refined.probabilities, inductive
 
     def source(self, images, split: Optional[str] = None) -> ImageSource:
         """An ImageSource of a folder, CSV or CoOp split JSON path (its ``split``, by default the run's
@@ -181,14 +210,16 @@ class RunModel:
                            image_root=self.config.data.image_root)
 
     def predict(self, images, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                progress: bool = False) -> PredictionResult:
+                progress: bool = False, transductive: bool = False) -> PredictionResult:
         """Classify images (a folder, CSV or CoOp JSON path, or a list of files); all rows in memory.
-        For any number of images, :func:`predict_to_folder` streams them to a CSV instead."""
+        For any number of images, :func:`predict_to_folder` streams them to a CSV instead.
+        ``transductive``: TransCLIP refines the predictions over the given images together, with the
+        run's classifier as the prior (better labels for a set, not for one image at a time)."""
         source = self.source(images)
         positions, probabilities = [], []
-        for rows, logits in self.batches(source, batch_size, num_workers, progress):
+        for rows, batch_probabilities, _ in self.batches(source, batch_size, num_workers, progress, transductive):
             positions.append(rows)
-            probabilities.append(logits.softmax(1))
+            probabilities.append(batch_probabilities)
         if not positions:
             return PredictionResult([], torch.empty(0, len(self.class_names)), self.class_names)
         rows = torch.cat(positions).tolist()
@@ -239,40 +270,52 @@ def load_run(run_dir: PathLike, classifier: Optional[str] = None, device: str = 
 
 def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_size: Optional[int] = None,
                       num_workers: Optional[int] = None, top5: bool = False, progress: bool = True,
-                      split: Optional[str] = None) -> Dict:
+                      split: Optional[str] = None, transductive: bool = False) -> Dict:
     """Stream predictions of ``images`` into ``out``/predictions.csv (``path,prediction,confidence``,
     with ``top5,top5_confidence`` when asked), skipped.csv for unreadable files, and metrics.json
-    when the images carry labels. Returns the metrics (zeroshot's keys)."""
+    when the images carry labels. Returns the metrics (zeroshot's keys).
+    ``transductive``: the predictions are TransCLIP's over the whole set (see ``RunModel.batches``);
+    predictions.csv adds ``inductive_prediction,inductive_confidence`` (the classifier's own),
+    and metrics.json (always written) says ``"predictions": "transductive"``, with the classifier's
+    own accuracy under ``inductive``."""
     started = time.perf_counter()
     source = model.source(images, split)
     out_dir = Path(out) if out else None
     names = model.class_names
-    header = ["path", "prediction", "confidence"] + (["top5", "top5_confidence"] if top5 else [])
-    running = RunningClassificationMetrics(len(names))
+    header = (["path", "prediction", "confidence"] + (["top5", "top5_confidence"] if top5 else [])
+              + (["inductive_prediction", "inductive_confidence"] if transductive else []))
+    running, running_inductive = RunningClassificationMetrics(len(names)), RunningClassificationMetrics(len(names))
     labels = torch.tensor(source.labels, dtype=torch.long) if source.has_labels else None
     count = 0
     with atomic_csv_writer(out_dir / "predictions.csv" if out_dir else None, header) as writer:
-        for rows, logits in model.batches(source, batch_size, num_workers, progress):
-            probabilities = logits.softmax(1)
+        for rows, probabilities, inductive in model.batches(source, batch_size, num_workers, progress, transductive):
             top = probabilities.topk(min(5, len(names)), dim=1)
+            own_confidence, own_label = inductive.max(1)
             count += len(rows)
             if labels is not None:
                 running.update(probabilities, labels[rows])
-            for row, indices, values in zip(rows.tolist(), top.indices.tolist(), top.values.tolist()):
+                running_inductive.update(inductive, labels[rows])
+            for index, (row, indices, values) in enumerate(zip(rows.tolist(), top.indices.tolist(), top.values.tolist())):
                 line = [source.paths[row], names[indices[0]], f"{values[0]:.6f}"]
                 if top5:
                     line += ["|".join(names[i] for i in indices), "|".join(f"{v:.6f}" for v in values)]
+                if transductive:
+                    line += [names[int(own_label[index])], f"{float(own_confidence[index]):.6f}"]
                 writer.writerow(line)
     if not count and len(source):
         raise RuntimeError(f"{source.origin}: none of the {len(source)} images could be decoded")
     metrics = {"num_images": count, "num_skipped": len(source.skipped)}
+    if transductive:
+        metrics["predictions"] = "transductive"
     if labels is not None:
         metrics.update(running.result())
+        if transductive:
+            metrics["inductive"] = running_inductive.result()
     metrics["seconds"] = time.perf_counter() - started
     if out_dir:
         if source.skipped:
             atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
                              ((s["path"], s["reason"]) for s in source.skipped))
-        if labels is not None or source.skipped:
+        if labels is not None or source.skipped or transductive:
             atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -23,8 +23,8 @@ from coft_fast.models import ClipModel, load_clip
 from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
 from coft_fast.models.attention import use_batch_major_attention
 from coft_fast.models.momentum import MomentumContrast
-from coft_fast.neighbors import knn_accuracy, knn_vote
-from coft_fast.pseudo.transductive import TextPrior, transclip
+from coft_fast.neighbors import knn_accuracy
+from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.phases.phase2 import (ContrastiveTerm, FineTunedClassifier, NormalizedEncoder, build_classifier,
                                      classifier_logits, train_phase2)
 from coft_fast.pseudo import (class_name_mapping, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
@@ -293,13 +293,11 @@ class CoftRun:
                                "lacks (it was written with pseudo.refine=none): start the run in a new folder")
 
         def compute():
-            if mode == "knn":
-                return self.knn_refined(zero_shot, features)
-            result = transclip(features.to(self.device), TextPrior(features.to(self.device), self.state.text_embeddings,
-                                                                   self.logit_scale))
-            log_probabilities = result.log_probabilities.cpu()
-            return {"probabilities": log_probabilities.exp(), "ranking": log_probabilities.max(1).values,
-                    "details": {"graph": result.graph, "empty_classes": [self.names[i] for i in result.empty_classes]}}
+            refined = refine_labels(mode, zero_shot, features.to(self.device), self.cfg.pseudo.knn_k)
+            details = dict(refined.details)
+            if "empty_classes" in details:
+                details["empty_classes"] = [self.names[i] for i in details["empty_classes"]]
+            return {"probabilities": refined.probabilities.cpu(), "ranking": refined.ranking.cpu(), "details": details}
 
         state = self._stage(f"refine_{mode}", "refine", compute)
         self.state.pool_probabilities, self.state.pool_ranking = state["probabilities"], state["ranking"]
@@ -333,22 +331,6 @@ class CoftRun:
             self.state.metrics["selection"]["zero_shot_pseudo_label_accuracy"] = label_accuracy(
                 before.labels, self.truth[before.rows])
         return selection
-
-    def knn_refined(self, probabilities: torch.Tensor, features: torch.Tensor) -> Dict:
-        """pseudo.refine=knn: each image's label distribution is the confidence-weighted vote of its
-        knn_k nearest neighbours (zero-shot features), ranked for top-K by the vote's share times the
-        zero-shot probability of that label (vote shares alone are often exactly 1, which would leave
-        top-K nothing to rank by)."""
-        k = self.cfg.pseudo.knn_k
-        if len(features) <= k:
-            log.warning("pseudo.refine=knn: %d pool images, not more than knn_k=%d; labels left as they are",
-                        len(features), k)
-            votes = probabilities
-        else:
-            votes = knn_vote(probabilities, features, k)
-        share, labels = votes.max(1)
-        return {"probabilities": votes, "ranking": share * probabilities.gather(1, labels[:, None]).squeeze(1),
-                "details": {"k": k}}
 
     def knn_monitor(self, classifier: FineTunedClassifier, clip2: ClipModel):
         """What phase II calls after each epoch (``phase2.knn_monitor``): leave-one-out kNN accuracy

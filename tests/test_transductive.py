@@ -149,3 +149,48 @@ def test_a_killed_run_resumes_with_the_refined_labels(tiny_testbed, digits, tmp_
         "refine_transclip", "phase2_s_star_progress")
     _finish_and_compare(command, out, reference)
     assert "stage refine_transclip: finished by an earlier run, loaded" in (out / "run.log").read_text()
+
+
+def test_zeroshot_classifies_the_given_images_transductively(digits_testbed, digits, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    out = tmp_path / "zs"
+    command = [sys.executable, "-m", "coft_fast", "zeroshot", "--images", str(digits["test"]), "--model",
+               f"local-dir:{digits_testbed['model']}", "--out", str(out), "--no-progress",
+               "--set", "pseudo.refine=transclip"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refined acc1" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["refine"] == "transclip" and 0 < metrics["refined_acc1"] <= 1 and 0 < metrics["acc1"] <= 1
+    with open(out / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    truth = {str(path): path.parent.name for path in digits["test"].rglob("*.png")}
+    refined_right = sum(row["prediction"] == truth[row["path"]] for row in rows) / len(rows)
+    assert abs(refined_right - metrics["refined_acc1"]) < 1e-9
+
+
+def test_predict_transductive_refines_a_trained_runs_predictions(digits_testbed, digits, tmp_path):
+    import csv
+
+    import coft_fast
+
+    model = f"local-dir:{digits_testbed['model']}"
+    coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "run", overrides=SETTINGS)
+    plain = coft_fast.predict(tmp_path / "run", digits["test"], out=tmp_path / "plain", progress=False)
+    refined = coft_fast.predict(tmp_path / "run", digits["test"], out=tmp_path / "refined", progress=False,
+                                transductive=True)
+    assert refined["predictions"] == "transductive" and "predictions" not in plain
+    assert abs(refined["inductive"]["acc1"] - plain["acc1"]) < 1e-9  # the classifier's own, as plain predict
+    with open(tmp_path / "refined" / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"path", "prediction", "confidence", "inductive_prediction", "inductive_confidence"}
+    with open(tmp_path / "plain" / "predictions.csv") as handle:
+        plain_rows = {row["path"]: row["prediction"] for row in csv.DictReader(handle)}
+    assert all(plain_rows[row["path"]] == row["inductive_prediction"] for row in rows)
+    run = coft_fast.load_run(tmp_path / "run")
+    in_memory = run.predict(digits["test"], transductive=True)
+    by_path = {row["path"]: row["prediction"] for row in rows}
+    assert [by_path[path] for path in in_memory.paths] == in_memory.predictions

@@ -241,6 +241,38 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
     return TransductiveResult(z, graph, time.perf_counter() - started, unassigned)
 
 
+@dataclass
+class RefinedLabels:
+    probabilities: torch.Tensor  # (N, C) float32: each row's refined label distribution
+    ranking: torch.Tensor  # (N,) what ranks a class's rows for top-K (higher: more confident)
+    details: dict  # what the refinement reports (graph, k, classes without images)
+
+
+def refine_labels(mode: str, probabilities: torch.Tensor, features: torch.Tensor, knn_k: int = 10) -> RefinedLabels:
+    """``probabilities`` (N, C) of images with ``features`` (N, d) refined on the features: ``mode``
+    "knn" (each image's confidence-weighted neighbour vote, ranked by the vote's share times the
+    prior's probability of that label, since shares are often exactly 1) or "transclip" (the prior's
+    log as TransCLIP's prior; ranked by log z, exact where z rounds to 1)."""
+    if mode == "knn":
+        from coft_fast.neighbors import knn_vote
+
+        if len(features) <= knn_k:
+            log.warning("pseudo.refine=knn: %d images, not more than knn_k=%d; labels left as they are",
+                        len(features), knn_k)
+            votes = probabilities
+        else:
+            votes = knn_vote(probabilities, features, knn_k)
+        share, labels = votes.max(1)
+        return RefinedLabels(votes, share * probabilities.gather(1, labels[:, None]).squeeze(1), {"k": knn_k})
+    if mode != "transclip":
+        raise ValueError(f"pseudo.refine must be none, knn or transclip, got {mode!r}")
+    log_prior = probabilities.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    result = transclip(features, log_prior.to(features.device))
+    log_probabilities = result.log_probabilities.cpu()
+    return RefinedLabels(log_probabilities.exp(), log_probabilities.max(1).values,
+                         {"graph": result.graph, "empty_classes": result.empty_classes})
+
+
 @torch.no_grad()
 def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbours: int = NEIGHBOURS,
                     outer_iterations: int = OUTER_ITERATIONS, inner_iterations: int = INNER_ITERATIONS,
@@ -281,4 +313,5 @@ def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbou
     return z
 
 
-__all__: Sequence[str] = ["TextPrior", "TransductiveResult", "neighbour_graph", "transclip", "transclip_dense"]
+__all__: Sequence[str] = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip",
+                          "transclip_dense"]

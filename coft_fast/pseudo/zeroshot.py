@@ -90,14 +90,21 @@ class ZeroShotResult:
     text_embeddings: torch.Tensor  # (C, d) normalised class embeddings
     image_features: torch.Tensor  # (M, d) normalised image features
     metrics: Optional[dict] = None
+    # pseudo.refine other than none: the labels refined over the scored images (the set is its own pool)
+    refined_probabilities: Optional[torch.Tensor] = None
+
+    @property
+    def label_probabilities(self) -> torch.Tensor:
+        """What predictions come from: the refined probabilities where there are some, else zero-shot's."""
+        return self.probabilities if self.refined_probabilities is None else self.refined_probabilities
 
     @property
     def predictions(self) -> torch.Tensor:
-        return self.probabilities.argmax(dim=1)
+        return self.label_probabilities.argmax(dim=1)
 
     @property
     def confidence(self) -> torch.Tensor:
-        return self.probabilities.max(dim=1).values
+        return self.label_probabilities.max(dim=1).values
 
     @property
     def paths(self) -> List[str]:
