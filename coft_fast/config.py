@@ -217,7 +217,9 @@ class Phase2Config:
     # recipe, bench/results/e2e_cifar10_logit_adjust.md).
     logit_adjust: float = 0.0
     # "zeroshot": the head starts as the zero-shot classifier (training starts at zero-shot
-    # accuracy); "random": a freshly initialised head.
+    # accuracy); "random": a freshly initialised head; "probe": LP-FT (Kumar et al., ICLR 2022), the
+    # head first trained alone as a linear probe on the frozen tower's features of the training set,
+    # then the whole tower with it (beyond the paper).
     head_init: str = "zeroshot"
     # Leave-one-out kNN accuracy of the encoder's features on the labelled evaluation images,
     # measured after every epoch (MoCo's monitor; never uses pool labels). One extra pass per epoch.
@@ -414,8 +416,12 @@ class Config:
             raise ConfigError(f"config key 'method' must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.phase2.train_on not in ("s1", "s2", "both"):
             raise ConfigError(f"config key 'phase2.train_on' must be s1, s2 or both, got {self.phase2.train_on!r}")
-        if self.phase2.head_init not in ("zeroshot", "random"):
-            raise ConfigError(f"config key 'phase2.head_init' must be zeroshot or random, got {self.phase2.head_init!r}")
+        if self.phase2.head_init not in ("zeroshot", "random", "probe"):
+            raise ConfigError("config key 'phase2.head_init' must be zeroshot, random or probe, got "
+                              f"{self.phase2.head_init!r}")
+        if self.phase2.head_init == "probe" and self.phase2.model:
+            raise ConfigError("config key 'phase2.head_init' is probe, which fits the head on the phase I model's "
+                              f"features, but phase2.model is {self.phase2.model}: use zeroshot or random")
         if len(self.phase1.seeds) != 2 or self.phase1.seeds[0] == self.phase1.seeds[1]:
             raise ConfigError(f"config key 'phase1.seeds' must hold two different seeds, got {self.phase1.seeds}")
         if not 0.0 < self.filter.threshold < 1.0:

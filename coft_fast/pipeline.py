@@ -37,7 +37,7 @@ from coft_fast.runtime.checkpoint import StageStore, save_tensors
 from coft_fast.runtime.device import autocast_dtype
 from coft_fast.runtime.distributed import all_gather_rows, gather_objects, gather_rows, is_main, shard
 from coft_fast.runtime.io import atomic_write_json
-from coft_fast.runtime.metrics import classification_metrics
+from coft_fast.runtime.metrics import classification_metrics, train_linear_head
 
 log = logging.getLogger("coft_fast")
 
@@ -106,7 +106,7 @@ class RunState:
 
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
-    zs_features: Optional[torch.Tensor] = None  # kept for pseudo.refine and filter.detector=probe only
+    zs_features: Optional[torch.Tensor] = None  # kept only where needed (CoftRun.keep_features)
     # the pool's labels for every later stage: the zero-shot probabilities, or pseudo.refine's
     pool_probabilities: Optional[torch.Tensor] = None
     pool_ranking: Optional[torch.Tensor] = None  # pseudo.refine: what ranks S* (None: the probability)
@@ -148,6 +148,13 @@ class CoftRun:
         for parameter in clip.model.parameters():
             parameter.requires_grad_(False)
         self._prepare(clip)
+
+    @property
+    def keep_features(self) -> bool:
+        """The zero-shot stage keeps the pool's image features: pseudo.refine, the probe detector and
+        the LP-FT head read them."""
+        cfg = self.cfg
+        return cfg.pseudo.refine != "none" or cfg.filter.detector == "probe" or cfg.phase2.head_init == "probe"
 
     def _prepare(self, clip: ClipModel) -> None:
         """bf16 on a CPU: matrix products in bf16 (AMX), attention kept in float32 (models/attention.py)."""
@@ -259,7 +266,7 @@ class CoftRun:
             probabilities = zeroshot_probabilities(features, text, self.logit_scale)
             skipped = gather_objects(self.pool.skipped)  # each rank met the broken files of its shard
             return {"positions": positions, "probabilities": probabilities, "text": text, "skipped": skipped,
-                    "features": features if cfg.pseudo.refine != "none" or cfg.filter.detector == "probe" else None}
+                    "features": features if self.keep_features else None}
 
         state = self._stage("zero_shot", "zero_shot", compute)
         self.state.metrics.setdefault("zero_shot", {})["templates"] = templates_record(cfg.zeroshot.templates)
@@ -628,6 +635,8 @@ class CoftRun:
                                           cfg.seed).to(self.device)
 
             def compute(classifier=classifier, tag=tag, data=data):
+                if cfg.phase2.head_init == "probe":
+                    self.fit_probe_head(classifier, data, scale)
                 contrastive = None
                 if self.contrastive_on:  # labelled rows and contrastive batches come from the whole pool
                     images = self._pool_images() if clip2 is self.clip else self._training_images(self.state.positions, clip2.model)
@@ -664,6 +673,19 @@ class CoftRun:
                    if history and "knn_acc1" in history[-1] else {}),
             }
         return clip2
+
+    def fit_probe_head(self, classifier: FineTunedClassifier, data: Dict[str, torch.Tensor], scale: float) -> None:
+        """phase2.head_init=probe (LP-FT): the head becomes a linear probe fit on the frozen tower's
+        features of the training rows (the zero-shot stage's), at the head's fixed scale."""
+        features = self.state.zs_features
+        if features is None:
+            raise RuntimeError("phase2.head_init=probe needs the zero-shot stage's image features, which its checkpoint "
+                               "lacks (it was written with another head_init): start the run in a new folder")
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        weight, bias = train_linear_head(features[data["rows"]], data["labels"], len(self.names), generator=generator)
+        with torch.no_grad():
+            classifier.head.weight.copy_(weight.to(classifier.head.weight.device) / scale)
+            classifier.head.bias.copy_(bias.to(classifier.head.bias.device))
 
     def queue_size(self) -> int:
         """CoFT+'s key queue length: the configured size, capped by a share of the pool, at least one global batch."""

@@ -194,3 +194,30 @@ def test_predict_transductive_refines_a_trained_runs_predictions(digits_testbed,
     in_memory = run.predict(digits["test"], transductive=True)
     by_path = {row["path"]: row["prediction"] for row in rows}
     assert [by_path[path] for path in in_memory.paths] == in_memory.predictions
+
+
+def test_lp_ft_starts_phase_ii_from_a_probe_on_the_frozen_features(digits_testbed, digits, tmp_path):
+    """phase2.head_init=probe: with a zero learning rate the saved head is the probe itself."""
+    from safetensors.torch import load_file
+
+    import coft_fast
+    from coft_fast.runtime.metrics import train_linear_head
+
+    model = f"local-dir:{digits_testbed['model']}"
+    run = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "run",
+                          overrides=SETTINGS + ["phase2.head_init=probe", "phase2.lr=0", "phase2.weight_decay=0"])
+    zero_shot = torch.load(tmp_path / "run" / "checkpoints" / "zero_shot.pt", weights_only=False)
+    s_star = torch.load(tmp_path / "run" / "checkpoints" / "phase2_s_star.pt", weights_only=False)
+    head = load_file(tmp_path / "run" / "finetuned_s_star.safetensors")
+    rows = [run.pool.paths.index(path) for path, _ in run.clean_sets["s_star"]]
+    positions = zero_shot["positions"].tolist()
+    pool_rows = torch.tensor([positions.index(r) for r in rows])
+    labels = torch.tensor([run.class_names.index(name) for _, name in run.clean_sets["s_star"]])
+    order = pool_rows.argsort()  # the run trains on its rows in pool order
+    weight, bias = train_linear_head(zero_shot["features"][pool_rows[order]], labels[order], len(run.class_names),
+                                     generator=torch.Generator().manual_seed(0))
+    scale = float(head["head.scale"])
+    assert torch.allclose(head["head.weight"], weight / scale, atol=1e-5) and torch.allclose(head["head.bias"], bias, atol=1e-5)
+    assert s_star["report"]["steps"] > 0
+    with pytest.raises(ConfigError, match="phase2.head_init"):
+        Config().override(["phase2.head_init=linear"]).validate()

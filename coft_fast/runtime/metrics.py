@@ -72,6 +72,13 @@ def fit_linear_probe(
     Returns ``predict(features) -> logits``. The weights start at N(0, 0.01^2) drawn from
     ``generator``, or at zero without one.
     """
+    weight, bias = train_linear_head(features, labels, num_classes, steps, lr, generator)
+    return lambda rows: torch.nn.functional.normalize(rows.float(), dim=-1) @ weight.T + bias
+
+
+def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500,
+                      lr: float = 1e-2, generator: torch.Generator = None):
+    """(weight (C, d), bias (C,)) of :func:`fit_linear_probe`'s classifier: logits = normalise(x) @ weight.T + bias."""
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     if generator is None:
         weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
@@ -84,8 +91,7 @@ def fit_linear_probe(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    weight, bias = weight.detach(), bias.detach()
-    return lambda rows: torch.nn.functional.normalize(rows.float(), dim=-1) @ weight.T + bias
+    return weight.detach(), bias.detach()
 
 
 def linear_probe_accuracy(
