@@ -53,6 +53,8 @@ class TransductiveResult:
     graph: str  # "exact", "ivf" or "none"
     seconds: float
     empty_classes: List[int] = field(default_factory=list)  # classes no row is assigned to
+    # seconds per part: graph (neighbour search), likelihood (unary terms), assign (z steps), gaussians
+    timings: dict = field(default_factory=dict)
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -206,12 +208,22 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
         raise ValueError(f"TransCLIP: the prior must be (N, C) = ({rows}, {num_classes}), got {tuple(prior.shape)}")
     features = F.normalize(features.float(), dim=1)
     chunk = chunk_rows or _chunk_rows(num_classes)
+    timings = dict.fromkeys(("graph", "likelihood", "assign", "gaussians"), 0.0)
+    mark = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[part] += now - mark
+        mark = now
+
     if rows <= neighbours:
         log.warning("TransCLIP: %d images, not more than the graph's %d neighbours: no neighbour term", rows, neighbours)
         weights = indices = None
         graph = "none"
     else:
         weights, indices, graph = neighbour_graph(features, neighbours)
+    lap("graph")
     z = torch.empty(rows, num_classes, dtype=torch.float32, device=features.device)
     for start, stop in _chunks(rows, chunk):
         z[start:stop] = _prior_rows(prior, start, stop).exp()
@@ -222,12 +234,15 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
         for start, stop in _chunks(rows, chunk):
             unary[start:stop] = (lam * _prior_rows(prior, start, stop)
                                  + gaussians.log_likelihood(features[start:stop]) / LIKELIHOOD_TEMPERATURE)
+        lap("likelihood")
         for inner in range(inner_iterations):
             last = outer == outer_iterations and inner == inner_iterations - 1
             z, spare = _assign(unary, z, spare, weights, indices, chunk, log_space=last), z
+        lap("assign")
         if outer == outer_iterations:
             break
         gaussians.update(features, z, chunk, empty)
+        lap("gaussians")
     del unary, spare
     if inner_iterations == 0:
         z = z.clamp_min(torch.finfo(z.dtype).tiny).log_()
@@ -238,7 +253,7 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
                     len(empty), sorted(empty)[:10])
     if unassigned:
         log.warning("TransCLIP: %d class(es) get no image: %s", len(unassigned), unassigned[:10])
-    return TransductiveResult(z, graph, time.perf_counter() - started, unassigned)
+    return TransductiveResult(z, graph, time.perf_counter() - started, unassigned, timings)
 
 
 @dataclass
