@@ -43,7 +43,21 @@ ORDER = [
     ("testbed", "testbed", None, 1), ("testbed", "testbed", None, 2),
     ("paper-coftplus", "paper-coftplus", None, 0),
 ]
-HEADER = ["row", "recipe", "seed", "templates", "zero-shot", "S* precision", "clean set size", "filter precision",
+# Transductive labels (pseudo.refine=transclip) under each recipe, and phase II variants on them
+# (LP-FT: phase2.head_init=probe; a larger top-K): the rows named in ROW_OVERRIDES add those keys
+ROW_OVERRIDES = {
+    "self-train + transclip": ["pseudo.refine=transclip"],
+    "self-train + transclip + LP-FT": ["pseudo.refine=transclip", "phase2.head_init=probe"],
+    "self-train + transclip, top-64": ["pseudo.refine=transclip", "pseudo.top_k=64"],
+    "self-train + transclip, top-256": ["pseudo.refine=transclip", "pseudo.top_k=256"],
+    "self-train + transclip, top-256 + LP-FT": ["pseudo.refine=transclip", "pseudo.top_k=256", "phase2.head_init=probe"],
+    "paper-coft + transclip": ["pseudo.refine=transclip"],
+    "testbed + transclip": ["pseudo.refine=transclip"],
+}
+ORDER += [(row, "testbed" if row.startswith("testbed") else "paper-coft",
+           "self-train" if row.startswith("self-train") else None, seed)
+          for seed in range(3) for row in ROW_OVERRIDES]
+HEADER = ["row", "recipe", "seed", "templates", "zero-shot", "pool labels", "S* precision", "clean set size", "filter precision",
           "filter AUC", "zero-shot AUC", "final", "seconds", "phase seconds"]
 
 
@@ -73,14 +87,15 @@ def run_cell(root: Path, testbed: Path, work: Path, row: str, recipe, method, se
                 "S* precision": "", "clean set size": "", "filter precision": "", "final": pct(result.metrics["acc1"]),
                 "seconds": f"{time.perf_counter() - started:.0f}", "phase seconds": ""}
     name = row.replace(" ", "_")
-    overrides = common + [f"seed={seed}"] + ([f"method={method}"] if method else [])
+    overrides = common + [f"seed={seed}"] + ([f"method={method}"] if method else []) + ROW_OVERRIDES.get(row, [])
     result = coft_fast.train(root / "pool", model=f"local-dir:{testbed}", eval_images=root / "test",
                              out=work / f"{name}_seed{seed}", resume=True, recipe=recipe, overrides=overrides)
     m = result.metrics
     s1 = m.get("filter", {}).get("s1", {})
     filter_auc, zero_shot_auc, _ = run_label_aucs(work / f"{name}_seed{seed}") if s1 else (None, None, None)
     return {"row": row, "recipe": recipe, "seed": seed, "templates": m["zero_shot"].get("templates"),
-            "zero-shot": pct(m["zero_shot"]["acc1"]), "S* precision": pct(m["selection"]["pseudo_label_accuracy"]),
+            "zero-shot": pct(m["zero_shot"]["acc1"]), "pool labels": pct(m["pool"]["pseudo_label_accuracy"]),
+            "S* precision": pct(m["selection"]["pseudo_label_accuracy"]),
             "clean set size": s1.get("size", ""), "filter precision": pct(s1.get("precision")),
             "filter AUC": "" if filter_auc is None else f"{filter_auc:.4f}",
             "zero-shot AUC": "" if zero_shot_auc is None else f"{zero_shot_auc:.4f}",
@@ -122,6 +137,10 @@ def write(done: dict, testbed: Path, stem: str = STEM, tag: str = "") -> None:
         lines.append(f"paper-coftplus minus paper-coft: {means['paper-coftplus'] - means['paper-coft']:+.2f} points.")
     if "testbed" in means and "paper-coft" in means:
         lines.append(f"testbed minus paper-coft: {means['testbed'] - means['paper-coft']:+.2f} points.")
+    for row in ROW_OVERRIDES:
+        base = row.split(" + transclip")[0]
+        if row in means and base in means:
+            lines.append(f"{row} minus {base}: {means[row] - means[base]:+.2f} points (means over the seeds done).")
     atomic_write_text(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 
 
