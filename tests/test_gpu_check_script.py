@@ -19,7 +19,7 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
     assert "OUT=./gpu_check_out" in out
     steps = dict(re.findall(r"^step (\S+)\s+timeout\s+(\d+)s: ", out, flags=re.M))
     for name in ("build", "gpu_tests", "bench_queue_loss", "bench_dual_prompt", "bench_pseudo_label_stats",
-                 "e2e_speed"):
+                 "bench_transductive", "e2e_speed"):
         assert name in steps, out
     assert sum(int(t) for t in steps.values()) <= 480
     lines = {name: next(line for line in out.splitlines() if line.startswith(f"step {name} "))
@@ -28,6 +28,7 @@ def test_gpu_check_dry_run_lists_every_step(tmp_path):
     assert "tests/test_gpu_realistic.py" in lines["gpu_tests"]
     assert "65536,512" in lines["bench_queue_loss"] and "1000,512" in lines["bench_dual_prompt"]
     assert "1281167x1000" in lines["bench_pseudo_label_stats"]
+    assert "1281167:1000" in lines["bench_transductive"] and "--device cuda" in lines["bench_transductive"]
     assert "ViT-B-16" in lines["e2e_speed"] and "gpu_check_images.py" in lines["e2e_speed"]
     assert (REPO / "gpu_check_out").exists() == existed  # a dry run writes nothing
 
