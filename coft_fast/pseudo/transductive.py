@@ -14,8 +14,9 @@ T = 50 and w_ij = cos(x_i, x_j) for j among i's k nearest neighbours are the pub
 
 Memory is linear in N: the likelihood is a chunked matrix product (x @ (μ/Σ)ᵀ plus a column term;
 the row term cancels in the normalisation), the graph is k neighbours per row (exact search up to
-``EXACT_GRAPH_MAX_ROWS`` rows, a faiss IVF index above), and three (N, C) float32 buffers live at
-once. The means and the variance are float64 sums. Nothing is random: the result is deterministic.
+``EXACT_GRAPH_MAX_ROWS`` rows, a faiss IVF index above) kept as W + Wᵀ in sparse CSR row blocks, so a
+z step is one sparse product and one normalisation per block, and three (N, C) float32 buffers live
+at once. The means and the variance are float64 sums. Nothing is random: the result is deterministic.
 ``transclip_dense`` is the straightforward version (an N x N affinity and an (N, C, d) broadcast, as
 the public code does), kept as the parity tests' and the benchmark's reference.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -160,24 +162,36 @@ class _Gaussians:
         self.variance = (spread / mass.sum()).clamp_min(1e-12)
 
 
-def _assign(unary: torch.Tensor, z: torch.Tensor, out: torch.Tensor, weights: Optional[torch.Tensor],
-            indices: Optional[torch.Tensor], chunk: int, log_space: bool) -> torch.Tensor:
-    """One Jacobi step: out = softmax(unary + (W z + Wᵀ z) / (2k)) (log_softmax with ``log_space``),
-    written into ``out``, which must not be ``z``."""
-    if weights is None:
-        out.copy_(unary)
-    else:
-        k = weights.shape[1]
-        out.zero_()
-        for start, stop in _chunks(z.shape[0], max(1, chunk // k)):
-            w, nb = weights[start:stop].unsqueeze(2), indices[start:stop]
-            out[start:stop] += (w * z[nb]).sum(1)  # W z: each row's neighbours
-            out.index_add_(0, nb.reshape(-1), (w * z[start:stop].unsqueeze(1)).reshape(-1, z.shape[1]))  # Wᵀ z
-        for start, stop in _chunks(z.shape[0], chunk):
-            out[start:stop].div_(2 * k).add_(unary[start:stop])
+def symmetric_blocks(weights: torch.Tensor, indices: torch.Tensor, chunk: int) -> List[Tuple[int, int, torch.Tensor]]:
+    """W + Wᵀ of the k-NN graph (W[i, j] = weight of j among i's neighbours) as sparse CSR row blocks
+    [(start, stop, block (stop - start, N))]: one sparse product per block gives the graph term."""
+    rows, k = indices.shape
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+    coo = torch.sparse_coo_tensor(torch.stack([torch.arange(rows, device=indices.device).repeat_interleave(k),
+                                               indices.reshape(-1)]), weights.reshape(-1).float(), (rows, rows),
+                                  check_invariants=True)
+    both = (coo + coo.t()).coalesce().to_sparse_csr()
+    crow, col, values = both.crow_indices(), both.col_indices(), both.values()
+    blocks = []
+    for start, stop in _chunks(rows, chunk):
+        first, last = int(crow[start]), int(crow[stop])
+        blocks.append((start, stop, torch.sparse_csr_tensor(crow[start:stop + 1] - first, col[first:last],
+                                                            values[first:last], (stop - start, rows))))
+    return blocks
+
+
+def _assign(unary: torch.Tensor, z: torch.Tensor, out: torch.Tensor, graph: Optional[List], neighbours: int,
+            chunk: int, log_space: bool) -> torch.Tensor:
+    """One Jacobi step: out = softmax(unary + (W + Wᵀ) z / (2k)) (log_softmax with ``log_space``),
+    block by block into ``out``, which must not be ``z``."""
     normalise = torch.log_softmax if log_space else torch.softmax
-    for start, stop in _chunks(z.shape[0], chunk):
-        out[start:stop] = normalise(out[start:stop], dim=1)
+    if graph is None:
+        for start, stop in _chunks(z.shape[0], chunk):
+            out[start:stop] = normalise(unary[start:stop], dim=1)
+        return out
+    for start, stop, block in graph:
+        pull = torch.sparse.mm(block, z)
+        out[start:stop] = normalise(pull.div_(2 * neighbours).add_(unary[start:stop]), dim=1)
     return out
 
 
@@ -219,10 +233,11 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
 
     if rows <= neighbours:
         log.warning("TransCLIP: %d images, not more than the graph's %d neighbours: no neighbour term", rows, neighbours)
-        weights = indices = None
-        graph = "none"
+        blocks, graph = None, "none"
     else:
         weights, indices, graph = neighbour_graph(features, neighbours)
+        blocks = symmetric_blocks(weights, indices, chunk)
+        del weights, indices
     lap("graph")
     z = torch.empty(rows, num_classes, dtype=torch.float32, device=features.device)
     for start, stop in _chunks(rows, chunk):
@@ -237,7 +252,7 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
         lap("likelihood")
         for inner in range(inner_iterations):
             last = outer == outer_iterations and inner == inner_iterations - 1
-            z, spare = _assign(unary, z, spare, weights, indices, chunk, log_space=last), z
+            z, spare = _assign(unary, z, spare, blocks, neighbours, chunk, log_space=last), z
         lap("assign")
         if outer == outer_iterations:
             break
