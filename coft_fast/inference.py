@@ -290,11 +290,12 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
     with atomic_csv_writer(out_dir / "predictions.csv" if out_dir else None, header) as writer:
         for rows, probabilities, inductive in model.batches(source, batch_size, num_workers, progress, transductive):
             top = probabilities.topk(min(5, len(names)), dim=1)
-            own_confidence, own_label = inductive.max(1)
+            own_confidence, own_label = inductive.max(1) if transductive else (None, None)
             count += len(rows)
             if labels is not None:
                 running.update(probabilities, labels[rows])
-                running_inductive.update(inductive, labels[rows])
+                if transductive:
+                    running_inductive.update(inductive, labels[rows])
             for index, (row, indices, values) in enumerate(zip(rows.tolist(), top.indices.tolist(), top.values.tolist())):
                 line = [source.paths[row], names[indices[0]], f"{values[0]:.6f}"]
                 if top5:

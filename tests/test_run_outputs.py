@@ -134,11 +134,11 @@ def test_predictions_stream_without_holding_earlier_batches(finished_run, digits
     real_batches = model.batches
 
     def watched(*args, **kwargs):
-        for rows, logits in real_batches(*args, **kwargs):
+        for rows, probabilities, inductive in real_batches(*args, **kwargs):
             # by the time a batch is asked for, every batch before the previous one has been freed
             assert all(ref() is None for ref in alive[:-1]), "predict_to_folder kept earlier batches"
-            alive.append(weakref.ref(logits))
-            yield rows, logits
+            alive.append(weakref.ref(probabilities))
+            yield rows, probabilities, inductive
 
     model.batches = watched
     metrics = predict_to_folder(model, str(digits["test"]), tmp_path, batch_size=16, progress=False)
