@@ -62,8 +62,14 @@ VARIANTS = {
     # (the paper) or by it times the peer model's p_clean of the label
     "coftplus": ([], False),
     "coftplus-peer": (["phase1.round_ranking=peer"], False),
+    # transductive labels (pseudo.refine=transclip) under CoFT, self-training and the testbed recipe
+    "transclip": (["pseudo.refine=transclip"], False),
+    "self-train-transclip": (["method=self-train", "pseudo.refine=transclip"], False),
+    "testbed": ([], False),
+    "testbed-transclip": (["pseudo.refine=transclip"], False),
 }
-RECIPES = {"coftplus": "paper-coftplus", "coftplus-peer": "paper-coftplus"}  # default: paper-coft
+RECIPES = {"coftplus": "paper-coftplus", "coftplus-peer": "paper-coftplus",  # default: paper-coft
+           "testbed": "testbed", "testbed-transclip": "testbed"}
 REUSED_STAGES = ("zero_shot.pt", "phase1_model1.pt", "phase1_model2.pt", "filter.pt")
 HEADER = ["testbed", "variant", "seed", "kept", "kept share", "precision", "recall", "filter AUC", "zero-shot AUC",
           "own AUC", "agreement", "model1 pool acc", "rounds: model1 pool acc", "final", "per class (kept/precision)", "seconds"]
