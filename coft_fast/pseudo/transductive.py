@@ -120,6 +120,15 @@ def neighbour_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch
     return weights.masked_fill(missing, 0.0), indices.masked_fill(missing, 0), "ivf"
 
 
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """``features`` L2-normalised in float32; the tensor itself when it already is (no N x d copy)."""
+    if features.dtype == torch.float32:
+        norms = torch.cat([features[start:stop].norm(dim=1) for start, stop in _chunks(len(features), 1 << 16)])
+        if bool(((norms - 1).abs() < 1e-4).all()):
+            return features
+    return F.normalize(features.float(), dim=1)
+
+
 def _init_means(features: torch.Tensor, z: torch.Tensor, per_class: int) -> torch.Tensor:
     """Each class mean: the z-weighted mean of the class's ``per_class`` highest-z rows, unit norm."""
     weights, rows = z.topk(min(per_class, z.shape[0]), dim=0)  # (m, C)
@@ -220,7 +229,7 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
     rows = features.shape[0]
     if isinstance(prior, torch.Tensor) and tuple(prior.shape) != (rows, num_classes):
         raise ValueError(f"TransCLIP: the prior must be (N, C) = ({rows}, {num_classes}), got {tuple(prior.shape)}")
-    features = F.normalize(features.float(), dim=1)
+    features = unit_rows(features)
     chunk = chunk_rows or _chunk_rows(num_classes)
     timings = dict.fromkeys(("graph", "likelihood", "assign", "gaussians"), 0.0)
     mark = time.perf_counter()
