@@ -6,7 +6,7 @@
 Every run uses `--recipe testbed` (the settings tuned on this test bed, the defaults before issue
 19) unless --recipe names another; the results files say which.
 
-A method name ending in "+knn" (e.g. coft+knn) is that method with pseudo.knn_refine=true; --knn
+A method name ending in "+knn" (e.g. coft+knn) is that method with pseudo.refine=knn; --knn
 adds that variant of every method, so each is measured with and without kNN refinement.
 
 The test bed is built from cifar10/pretrain (seed 0) unless --testbed names a built one;
@@ -50,7 +50,7 @@ def run_one(root: Path, testbed: Path, method: str, seed: int, work: Path, overr
         return json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
     base = method[: -len(KNN_SUFFIX)] if method.endswith(KNN_SUFFIX) else method
-    extra = ["pseudo.knn_refine=true"] if base != method else []
+    extra = ["pseudo.refine=knn"] if base != method else []
     result = coft_fast.train(root / "pool", model=f"local-dir:{testbed}", eval_images=root / "test", method=base,
                              out=out, resume=True, recipe=recipe,
                              overrides=[f"seed={seed}", "run.progress=false", *overrides, *extra])
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--recipe", default="testbed", help="the recipe of every run (default: testbed)")
     parser.add_argument("--tag", default="", help="suffix of the results files (e.g. k64 for a variant)")
-    parser.add_argument("--knn", action="store_true", help="also run every method with pseudo.knn_refine=true")
+    parser.add_argument("--knn", action="store_true", help="also run every method with pseudo.refine=knn")
     args = parser.parse_args()
     if args.knn:
         args.methods = [m for method in args.methods for m in (method, method + KNN_SUFFIX)]
