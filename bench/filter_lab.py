@@ -65,6 +65,10 @@ VARIANTS = {
     # transductive labels (pseudo.refine=transclip) under CoFT, self-training and the testbed recipe
     "transclip": (["pseudo.refine=transclip"], False),
     "self-train-transclip": (["method=self-train", "pseudo.refine=transclip"], False),
+    "self-train-transclip-lpft": (["method=self-train", "pseudo.refine=transclip", "phase2.head_init=probe"], False),
+    "self-train-transclip-top64": (["method=self-train", "pseudo.refine=transclip", "pseudo.top_k=64"], False),
+    "self-train-transclip-top64-lpft": (["method=self-train", "pseudo.refine=transclip", "pseudo.top_k=64",
+                                         "phase2.head_init=probe"], False),
     "testbed": ([], False),
     "testbed-transclip": (["pseudo.refine=transclip"], False),
 }
