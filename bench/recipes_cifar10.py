@@ -149,8 +149,15 @@ def main() -> None:
     done = read_done(RESULTS / f"{args.stem}.csv")
 
     def record(row):
-        done[cell_key(row["row"], int(row["seed"]))] = row
-        write(done, testbed, args.stem, args.tag)
+        import fcntl
+
+        path = RESULTS / f"{args.stem}.csv"
+        with open(path.with_name(path.name + ".lock"), "w") as lock:  # another process may fill the same table
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for key, other in read_done(path).items():
+                done.setdefault(key, other)
+            done[cell_key(row["row"], int(row["seed"]))] = row
+            write(done, testbed, args.stem, args.tag)
 
     run_cells(args, ORDER, lambda cell: cell_key(cell[0], cell[3]), lambda cell: cell_key(cell[0], cell[3]) in done,
               lambda cell: run_cell(root, testbed, work, *cell), record)
