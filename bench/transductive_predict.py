@@ -37,7 +37,9 @@ def main() -> None:
     order = []
     for spec in args.run:
         name, _, rest = spec.partition("=")
-        run_dir, _, evaluation = rest.partition(",")
+        run_dir, _, evaluation = rest.rpartition(",")  # a run folder's name may hold commas
+        if not run_dir or not Path(evaluation).is_dir():
+            run_dir, evaluation = rest, ""
         evaluation = Path(evaluation) if evaluation else data_root() / "cifar10" / "test"
         cell = {"run": name}
         order.append(cell)
