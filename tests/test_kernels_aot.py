@@ -86,8 +86,11 @@ def test_aot_every_kept_config_fits_the_other_targets(tmp_path):
 def test_aot_queue_pruning_keeps_a_config_for_every_size(capability, monkeypatch):
     """Whatever d (odd ones too) and dtypes the op accepts, some config fits the target, so the op never
     has to launch one that does not (the old kernel fell back to an untuned one that needed 458,752 B)."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # imported before TRITON_INTERPRET is dropped: a first import without it would build the module's
+    # kernels for a real GPU, and every later test in this process that launches them would fail
     from coft_fast.kernels.queue_loss import _SHAPES, keep_partial_configs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_D": bd, "BLOCK_DO": do}, num_warps=w, num_stages=s)
                for m, k, bd, do, w, s in _SHAPES]
