@@ -565,8 +565,7 @@ def _field_types(obj: Any) -> Dict[str, Any]:
 
 def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
     """Set a (possibly nested) field, checking the key exists and the value has the field's type."""
-    if check_removed(dotted_key, value, explicit=True):
-        return
+    check_removed(dotted_key, value, explicit=True)  # a removed key given explicitly is an error
     parts = dotted_key.split(".")
     target = cfg
     for depth, name in enumerate(parts):

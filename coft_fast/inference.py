@@ -155,12 +155,13 @@ class RunModel:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 logits (B, C) of preprocessed images (B, 3, S, S), as ``preprocess`` makes them."""
-        return self.encode(images)[0]
+        return self.encode(images, with_features=False)[0]
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, C), features (B, d)) in float32: the features are each classifier's normalised
-        image features, concatenated and normalised again (their cosine: the classifiers' mean cosine)."""
+    def encode(self, images: torch.Tensor, with_features: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(logits (B, C), features (B, d) or None) in float32: the features are each classifier's
+        normalised image features, concatenated and normalised again (their cosine: the classifiers'
+        mean cosine); ``with_features=False`` skips their concatenation (plain prediction)."""
         images = images.to(self.device, non_blocking=True)
         logits, features = [], []
         with autocast(self.config.model.precision, self.device):
@@ -168,7 +169,7 @@ class RunModel:
                 feature = F.normalize(classifier.visual(images).float(), dim=-1)
                 features.append(feature)
                 logits.append(classifier.head(feature).float())
-        return ensemble_logits(logits), F.normalize(torch.cat(features, dim=1), dim=1)
+        return ensemble_logits(logits), F.normalize(torch.cat(features, dim=1), dim=1) if with_features else None
 
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False
@@ -184,7 +185,7 @@ class RunModel:
         rows, probabilities, features = [], [], []
         try:
             for batch in eval_batches(source, None, self.preprocess, batch_size, num_workers, device=self.device):
-                logits, feature = self.encode(batch.images)
+                logits, feature = self.encode(batch.images, with_features=transductive)
                 if transductive:
                     rows.append(batch.indices)
                     probabilities.append(logits.softmax(1).cpu())
