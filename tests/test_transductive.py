@@ -180,8 +180,11 @@ def test_predict_transductive_refines_a_trained_runs_predictions(digits_testbed,
     model = f"local-dir:{digits_testbed['model']}"
     coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "run", overrides=SETTINGS)
     plain = coft_fast.predict(tmp_path / "run", digits["test"], out=tmp_path / "plain", progress=False)
-    refined = coft_fast.predict(tmp_path / "run", digits["test"], out=tmp_path / "refined", progress=False,
-                                transductive=True)
+    from coft_fast.cli import run as cli  # the command as docs/usage.md shows it
+
+    assert cli(["predict", "--run", str(tmp_path / "run"), "--images", str(digits["test"]), "--out",
+                str(tmp_path / "refined"), "--transductive", "--no-progress"]) == 0
+    refined = json.loads((tmp_path / "refined" / "metrics.json").read_text())
     assert refined["predictions"] == "transductive" and "predictions" not in plain
     assert abs(refined["inductive"]["acc1"] - plain["acc1"]) < 1e-9  # the classifier's own, as plain predict
     with open(tmp_path / "refined" / "predictions.csv") as handle:
