@@ -12,7 +12,8 @@ import yaml
 import coft_fast
 from coft_fast.api import resolve_config
 from coft_fast.cli import run as cli_run
-from coft_fast.config import RECIPES_DIR, Config, ConfigError, list_recipes, load_recipe, recipe_names, resolve_auto
+from coft_fast.config import (RECIPES_DIR, REMOVED_KEYS, Config, ConfigError, list_recipes, load_recipe, recipe_names,
+                               resolve_auto)
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["paper-coft", "paper-coftplus", "paper-distill", "testbed", "transductive"]
@@ -27,6 +28,33 @@ def test_the_recipes_ship_and_each_loads_validates_and_round_trips_through_yaml(
         cfg.save(tmp_path / f"{recipe.name}.yaml")
         assert Config.load(tmp_path / f"{recipe.name}.yaml") == cfg
 
+
+
+def _dotted_keys(settings, prefix=""):
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_the_recipes_folder_is_the_packages_and_no_recipe_sets_a_removed_key():
+    assert RECIPES_DIR == Path(coft_fast.__file__).resolve().parent / "recipes"  # not inside coft_fast/config/
+    for recipe in list_recipes():
+        assert not set(_dotted_keys(recipe.settings)) & set(REMOVED_KEYS), recipe.name
+
+
+@pytest.mark.parametrize("overrides, detector, rule", [
+    ([], "prompts", "paper"),  # CoFT on zero-shot labels: the paper's filter
+    (["pseudo.source=given"], "probe", "mixture"),  # clean-labels with coft: the probe detector
+    (["pseudo.source=given", "method=coft+"], "prompts", "paper"),
+    (["pseudo.source=given", "method=self-train"], "prompts", "paper"),
+    (["pseudo.source=given", "filter.detector=prompts"], "prompts", "paper"),
+    (["pseudo.source=given", "filter.rule=paper"], "probe", "paper"),
+])
+def test_the_filter_detector_and_rule_resolve_from_the_label_source_and_method(overrides, detector, rule):
+    cfg = resolve_auto(Config().override(overrides).validate())
+    assert (cfg.filter.detector, cfg.filter.rule) == (detector, rule)
 
 def test_paper_coft_is_the_default_config():
     assert load_recipe("paper-coft").config() == Config()
@@ -116,19 +144,20 @@ def test_distillation_inherits_the_pretrained_tag_or_stops_naming_phase2_pretrai
     assert kept.phase2.pretrained == "laion400m_e31"
 
 
-def test_the_pipeline_refuses_an_unresolved_distillation_backbone(tiny_testbed, digits):
-    """A CoftRun built from a config that skipped resolve_auto never fine-tunes a random backbone."""
+def test_a_run_refuses_an_unresolved_distillation_backbone(tiny_testbed, digits):
+    """A run built from a config that skipped resolve_auto never fine-tunes a random backbone."""
     import torch
 
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
-    from coft_fast.pipeline import CoftRun
+    from coft_fast.stages.context import RunContext
+    from coft_fast.stages.finetune import phase2_backbone
 
     cfg = Config().override(["phase2.model=ViT-B-16", "zeroshot.templates=single"])
     clip = load_clip(f"local-dir:{tiny_testbed}", device="cpu")
-    run = CoftRun(cfg, from_folder(digits["pool"]), None, clip, torch.device("cpu"), None)
+    run = RunContext(cfg, from_folder(digits["pool"]), None, clip, torch.device("cpu"), None)
     with pytest.raises(ValueError, match="phase2.pretrained"):
-        run.phase2_backbone()
+        phase2_backbone(run)
 
 
 def test_cli_lists_recipes_and_config_prints_one(capsys):
