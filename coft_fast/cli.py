@@ -36,12 +36,16 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, help="decoding worker processes")
 
 
-def _training_args(parser: argparse.ArgumentParser, methods: List[str], out_help: str) -> None:
-    """`train` and `clean-labels`: the data, the model, the run folder, the shots, the config."""
-    _data_args(parser)
+def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
     parser.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
     parser.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+
+
+def _training_args(parser: argparse.ArgumentParser, methods: List[str], out_help: str) -> None:
+    """`train` and `clean-labels`: the data, the model, the run folder, the shots, the config."""
+    _data_args(parser)
+    _model_args(parser)
     parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
     parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
@@ -62,16 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coft-fast", description="Label-free fine-tuning of CLIP (CoFT), fast.")
     parser.add_argument("--version", action="version", version=f"coft_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_zeroshot(commands)
+    _add_testbed(commands)
+    _training_args(commands.add_parser("train", help="adapt CLIP to your classes on unlabelled images (CoFT)"),
+                   ["coft", "coft+", "self-train"], "run folder")
+    _training_args(commands.add_parser("clean-labels", help="find the wrong labels of a labelled pool, then "
+                                                            "fine-tune on the rest"),
+                   ["coft", "coft+"], "run folder (label_issues.csv, metrics.json, the fine-tuned model)")
+    dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
+    dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
+    _common(dm)
+    _add_templates(commands)
+    _add_run_folder_commands(commands)
+    _common(commands.add_parser("config", help="print the default config as YAML (with --recipe/--config/--set "
+                                               "applied)"))
+    commands.add_parser("recipes", help="list the named recipes (--recipe NAME), one line each")
+    return parser
 
+
+def _add_zeroshot(commands) -> None:
     zs = commands.add_parser("zeroshot", help="zero-shot CLIP classification of a folder of images")
     _data_args(zs)
-    zs.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
-    zs.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
-    zs.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
+    _model_args(zs)
     zs.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     zs.add_argument("--out", required=True, help="output folder")
     _common(zs)
 
+
+def _add_testbed(commands) -> None:
     tb = commands.add_parser("testbed", help="build the offline test-bed model from labelled images")
     tb.add_argument("--images", required=True, nargs="+",
                     help="labelled images (class sub-folders, CSV or CoOp JSON); several sources are pooled")
@@ -83,15 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
     _common(tb)
 
-    tr = commands.add_parser("train", help="adapt CLIP to your classes on unlabelled images (CoFT)")
-    _training_args(tr, ["coft", "coft+", "self-train"], "run folder")
-    cl = commands.add_parser("clean-labels", help="find the wrong labels of a labelled pool, then fine-tune on the rest")
-    _training_args(cl, ["coft", "coft+"], "run folder (label_issues.csv, metrics.json, the fine-tuned model)")
 
-    dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
-    dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
-    _common(dm)
-
+def _add_templates(commands) -> None:
     tp = commands.add_parser("templates", help="write an LLM prompt and a JSON skeleton for per-class sentences "
                                                "(or ask an OpenAI-compatible endpoint with --llm-url)")
     tp.add_argument("--classes", required=True, help="class names: a text file with one per line")
@@ -105,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
     tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
+
+def _add_run_folder_commands(commands) -> None:
+    """`predict`, `export` and `report`: they read a finished run folder."""
     pr = commands.add_parser("predict", help="classify images with a finished run's fine-tuned model")
     pr.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
     pr.add_argument("--images", required=True,
@@ -122,23 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one classifier of a phase2.train_on=both run (default: the run's ensemble)")
     pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pr.add_argument("--verbose", action="store_true", help="debug logging")
-
     ex = commands.add_parser("export", help="export a finished run's model as an open_clip folder or ONNX")
     ex.add_argument("--run", required=True, help="a finished training run folder")
     ex.add_argument("--format", required=True, choices=["open_clip", "onnx"], help="open_clip (local-dir folder) or onnx")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--classifier", choices=["s1", "s2"], help="which clean set's classifier (default s1)")
     ex.add_argument("--verbose", action="store_true", help="debug logging")
-
     rp = commands.add_parser("report", help="rebuild a run folder's report.html")
     rp.add_argument("--run", required=True, help="a finished training run folder")
     rp.add_argument("--verbose", action="store_true", help="debug logging")
-
-    cf = commands.add_parser("config", help="print the default config as YAML (with --recipe/--config/--set applied)")
-    _common(cf)
-
-    commands.add_parser("recipes", help="list the named recipes (--recipe NAME), one line each")
-    return parser
 
 
 def _overrides(args) -> List[str]:
@@ -167,7 +177,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         return _templates_command(args)
     if args.command == "recipes":
         return _recipes_command()
-    from coft_fast import api
+    from coft_fast import api, testbed_commands
     from coft_fast.runtime.logs import log_to_console
 
     log_to_console(args.verbose)
@@ -190,7 +200,7 @@ def run(argv: Optional[List[str]] = None) -> int:
         _print_metrics("zero-shot", result.metrics)
         print(f"predictions: {args.out}/predictions.csv")
     elif args.command == "testbed":
-        report = api.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides,
+        report = testbed_commands.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides,
                              recipe=args.recipe, preset=args.preset)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
@@ -213,7 +223,7 @@ def run(argv: Optional[List[str]] = None) -> int:
     elif args.command == "demo":
         seed = args.seed if args.seed is not None else 0
         recipe = args.recipe or "testbed"
-        metrics = api.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides, recipe=recipe)
+        metrics = testbed_commands.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides, recipe=recipe)
         print(f"demo: CoFT on scikit-learn's digits with the offline test-bed model, recipe {recipe}")
         _print_train_summary(metrics)
         print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "

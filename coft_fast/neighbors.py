@@ -201,7 +201,8 @@ def _check_probabilities(probabilities, rows: int) -> None:
 
 def pick_backend(queries: torch.Tensor, database: torch.Tensor) -> str:
     """What backend="auto" runs: torch up to the size threshold of the device, faiss above it (when
-    faiss imports, and for CUDA tensors when faiss has GPU support)."""
+    faiss imports, and for CUDA tensors when faiss has GPU support). Both thresholds are infinite:
+    torch at every size, as measured (see ``TORCH_MAX_DATABASE``)."""
     if database.is_cuda:
         large = database.shape[0] > TORCH_MAX_DATABASE_CUDA
         return "faiss" if large and faiss_gpu_available() else "torch"

@@ -12,9 +12,9 @@ from coft_fast.pseudo.llm_templates import (
     chat_completions_url,
     llm_prompt,
     template_skeleton,
-    validate_class_sentences,
     write_templates,
 )
+from coft_fast.pseudo.templates import validate_class_sentences
 
 NAMES = ["sea lion", "golden retriever", "Boeing 737"]
 SENTENCES = {

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from coft_fast.runtime.metrics import classification_metrics, fit_linear_probe, linear_probe_accuracy
+from coft_fast.linear_probe import fit_linear_probe
+from coft_fast.runtime.metrics import classification_metrics, linear_probe_accuracy
 
 
 def test_metrics_against_hand_computed_values():

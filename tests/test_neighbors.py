@@ -114,6 +114,8 @@ def test_cpu_torch_results_stay_on_cpu_and_half_inputs_work():
 
 def test_auto_backend(monkeypatch):
     queries, database = unit_rows(5, seed=1), unit_rows(50, seed=2)
+    huge = torch.empty(10**9, 8, device="meta")  # a flat faiss index never beat torch (bench_knn_cpu.md)
+    assert neighbors.pick_backend(queries, huge) == "torch"
     monkeypatch.setattr(neighbors, "TORCH_MAX_DATABASE", 49)
     assert neighbors.pick_backend(queries, database) == ("faiss" if neighbors.faiss_available() else "torch")
     ref = knn_search(queries, database, 3, backend="torch")

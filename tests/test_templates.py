@@ -6,15 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from coft_fast.models import load_clip
-from coft_fast.pseudo import (
-    SINGLE_TEMPLATE,
-    TemplateError,
-    check_prompts_fit,
-    class_prompts,
-    class_text_embeddings,
-    clip_ensemble_templates,
-    prompt_token_count,
-)
+from coft_fast.pseudo import SINGLE_TEMPLATE, TemplateError, check_prompts_fit, class_prompts, clip_ensemble_templates, prompt_token_count
+from coft_fast.scoring import class_text_embeddings
 
 
 def test_single_and_ensemble():

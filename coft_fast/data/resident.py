@@ -97,13 +97,6 @@ class ResidentImages:
         crops = down[:, None] @ images @ across[:, None].transpose(-1, -2)
         return self._normalise(crops.clamp_(0, 255))
 
-    def eval_batch(self, rows: torch.Tensor) -> torch.Tensor:
-        """Float (n, 3, S, S): the centre crop of each base image."""
-        offset = (self.base_size - self.image_size) // 2
-        crop = self.images[rows.to(self.images.device), :, offset : offset + self.image_size,
-                           offset : offset + self.image_size]
-        return self._normalise(crop.float())
-
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False,
                       augment: str = "random_resized_crop"):

@@ -43,7 +43,3 @@ def set_numerics(tf32: bool, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to repeat itself
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
-
-def deterministic_enabled() -> bool:
-    return torch.are_deterministic_algorithms_enabled()

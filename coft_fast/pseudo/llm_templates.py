@@ -11,19 +11,14 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-from coft_fast.pseudo.templates import TemplateError
+from coft_fast.pseudo.templates import TemplateError, validate_class_sentences
 from coft_fast.runtime.io import atomic_write_json
 
 MAX_WORDS = 20  # keeps a sentence well inside CLIP's 77-token text context
 SYSTEM_MESSAGE = "You write short visual descriptions for zero-shot image classification. You answer with JSON only."
 _FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)```", re.DOTALL)
-
-
-def _listing(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(name) for name in names[:limit])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def llm_prompt(class_names: Sequence[str], per_class: int = 10, dataset_hint: Optional[str] = None) -> str:
@@ -55,44 +50,6 @@ def llm_prompt(class_names: Sequence[str], per_class: int = 10, dataset_hint: Op
 def template_skeleton(class_names: Sequence[str]) -> Dict[str, List[str]]:
     """``{class: []}`` for every class, in class order, for the user to fill in."""
     return {name: [] for name in class_names}
-
-
-def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
-    """Check a mapping class -> sentences covers exactly ``class_names``; returns it in class order.
-
-    Every value must be a non-empty list of non-empty strings. Errors are TemplateErrors that start
-    with ``origin`` (a file or URL) and name the classes at fault.
-    """
-    if not isinstance(data, dict):
-        raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
-    known = set(class_names)
-    unknown = [key for key in data if key not in known]
-    missing = [name for name in class_names if name not in data]
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append(f"class {missing[0]!r} needs a non-empty list of sentences (missing classes: "
-                            f"{_listing(missing)})")
-        if unknown:
-            problems.append(f"{_listing(unknown)} are not class names of this task (keys must match the class "
-                            "names exactly)")
-        raise TemplateError(f"{origin}: " + "; ".join(problems))
-    empty = [name for name in class_names if isinstance(data[name], list) and not data[name]]
-    if empty:
-        raise TemplateError(f"{origin}: class {empty[0]!r} needs a non-empty list of sentences (classes with an "
-                            f"empty list: {_listing(empty)})")
-    result = {}
-    for name in class_names:
-        sentences = data[name]
-        if not isinstance(sentences, list):
-            raise TemplateError(f"{origin}: class {name!r} needs a non-empty list of sentences, "
-                                f"got {type(sentences).__name__}")
-        for position, sentence in enumerate(sentences, 1):
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise TemplateError(f"{origin}: class {name!r} needs a non-empty list of sentences; "
-                                    f"entry {position} is {sentence!r}, expected a non-empty string")
-        result[name] = [sentence.strip() for sentence in sentences]
-    return result
 
 
 def write_templates(path: Union[str, Path], data: Dict[str, List[str]]) -> None:

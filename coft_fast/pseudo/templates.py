@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
@@ -90,10 +90,51 @@ def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]
         return [[_format(t, prompt_name(name), str(path)) for t in data] for name in class_names]
     if not isinstance(data, dict):
         raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
-    from coft_fast.pseudo.llm_templates import validate_class_sentences  # here: that module imports this one
-
     sentences = validate_class_sentences(data, class_names, f"template file {path}")
     return [[s.replace("{}", prompt_name(name)) for s in sentences[name]] for name in class_names]
+
+
+def _listing(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
+    """Check a mapping class -> sentences covers exactly ``class_names``; returns it in class order.
+
+    Every value must be a non-empty list of non-empty strings. Errors are TemplateErrors that start
+    with ``origin`` (a file or URL) and name the classes at fault.
+    """
+    if not isinstance(data, dict):
+        raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
+    known = set(class_names)
+    unknown = [key for key in data if key not in known]
+    missing = [name for name in class_names if name not in data]
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"class {missing[0]!r} needs a non-empty list of sentences (missing classes: "
+                            f"{_listing(missing)})")
+        if unknown:
+            problems.append(f"{_listing(unknown)} are not class names of this task (keys must match the class "
+                            "names exactly)")
+        raise TemplateError(f"{origin}: " + "; ".join(problems))
+    empty = [name for name in class_names if isinstance(data[name], list) and not data[name]]
+    if empty:
+        raise TemplateError(f"{origin}: class {empty[0]!r} needs a non-empty list of sentences (classes with an "
+                            f"empty list: {_listing(empty)})")
+    result = {}
+    for name in class_names:
+        sentences = data[name]
+        if not isinstance(sentences, list):
+            raise TemplateError(f"{origin}: class {name!r} needs a non-empty list of sentences, "
+                                f"got {type(sentences).__name__}")
+        for position, sentence in enumerate(sentences, 1):
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise TemplateError(f"{origin}: class {name!r} needs a non-empty list of sentences; "
+                                    f"entry {position} is {sentence!r}, expected a non-empty string")
+        result[name] = [sentence.strip() for sentence in sentences]
+    return result
 
 
 def prompt_token_count(tokenizer: Callable, text: str) -> int:

@@ -62,9 +62,6 @@ class StageStore:
         if self.folder is not None:
             save_state(self.path(name), state)
 
-    def has_any(self) -> bool:
-        return self.folder is not None and any(self.folder.glob("*.pt"))
-
 
 def restore_training(path: Optional[Path], model, optimizer, scheduler):
     """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``.
