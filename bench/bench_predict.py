@@ -26,14 +26,14 @@ import torch
 
 from common import RESULTS, data_root, machine
 
-from coft_fast.api import write_zeroshot_outputs
+from coft_fast.run_outputs import write_zeroshot_outputs
 from coft_fast.config import Config
 from coft_fast.data import ImageSource, from_folder
 from coft_fast.inference import CLASSIFIER_FILE, classifier_metadata, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.phases.phase2 import build_classifier
-from coft_fast.pseudo import (ZeroShotResult, class_prompts, class_text_embeddings, encode_images, logit_scale_of,
-                              zeroshot_probabilities)
+from coft_fast.pseudo import class_prompts
+from coft_fast.scoring import ZeroShotResult, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.runtime.checkpoint import save_tensors
 from coft_fast.runtime.device import resolve_device
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_text

@@ -23,7 +23,7 @@ from common import RESULTS, data_root, machine, testbed_settings
 from e2e_noisy_labels import NOISES, Pool
 
 # name: overrides; the first is the old default (the ratio's denominator)
-DETECTORS = {"S* prompts (the old default)": ["filter.detector=prompts", "phase1.train_on=s_star"],
+DETECTORS = {"S* prompts (the old default)": ["filter.detector=prompts"],
              "probe (the default)": ["filter.detector=probe"]}
 
 

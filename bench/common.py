@@ -47,7 +47,7 @@ def frozen_features(model_dir, root: Path, paths: dict = None) -> dict:
     dict is given as ``paths``, it receives {split: the image path of each feature row}."""
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
-    from coft_fast.pseudo import encode_images
+    from coft_fast.scoring import encode_images
 
     clip = load_clip(f"local-dir:{model_dir}")
     features = {}
@@ -159,7 +159,7 @@ def cell_bench_args(description: str, cell_format: str, stem: str):
     """The command line of a resumable end-to-end benchmark on the CIFAR-10 test bed, parsed and
     applied: (args, cifar10 root, work folder, built test-bed folder); ``args.stem`` is ``stem`` with
     the ``--tag`` (the results files' name)."""
-    import coft_fast.api
+    import coft_fast.testbed_commands
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--testbed", help="a built test-bed folder (default: build one under --work)")
@@ -179,7 +179,7 @@ def cell_bench_args(description: str, cell_format: str, stem: str):
     work = Path(args.work)
     testbed = Path(args.testbed) if args.testbed else work / "testbed"
     if not (testbed / "open_clip_config.json").is_file():
-        coft_fast.api.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
+        coft_fast.testbed_commands.testbed(root / "pretrain", testbed, seed=0, overrides=["run.progress=false"])
     return args, root, work, testbed
 
 

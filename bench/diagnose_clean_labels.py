@@ -8,11 +8,14 @@ image's class folder), the ROC AUC of wrong-label scores: zero-shot confidence o
 (the baseline, from the run's own zero-shot stage), each phase-I model's 1 - p_clean alone, the
 library's rule (1 - the smaller p_clean) and 1 - the mean p_clean; where the filter recorded them,
 the models' own confidence (1 - the smaller positive-prompt softmax probability of the given label,
-confident learning's self-confidence) and, for the pool-halves detector, each score taken from the
-model that did not train on the label; the phase-I models' top-1 on the eval split; and the kept set:
+confident learning's self-confidence); the phase-I models' top-1 on the eval split; and the kept set:
 its size, the share of its labels that are right, and the share of the pool's right labels it keeps.
 No training: it only reads run folders. Rows accumulate in bench/results/noisy_labels_diagnosis.csv
 (a run read again replaces its row; runs no longer on disk keep theirs); the .md is rewritten.
+
+The two out-of-fold columns (each score taken from the phase-I model that did not train on the
+label) were filled only for the pool-halves prompt detector, whose option was removed in issue 37
+(bench/results/archive/removed_options.md): the committed rows keep them; nothing computes them now.
 """
 from __future__ import annotations
 
@@ -28,8 +31,6 @@ from sklearn.metrics import roc_auc_score
 
 from coft_fast.runtime.checkpoint import load_state
 from coft_fast.runtime.io import atomic_write_text
-
-from coft_fast.pipeline import stratified_halves
 
 from common import RESULTS, CellTable, markdown_table
 
@@ -62,7 +63,7 @@ def diagnose(run: Path, given_csv: Path) -> Optional[dict]:
     def auc(score):
         return f"{roc_auc_score(wrong.numpy(), score.numpy()):.4f}"
 
-    return {**filter_scores(run, pool, index, issues, p1, p2, phase1, auc),
+    return {**own_confidence(run, pool, issues, auc),
             "run": run.name, "noisy share": f"{100 * wrong.double().mean().item():.2f}",
             "zero-shot auc": auc(1 - zs), "model1 auc": auc(1 - p1), "model2 auc": auc(1 - p2),
             "min rule auc": auc(1 - torch.minimum(p1, p2)), "mean rule auc": auc(1 - (p1 + p2) / 2),
@@ -71,10 +72,9 @@ def diagnose(run: Path, given_csv: Path) -> Optional[dict]:
             "right labels kept": f"{100 * kept[~wrong].double().mean().item():.2f}"}
 
 
-def filter_scores(run: Path, pool: list, index: dict, issues: list, p1: torch.Tensor, p2: torch.Tensor, phase1: dict,
-                  auc) -> dict:
-    """The own-confidence and out-of-fold AUCs, where the run's filter recorded the confidences
-    (``issues``, ``p1``, ``p2``: label_issues.csv's rows and p_clean columns, as diagnose read them)."""
+def own_confidence(run: Path, pool: list, issues: list, auc) -> dict:
+    """The own-confidence AUC, where the run's filter recorded the confidences (``issues``:
+    label_issues.csv's rows, as diagnose read them)."""
     state = load_state(run / "checkpoints" / "filter.pt")
     if state is None or state["result"].get("confidence1") is None:
         return {}
@@ -82,17 +82,7 @@ def filter_scores(run: Path, pool: list, index: dict, issues: list, p1: torch.Te
     row_of = {pool[p][0]: row for row, p in enumerate(positions)}
     order = torch.tensor([row_of[r["path"]] for r in issues])  # label_issues.csv's rows in filter rows
     c1, c2 = result["confidence1"].double()[order], result["confidence2"].double()[order]
-    found = {"own confidence auc": auc(1 - torch.minimum(c1, c2))}
-    if phase1["model1"].get("train_on") != "pool_halves":
-        return found
-    given = torch.tensor([index[label] for _, label in pool])[torch.tensor(positions)]
-    seed = int(re.search(r"_seed(\d+)$", run.name)[1])
-    first_half = torch.zeros(len(positions), dtype=torch.bool)
-    first_half[stratified_halves(given, seed)[0]] = True  # model 1 trained on these rows: model 2 judges them
-    judged_by_2 = first_half[order]
-    found["out-of-fold p_clean auc"] = auc(1 - torch.where(judged_by_2, p2, p1))
-    found["out-of-fold own confidence auc"] = auc(1 - torch.where(judged_by_2, c2, c1))
-    return found
+    return {"own confidence auc": auc(1 - torch.minimum(c1, c2))}
 
 
 def main() -> None:
@@ -113,13 +103,14 @@ def main() -> None:
     rows = sorted(table.rows.values(), key=lambda r: r["run"])
     lines = ["# Why clean-labels ranks wrong labels as it does (CIFAR-10 test bed)", "",
              "`python bench/diagnose_clean_labels.py --work <e2e_noisy_labels work folder>`: reads the finished "
-             "`clean-labels` runs of the phase-I prompt detectors, options since the probe detector became the default "
-             "(clean-labels-s-star: the S* detector; clean-labels-pool-halves: the pool-halves detector). AUCs: ROC AUC of each score for the labels the noise changed (zero-shot: 1 - "
-             "zero-shot probability of the given label, from the run's own zero-shot stage; modelN: 1 - that "
-             "model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean p_clean; own "
-             "confidence: 1 - the smaller positive-prompt softmax probability of the given label; out-of-fold: "
-             "the score of the model that did not train on the label; '-': not recorded by that run). modelN "
-             "top-1: phase-I model on cifar10/test (%). kept correct: share of the kept labels that are right; "
+             "`clean-labels` runs of the phase-I prompt detector, an option since the probe detector became the "
+             "default (clean-labels-s-star: the S* detector; clean-labels-pool-halves: the pool-halves detector, "
+             "removed in issue 37, its rows as measured). AUCs: ROC AUC of each score for the labels the noise "
+             "changed (zero-shot: 1 - zero-shot probability of the given label, from the run's own zero-shot stage; "
+             "modelN: 1 - that model's p_clean; min rule: the library's issue score; mean rule: 1 - the mean "
+             "p_clean; own confidence: 1 - the smaller positive-prompt softmax probability of the given label; "
+             "out-of-fold: the score of the model that did not train on the label, pool-halves runs only; '-': not "
+             "recorded by that run). modelN top-1: phase-I model on cifar10/test (%). kept correct: share of the kept labels that are right; "
              "right labels kept: share of the pool's right labels that are kept (%).", "",
              *markdown_table(HEADER, rows)]
     atomic_write_text(RESULTS / f"{STEM}.md", "\n".join(lines) + "\n")

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from coft_fast.models import load_clip
-from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo import class_prompts
+from coft_fast.scoring import class_text_embeddings, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.checkpoint import load_state
 from coft_fast.runtime.io import atomic_write_text

@@ -15,17 +15,8 @@ symmetric. Methods:
   the labels the first round's out-of-fold prediction agrees with, and a per-class two-component
   mixture on the probability of the given label flags the issues (filter.rule=mixture); its
   label_issues.csv gives the detection (is_issue, issue_score) and phase II the final accuracy.
-- clean-labels (S*): the phase-I prompt detector (`filter.detector=prompts`,
-  `phase1.train_on=s_star`): both models train on S*, the 160 given labels zero-shot CLIP is surest
-  of. The default before issue 29's probe detector.
-- clean-labels (pool halves): the same with `phase1.train_on=pool_halves` (issue 29's DeFT-style
-  detector: each phase-I model trains on one half of the given labels with warm-up and
-  self-selection, so each label is also judged by a model that never saw it). It was the default
-  for one session and went back to an option when it ranked labels worse.
-- clean-labels (probe) + relabel: the probe detector with `phase2.relabel_issues=true`; 40 %
-  symmetric only.
-- clean-labels + relabel: the S* detector with `phase2.relabel_issues=true` (phase II also trains on
-  the flagged images both models confidently relabel, with their label); 40 % symmetric only.
+- clean-labels (S*): the phase-I prompt detector (`filter.detector=prompts`): both models train on
+  S*, the 160 given labels zero-shot CLIP is surest of. The default before issue 29's probe detector.
 - zero-shot confidence: a label is an issue when zero-shot CLIP's prediction differs from it; the
   score is 1 - the zero-shot probability of the given label. No training, so no final accuracy.
 - cleanlab: confident learning (cleanlab.filter.find_label_issues) on out-of-fold probabilities of
@@ -33,6 +24,11 @@ symmetric. Methods:
   cleanlab's label quality. Detection only (`pip install cleanlab`, the `bench` extra).
 - plain fine-tuning: phase II on all the given labels (`train --method self-train --set
   pseudo.source=given --set pseudo.top_k=<pool size>`): the final accuracy without any cleaning.
+
+Two more methods were measured and their options removed in issue 37 (their committed rows stay
+in the tables, RETIRED; bench/results/archive/removed_options.md): the pool-halves prompt detector
+(clean-labels-pool-halves) and the probe detector with relabelled issues in phase II
+(clean-labels-probe-relabel, 40 % symmetric only).
 
 Detection: precision and recall of the flagged labels against the labels the noise changed, and
 the ROC AUC of the score. Final: top-1 on cifar10/test. Resumable per cell (method, noise, seed):
@@ -57,31 +53,28 @@ from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, frozen_fea
 
 STEM = "e2e_noisy_labels"
 NOISES = {"sym20": ("symmetric", 0.2), "sym40": ("symmetric", 0.4), "asym30": ("asymmetric", 0.3)}
-METHODS = ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves", "clean-labels-relabel",
-           "clean-labels-probe-relabel", "plain-finetune")
+METHODS = ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "plain-finetune")
+# methods whose options were removed in issue 37: not run any more; their committed rows keep rendering
+RETIRED = ("clean-labels-pool-halves", "clean-labels-probe-relabel")
+ROW_ORDER = ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", *RETIRED, "plain-finetune")
 LABELS = {"zero-shot": "zero-shot confidence", "cleanlab": "cleanlab (linear probe, 5-fold)",
           "clean-labels-probe": "CoFT clean-labels, probe detector (the default)",
           "clean-labels-s-star": "CoFT clean-labels, S* prompt detector (option)",
-          "clean-labels-pool-halves": "CoFT clean-labels, pool-halves detector (option)",
-          "clean-labels-relabel": "CoFT clean-labels (S*) + relabelled issues",
-          "clean-labels-probe-relabel": "CoFT clean-labels (probe) + relabelled issues",
+          "clean-labels-pool-halves": "CoFT clean-labels, pool-halves detector (removed)",
+          "clean-labels-probe-relabel": "CoFT clean-labels (probe) + relabelled issues (removed)",
           "plain-finetune": "plain fine-tuning (all given labels)"}
 # the options of each clean-labels method
 CLEAN_LABELS_OPTIONS = {"clean-labels-probe": ["filter.detector=probe"],
-                        "clean-labels-s-star": ["filter.detector=prompts", "phase1.train_on=s_star"],
-                        "clean-labels-pool-halves": ["filter.detector=prompts", "phase1.train_on=pool_halves"],
-                        "clean-labels-relabel": ["filter.detector=prompts", "phase1.train_on=s_star",
-                                                 "phase2.relabel_issues=true"],
-                        "clean-labels-probe-relabel": ["filter.detector=probe", "phase2.relabel_issues=true"]}
+                        "clean-labels-s-star": ["filter.detector=prompts"]}
 HEADER = ["method", "noise", "seed", "noisy share", "flagged", "precision", "recall", "roc auc", "final", "kept",
           "seconds"]
 
 
-def cells() -> list:
-    """The order the cells run in: 40 % symmetric (3 seeds), then the other noises; cheap methods first."""
+def cells(methods=METHODS) -> list:
+    """The order the cells run in: 40 % symmetric (3 seeds), then the other noises; cheap methods
+    first. ``cells(ROW_ORDER)``: the tables' order, with the retired methods' rows."""
     order = [("sym40", seed) for seed in (0, 1, 2)] + [("sym20", 0), ("asym30", 0)]
-    return [{"method": m, "noise": n, "seed": s} for n, s in order for m in METHODS
-            if "relabel" not in m or n == "sym40"]
+    return [{"method": m, "noise": n, "seed": s} for n, s in order for m in methods]
 
 
 def lookalikes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -124,7 +117,7 @@ def cleanlab_scores(features: torch.Tensor, given: torch.Tensor, num_classes: in
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    from coft_fast.runtime.metrics import fit_linear_probe
+    from coft_fast.linear_probe import fit_linear_probe
 
     generator = torch.Generator().manual_seed(seed)
     folds = torch.randperm(len(given), generator=generator) % 5
@@ -228,8 +221,9 @@ def plot(rows: list, stem: str = STEM) -> None:
             (axes[0], "roc auc", ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star",
                                   "clean-labels-pool-halves"), "issue ROC AUC"),
             (axes[1], "final", ("clean-labels-probe", "clean-labels-probe-relabel", "clean-labels-s-star",
-                                "clean-labels-pool-halves", "clean-labels-relabel", "plain-finetune"),
+                                "clean-labels-pool-halves", "plain-finetune"),
              "top-1 on cifar10/test (%)")):
+        methods = [m for m in methods if m in METHODS or any(r["method"] == m for r in rows)]  # retired: if measured
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             values = [means(rows, method, n, key) for n in noises]
@@ -250,7 +244,7 @@ def plot(rows: list, stem: str = STEM) -> None:
 
 
 def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> None:
-    rows = table.ordered(cells())
+    rows = table.ordered(cells(ROW_ORDER))
     command = "python bench/e2e_noisy_labels.py" + (f" --testbed DIR --tag {tag}" if tag else "")
     lines = [f"# Noisy labels on the CIFAR-10 test bed{f' ({tag})' if tag else ''} ({machine()})", "",
              f"`{command}` (resumable per cell). Test bed: "
@@ -260,15 +254,15 @@ def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> N
              *markdown_table(HEADER, rows), "", "Means over the seeds done (seeds in brackets):", "",
              "| noise | method | precision | recall | roc auc | final |", "|---|---|---|---|---|---|"]
     for noise in NOISES:
-        for method in METHODS:
+        for method in ROW_ORDER:
             found = {key: means(rows, method, noise, key) for key in ("precision", "recall", "roc auc", "final")}
             if any(found.values()):
                 lines.append(f"| {noise} | {LABELS[method]} | " + " | ".join(
                     (f"{v[0]:.4f} ({v[1]})" if key == "roc auc" else f"{v[0]:.2f} ({v[1]})") if v else "-"
                     for key, v in found.items()) + " |")
     auc = {m: [float(r["roc auc"]) for r in rows if r["method"] == m and r["noise"] == "sym40" and r["roc auc"]]
-           for m in ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves")}
-    for mine in ("clean-labels-probe", "clean-labels-s-star", "clean-labels-pool-halves"):
+           for m in ("zero-shot", "cleanlab", "clean-labels-probe", "clean-labels-s-star")}
+    for mine in ("clean-labels-probe", "clean-labels-s-star"):
         if len(auc[mine]) == 3:
             for other in ("zero-shot", "cleanlab"):
                 if len(auc[other]) == 3:
@@ -289,7 +283,7 @@ def main() -> None:
         return run_cell(cell, pools[0], root, testbed, work)
 
     def record(row):
-        table.add(row, cells())
+        table.add(row, cells(ROW_ORDER))
         write(table, testbed, args.stem, args.tag)
 
     run_cells(args, cells(), lambda c: f"{c['method']}:{c['noise']}:{c['seed']}", table.__contains__, run, record)

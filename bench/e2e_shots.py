@@ -87,7 +87,7 @@ class Features:
         self._test = None
 
     def encode(self, source):
-        from coft_fast.pseudo import encode_images
+        from coft_fast.scoring import encode_images
 
         features, positions = encode_images(self.clip, source, torch.device("cpu"), batch_size=512, progress=False)
         return features, torch.tensor(source.labels)[positions]

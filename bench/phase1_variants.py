@@ -20,7 +20,8 @@ from coft_fast.data import from_folder
 from coft_fast.data.resident import ResidentImages, preprocess_stats
 from coft_fast.models import load_clip
 from coft_fast.phases.phase1 import encode_with_models, make_prompt_model, train_phase1
-from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo import class_prompts
+from coft_fast.scoring import class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 from coft_fast.pseudo.selection import select_top_k
 from coft_fast.runtime.io import atomic_write_text
 

@@ -26,7 +26,8 @@ from coft_fast.data.streaming import StreamedImages
 from coft_fast.models import load_clip
 from coft_fast.phases.phase1 import complement_labels, make_prompt_model
 from coft_fast.phases.phase2 import build_classifier, optimizer_options
-from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of
+from coft_fast.pseudo import class_prompts
+from coft_fast.scoring import class_text_embeddings, logit_scale_of
 from coft_fast.runtime.device import autocast
 from coft_fast.runtime.io import atomic_write_text
 

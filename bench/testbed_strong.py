@@ -82,7 +82,8 @@ def measure(name: str, testbed: Path, root: Path, work: Path, overrides: dict) -
                                     out=work / name / f"zeroshot_{templates}", overrides=["run.progress=false"])
         row[f"zero-shot {templates}"] = f"{100 * result.metrics['acc1']:.2f}"
     from coft_fast.models import load_clip
-    from coft_fast.pseudo import class_prompts, class_text_embeddings, logit_scale_of
+    from coft_fast.pseudo import class_prompts
+    from coft_fast.scoring import class_text_embeddings, logit_scale_of
 
     paths = {}
     features = frozen_features(testbed, root, paths)

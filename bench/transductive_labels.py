@@ -54,7 +54,8 @@ def scored_split(model_dir: Path, folder: Path, work: Path, name: str, split: st
         return torch.load(cache, weights_only=False)
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
-    from coft_fast.pseudo import class_prompts, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+    from coft_fast.pseudo import class_prompts
+    from coft_fast.scoring import class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
 
     clip = load_clip(f"local-dir:{model_dir}")
     source = from_folder(folder)

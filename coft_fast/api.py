@@ -15,15 +15,18 @@ from coft_fast.data.sources import add_shots, require_labels
 from coft_fast.inference import PredictionResult, RunModel, classifier_metadata, load_run, predict_to_folder
 from coft_fast.models import load_clip
 from coft_fast.models.prompts import check_dual_prompts_fit
-from coft_fast.pseudo import ZeroShotResult, class_name_mapping, class_prompts, prompt_names, templates_record, class_text_embeddings, encode_images, logit_scale_of, zeroshot_probabilities
+from coft_fast.pseudo import class_prompts, prompt_names, templates_record
+from coft_fast.stages.context import RunContext
+from coft_fast.scoring import ZeroShotResult, class_text_embeddings, score_images
 from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime import distributed
 from coft_fast.runtime.device import resolve_device, seed_everything
-from coft_fast.runtime.io import atomic_write_csv, atomic_write_json, remove_stale_temporaries
+from coft_fast.run_outputs import finish_run, start_folder, write_partial_metrics, write_zeroshot_outputs
+from coft_fast.runners import run_method
+from coft_fast.runtime.io import remove_stale_temporaries
 from coft_fast.runtime.logs import log_to_file
 from coft_fast.runtime.metrics import classification_metrics
 
-PARTIAL_METRICS = "metrics_partial.json"  # what a failed run had measured, and its error
 log = logging.getLogger("coft_fast")
 PathLike = Union[str, os.PathLike]
 
@@ -131,15 +134,10 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
              device)
     clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
-        atomic_write_json(out_dir / "class_names.json", class_name_mapping(source.class_names))
+        start_folder(out_dir, cfg, source.class_names)
     text = class_text_embeddings(clip, prompts, source.class_names, device, cfg.model.precision)
-    features, positions = encode_images(
-        clip, source, device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
-        progress=cfg.run.progress, description="zero-shot scoring",
-    )
-    probabilities = zeroshot_probabilities(features, text.cpu(), logit_scale_of(clip))
+    features, positions, probabilities = score_images(clip, source, text, device, cfg.model.precision,
+                                                      cfg.data.batch_size, cfg.data.num_workers, progress=cfg.run.progress)
     result = ZeroShotResult(source, positions, probabilities, text.cpu(), features)
     if not len(positions):
         raise RuntimeError(f"{source.origin}: none of the {len(source)} images could be decoded")
@@ -160,105 +158,6 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
     if out_dir:
         write_zeroshot_outputs(result, out_dir)
     return result
-
-
-def write_zeroshot_outputs(result: ZeroShotResult, out_dir: Path) -> None:
-    names = result.source.class_names
-    rows = (
-        (path, names[int(p)], f"{float(c):.6f}")
-        for path, p, c in zip(result.paths, result.predictions, result.confidence)
-    )
-    atomic_write_csv(out_dir / "predictions.csv", ["path", "prediction", "confidence"], rows)
-    if result.source.skipped:
-        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
-                         ((s["path"], s["reason"]) for s in result.source.skipped))
-    if result.source.has_labels or result.source.skipped:
-        atomic_write_json(out_dir / "metrics.json", result.metrics)
-
-
-def testbed(
-    images: Union[PathLike, Sequence[PathLike]],
-    out: PathLike,
-    classes: Union[None, PathLike, Sequence[str]] = None,
-    per_class: Optional[int] = None,
-    seed: Optional[int] = None,
-    config: Union[None, Config, PathLike] = None,
-    overrides: Iterable[str] = (),
-    recipe: Optional[PathLike] = None,
-    preset: Optional[str] = None,
-) -> dict:
-    """Build the offline test-bed model from labelled images into ``out`` (an open_clip local-dir folder).
-
-    ``images``: one labelled source (class folders, CSV or CoOp JSON) or a list of them, pooled.
-    ``preset``: a named test bed (``coft_fast.config.TESTBED_PRESETS``: default, strong, digits,
-    tiny); its ``testbed.*`` fields sit over the recipe and under ``config`` and ``overrides``.
-    With ``per_class``, only the first N images of each class (sorted by file name) are used. A
-    killed build resumes when called again with the same arguments. ``per_class`` and ``seed`` left
-    at None take the config's value (``testbed.per_class``, default none: every image; ``seed``,
-    default 0); an explicit value sets that key over ``config`` and ``overrides``.
-    """
-    from coft_fast.data import combine_sources
-    from coft_fast.testbed_builder import build_testbed, preset_fields
-
-    try:
-        fields = {f"testbed.{key}": value for key, value in preset_fields(preset).items()} if preset else {}
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    cfg = resolve_config(config, overrides, recipe=recipe, preset=fields, run__out_dir=str(out),
-                         **given_fields(testbed__per_class=per_class, seed=seed))
-    sources = [images] if isinstance(images, (str, os.PathLike)) else list(images)
-    source = combine_sources([load_images(path, classes, cfg) for path in sources], classes_given=classes is not None)
-    if cfg.testbed.per_class is not None:
-        source = first_per_class(source, cfg.testbed.per_class)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.yaml")
-    log.info("building the test bed%s from %d images of %s into %s", f" (preset {preset})" if preset else "",
-             len(source), source.origin, out_dir)
-    report = build_testbed(source, out_dir, cfg.testbed, seed=cfg.seed, progress=cfg.run.progress, preset=preset)
-    log.info("test bed built in %.1f s", report["build_seconds"])
-    return report
-
-
-def first_per_class(source: ImageSource, per_class: int) -> ImageSource:
-    """The first ``per_class`` images of each class, in file-name order."""
-    if per_class < 1:
-        raise ConfigError(f"per_class must be at least 1, got {per_class}")
-    taken = {}
-    keep = []
-    for index in sorted(range(len(source)), key=lambda i: (source.labels[i], Path(source.paths[i]).name)):
-        label = source.labels[index]
-        if taken.get(label, 0) < per_class:
-            taken[label] = taken.get(label, 0) + 1
-            keep.append(index)
-    return source.subset(keep)
-
-
-def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, overrides: Iterable[str] = (),
-         recipe: Optional[PathLike] = "testbed") -> dict:
-    """The offline demo: scikit-learn's digits as image folders, a test bed pre-trained on 40 % of
-    them, then CoFT on a 30 % unlabelled pool, evaluated on the last 30 %. Returns the run's metrics.
-    It runs the ``testbed`` recipe (the settings tuned on the test beds) unless ``recipe`` names
-    another (None: the defaults, the paper's)."""
-    import shutil
-
-    from coft_fast.data.demo import digit_class_names, write_digits
-    from coft_fast.testbed_builder import digits_config
-
-    out_dir = Path(out)
-    folders = write_digits(out_dir / "data", image_size=digits_config().image_size, seed=seed)
-    base = load_recipe(recipe).config() if recipe is not None else Config()
-    base.seed = seed
-    base.testbed = digits_config()
-    base.run.progress = progress
-    base.data.num_workers = 0
-    testbed(folders["pretrain"], out_dir / "testbed", classes=digit_class_names(), config=base)
-    run_dir = out_dir / "coft"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo always starts afresh
-    result = train(folders["pool"], digit_class_names(), model=f"local-dir:{out_dir / 'testbed'}",
-                   eval_images=folders["test"], out=run_dir, config=base, overrides=overrides)
-    return result.metrics
 
 
 class TrainResult:
@@ -347,8 +246,6 @@ def train(
       config names some.
     - ``labeled_split``: ``data.labeled_split`` (default none), the split of a CoOp JSON ``labeled``.
     """
-    from coft_fast.pipeline import CoftRun
-
     cfg = resolve_config(
         config, overrides, recipe=recipe,
         **given_fields(model__name=model, model__pretrained=pretrained, method=method, run__out_dir=out,
@@ -356,36 +253,12 @@ def train(
     )
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     device = distributed.init_from_env(cfg.model.device)  # joins torchrun's process group, if any
-    main = distributed.is_main()  # only rank 0 writes into the run folder
-    refused = None
-    if out_dir and main:
-        try:
-            _check_resume(out_dir, cfg, resume)
-        except ConfigError as exc:
-            refused = str(exc)
-        if not refused and resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
-            log.info("removed temporary files left by an interrupted write in %s", out_dir)
-    refused = distributed.broadcast_object(refused)  # every rank stops when rank 0 refuses the run folder
-    if refused:
-        raise ConfigError(refused)
-    pool = load_images(images, classes, cfg)
-    if cfg.pseudo.source == "given":
-        require_labels(pool, "pseudo.source=given (clean-labels)")
-    shots = None
-    if cfg.data.labeled:
-        labelled = load_source(cfg.data.labeled, pool.class_names, split=cfg.data.labeled_split,
-                               image_root=cfg.data.image_root)
-        pool_size = len(pool)
-        pool, shots = add_shots(pool, labelled)
-        log.info("%d labelled shots from %s (%d of them not in the pool, added to it)", len(labelled),
-                 labelled.origin, len(pool) - pool_size)
+    _claim_run_folder(out_dir, cfg, resume)
+    pool, shots = _load_pool(images, classes, cfg)
     eval_source = load_images(eval_images, pool.class_names, cfg, evaluation=True) if eval_images is not None else None
-    if pool.num_classes < 2:
-        raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
-    _check_world(cfg, pool)
+    main = distributed.is_main()  # only rank 0 writes into the run folder
     if out_dir and main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "config.yaml")
+        start_folder(out_dir, cfg, pool.class_names)
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(log_to_file(out_dir / "run.log" if out_dir and main else None))
         writer = None
@@ -400,29 +273,55 @@ def train(
         clip = load_clip(cfg.model.name, cfg.model.pretrained, device, cfg.model.quick_gelu, cfg.model.cache_dir)
         if cfg.method in ("coft", "coft+"):  # fail before any image is scored (zero-shot templates are checked first thing)
             check_dual_prompts_fit(clip.tokenizer, prompt_names(pool.class_names), cfg.phase1.n_ctx, clip.context_length)
-        run = CoftRun(cfg, pool, eval_source, clip, device, out_dir, writer, shots)
+        run = RunContext(cfg, pool, eval_source, clip, device, out_dir, writer, shots)
         try:
-            sets, clip2 = run.execute()
+            sets, clip2 = run_method(run)
         except Exception as exc:
             if out_dir and main:
-                _write_partial_metrics(run, out_dir, exc)
+                write_partial_metrics(run, out_dir, exc)
             raise
-        metrics = {"method": cfg.method, **run.state.metrics, "timings": run.state.timings}
-        if distributed.world_size() > 1:
-            metrics["world_size"] = distributed.world_size()
-        issues = run.label_issues()
-        if out_dir and main:
-            write_train_outputs(run, out_dir, issues)
-            atomic_write_json(out_dir / "metrics.json", metrics)
-            (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
-            _write_report(out_dir)
-        distributed.barrier()  # every rank returns once the outputs are written
-        _log_summary(metrics)
+        metrics = finish_run(run, out_dir)
         result = TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
                              clip2.preprocess_eval, device, cfg, out_dir,
                              classifier_metadata(clip2, pool.class_names, next(iter(sets))))
-        result.label_issues = issues
+        result.label_issues = run.label_issues()
         return result
+
+
+def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> None:
+    """Rank 0 checks that ``out_dir`` holds no other run (or, resuming, one with the same config) and
+    clears temporaries an interrupted write left; every rank stops when it refuses."""
+    refused = None
+    if out_dir and distributed.is_main():
+        try:
+            _check_resume(out_dir, cfg, resume)
+        except ConfigError as exc:
+            refused = str(exc)
+        if not refused and resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
+            log.info("removed temporary files left by an interrupted write in %s", out_dir)
+    refused = distributed.broadcast_object(refused)
+    if refused:
+        raise ConfigError(refused)
+
+
+def _load_pool(images: PathLike, classes, cfg: Config):
+    """(the pool, per pool position the class of a labelled shot or None): data.labeled's shots join
+    the pool."""
+    pool = load_images(images, classes, cfg)
+    if cfg.pseudo.source == "given":
+        require_labels(pool, "pseudo.source=given (clean-labels)")
+    shots = None
+    if cfg.data.labeled:
+        labelled = load_source(cfg.data.labeled, pool.class_names, split=cfg.data.labeled_split,
+                               image_root=cfg.data.image_root)
+        pool_size = len(pool)
+        pool, shots = add_shots(pool, labelled)
+        log.info("%d labelled shots from %s (%d of them not in the pool, added to it)", len(labelled),
+                 labelled.origin, len(pool) - pool_size)
+    if pool.num_classes < 2:
+        raise ConfigError(f"{pool.origin}: CoFT needs at least 2 classes, got {pool.num_classes}")
+    _check_world(cfg, pool)
+    return pool, shots
 
 
 def clean_labels(
@@ -451,16 +350,6 @@ def clean_labels(
     return train(images, classes, model=model, pretrained=pretrained, out=out, eval_images=eval_images, config=config,
                  overrides=[*overrides, "pseudo.source=given"], resume=resume, recipe=recipe, labeled=labeled,
                  labeled_split=labeled_split)
-
-
-def _write_report(out_dir: Path) -> None:
-    """report.html of a finished run; a failure is logged, never fatal (`coft-fast report` retries it)."""
-    from coft_fast.run_report import build_report
-
-    try:
-        log.info("report: %s", build_report(out_dir))
-    except Exception:
-        log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir, out_dir)
 
 
 def predict(run: PathLike, images, out: Optional[PathLike] = None, classifier: Optional[str] = None,
@@ -506,68 +395,3 @@ def _check_world(cfg: Config, pool: ImageSource) -> None:
         raise ConfigError(f"{pool.origin}: {len(pool)} images are fewer than the {size} processes of this run")
 
 
-def _write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
-    """What a failed run had measured, and why it stopped (metrics_partial.json); resume continues it."""
-    partial = {"method": run.cfg.method, **run.state.metrics, "timings": run.state.timings,
-               "error": {"type": type(exc).__name__, "message": str(exc)}}
-    try:
-        atomic_write_json(out_dir / PARTIAL_METRICS, partial)
-    except Exception:  # never hide the original error behind a failed write
-        log.exception("could not write %s", out_dir / PARTIAL_METRICS)
-    log.error("the run stopped: %s; what it measured is in %s, finished stages resume with --resume",
-              exc, out_dir / PARTIAL_METRICS)
-
-
-def _log_summary(metrics: dict) -> None:
-    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
-    if "acc1" in zs and "acc1" in final:
-        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"], 100 * final["acc1"])
-
-
-def write_train_outputs(run, out_dir: Path, issues=None) -> None:
-    """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
-    from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
-    from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
-                                         plot_per_class_accuracy, plot_rounds)
-
-    state, names = run.state, run.names
-    probabilities = state.zs_probabilities
-    confidence, zs_labels = probabilities.max(1)
-    result = state.filter
-    paths = [run.pool.paths[i] for i in state.positions.tolist()]
-    empty = [""] * len(paths)  # the columns a method does not produce stay empty
-    if result is None:
-        model1 = model2 = kept1 = kept2 = empty
-    else:
-        model1 = [names[i] for i in result.labels1.tolist()]
-        model2 = [names[i] for i in result.labels2.tolist()]
-        kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
-    zs_names = [names[i] for i in zs_labels.tolist()]
-    confidences = [f"{c:.6f}" for c in confidence.tolist()]
-    # the pool's own labels (class folders), for diagnostics and the report only; empty where unknown
-    pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
-    shots = run.shots
-    shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
-    given = [names[i] for i in run.given_labels.tolist()] if run.given else empty
-    rows = zip(paths, zs_names, confidences, model1, model2, kept1, kept2, pool_labels, shot_column, given)
-    atomic_write_csv(out_dir / "pseudo_labels.csv",
-                     ["path", "zero_shot_label", "zero_shot_confidence", "model1_label", "model2_label", "kept1", "kept2",
-                      "pool_label", "shot", "given_label"], rows)
-    if issues is not None:
-        write_label_issues(out_dir / LABEL_ISSUES_FILE, issues)
-        plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,
-                          issue_scores(result, shots), ~result.keep1, run.cfg.filter.threshold)
-    if run.pool.skipped:
-        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
-    truth = run.truth
-    if state.metrics.get("rounds"):
-        plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
-    if result is not None and not run.given:
-        plot_clean_probability(out_dir / "clean_probability.png", result.p_clean1, result.keep1, run.cfg.filter.threshold)
-    if bool((truth >= 0).any()):
-        series = {"zero-shot (all)": per_class_accuracy(zs_labels, truth, len(names))}
-        if result is not None:
-            series["model 1 (all)"] = per_class_accuracy(result.labels1, truth, len(names))
-            series["S1 clean"] = per_class_accuracy(result.labels1[result.keep1], truth[result.keep1], len(names))
-            series["S2 clean"] = per_class_accuracy(result.labels2[result.keep2], truth[result.keep2], len(names))
-        plot_per_class_accuracy(out_dir / "pseudo_label_accuracy.png", names, series)

@@ -1,4 +1,5 @@
-"""Zero-shot scoring: class text embeddings (computed once), image features, class probabilities."""
+"""Zero-shot scoring, the one routine the run, its evaluation and ``zeroshot`` share: class text
+embeddings (computed once), image features, class probabilities."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -119,3 +120,17 @@ class ZeroShotResult:
 def zeroshot_probabilities(image_features: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """softmax_k(logit_scale * cos(image, class_k)) for normalised inputs, in float32."""
     return (logit_scale * image_features.float() @ text_embeddings.float().T).softmax(dim=1)
+
+
+def score_images(clip: ClipModel, source: ImageSource, text: torch.Tensor, device: torch.device, precision: str,
+                 batch_size: int, num_workers: int, indices: Optional[Sequence[int]] = None, progress: bool = True,
+                 description: str = "zero-shot scoring", compile_model: bool = False, gather=None):
+    """(image features, positions, zero-shot probabilities) of ``source`` against class embeddings
+    ``text``. ``gather``: how ``encode(indices)`` runs (a distributed run shards it across ranks)."""
+    def encode(chosen):
+        return encode_images(clip, source, device, precision, batch_size, num_workers, indices=chosen,
+                             progress=progress, description=description, compile_model=compile_model)
+
+    everything = list(range(len(source))) if indices is None else list(indices)
+    features, positions = gather(encode, everything) if gather is not None else encode(indices)
+    return features, positions, zeroshot_probabilities(features, text.cpu(), logit_scale_of(clip))

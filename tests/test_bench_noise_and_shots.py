@@ -75,22 +75,33 @@ def test_clean_labels_diagnosis_scores_a_run_folder(tmp_path):
     assert row["kept"] == 3 and row["kept correct"] == "100.00" and row["right labels kept"] == "100.00"
     assert row.get("own confidence auc") is None  # the filter did not record the models' confidences
 
-    # a pool-halves run whose filter recorded them: own-confidence and out-of-fold columns
-    from sklearn.metrics import roc_auc_score
-
-    from coft_fast.pipeline import stratified_halves
-
-    (run / "metrics.json").write_text(json.dumps({"phase1": {"model1": {"acc1": 0.5, "train_on": "pool_halves"},
-                                                            "model2": {"acc1": 0.25, "train_on": "pool_halves"}}}))
+    # a run whose filter recorded them: the own-confidence column (the out-of-fold ones served only the
+    # pool-halves detector, removed in issue 37, and stay empty)
     c1, c2 = torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0.1, 0.9, 0.8, 0.6])
     torch.save({"positions": torch.arange(4), "result": {"confidence1": c1, "confidence2": c2}},
                run / "checkpoints" / "filter.pt")
     row = diagnose_clean_labels.diagnose(run, tmp_path / "given_sym40_seed0.csv")
     assert row["own confidence auc"] == "0.6667"  # 1 - min(c1, c2) = [0.9, 0.2, 0.3, 0.8]: row 0 outranks the wrong one
-    first = stratified_halves(torch.zeros(4, dtype=torch.long), 0)[0]  # model 1 trained there: model 2 judges
-    judged_by_2 = torch.zeros(4, dtype=torch.bool)
-    judged_by_2[first] = True
-    p1, p2 = torch.tensor([a for a, _ in p_clean]), torch.tensor([b for _, b in p_clean])
-    wrong = [0, 0, 0, 1]
-    assert row["out-of-fold p_clean auc"] == f"{roc_auc_score(wrong, 1 - torch.where(judged_by_2, p2, p1)):.4f}"
-    assert row["out-of-fold own confidence auc"] == f"{roc_auc_score(wrong, 1 - torch.where(judged_by_2, c2, c1)):.4f}"
+    assert "out-of-fold p_clean auc" not in row and "out-of-fold own confidence auc" not in row
+
+
+def test_noisy_label_methods_name_only_config_keys_that_exist(tmp_path, monkeypatch):
+    import clean_labels_cost
+    import common
+
+    from coft_fast.config import Config
+
+    for overrides in [*e2e_noisy_labels.CLEAN_LABELS_OPTIONS.values(), *clean_labels_cost.DETECTORS.values()]:
+        Config().override(["pseudo.source=given", *overrides]).validate()  # a removed key raises ConfigError
+    assert not {c["method"] for c in e2e_noisy_labels.cells()} & set(e2e_noisy_labels.RETIRED)  # not run any more
+    # a committed row of a retired method still renders in the means table
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(e2e_noisy_labels, "RESULTS", tmp_path)
+    table = common.CellTable("noisy", e2e_noisy_labels.HEADER, ("method", "noise", "seed"))
+    for method, final in (("clean-labels-probe", "56.04"), ("clean-labels-probe-relabel", "55.16")):
+        table.rows[(method, "sym40", "0")] = {h: "" for h in e2e_noisy_labels.HEADER} | {
+            "method": method, "noise": "sym40", "seed": "0", "final": final}
+    e2e_noisy_labels.write(table, tmp_path, stem="noisy")
+    text = (tmp_path / "noisy.md").read_text()
+    assert "| clean-labels-probe-relabel | sym40 | 0 |" in text
+    assert "relabelled issues (removed) | - | - | - | 55.16 (1) |" in text

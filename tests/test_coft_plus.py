@@ -119,10 +119,10 @@ def test_the_queue_and_momentum_encoder_resume_from_a_checkpoint(phase2_parts, t
 @pytest.fixture(scope="module")
 def coft_plus_run(tiny_testbed, digits, tmp_path_factory):
     """A tiny CoFT+ run, recording each phase-I model's state when its training starts."""
-    import coft_fast.pipeline as pipeline
+    import coft_fast.stages.prompt_tuning as prompt_tuning
 
     started = []
-    real = pipeline.train_phase1
+    real = prompt_tuning.train_phase1
 
     def recording(model, *args, **kwargs):
         started.append((kwargs["tag"], {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -133,12 +133,12 @@ def coft_plus_run(tiny_testbed, digits, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("coft_plus")
     frozen = {k: v.clone() for k, v in coft_fast.load_clip(f"local-dir:{tiny_testbed}").model.state_dict().items()}
-    pipeline.train_phase1 = recording
+    prompt_tuning.train_phase1 = recording
     try:
         result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"], out=out,
                                  method="coft+", overrides=TINY)
     finally:
-        pipeline.train_phase1 = real
+        prompt_tuning.train_phase1 = real
     return result, out, started, frozen
 
 
@@ -164,7 +164,7 @@ def test_coft_plus_writes_rounds_and_the_contrastive_loss(coft_plus_run):
     losses = metrics["phase2"]["s1"]["contrastive_loss"]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     assert metrics["contrastive"]["queue_size"] == max(int(0.25 * metrics["pool"]["num_images"]), 64)
-    assert {"phase1", "relabel", "filter", "phase2"} <= set(metrics["timings"])
+    assert {"phase1", "round_labels", "filter", "phase2"} <= set(metrics["timings"])
     assert (out / "rounds.png").is_file() and (out / "finetuned_s1.safetensors").is_file()
     assert 0 <= metrics["final"]["acc1"] <= 1
 
@@ -172,7 +172,7 @@ def test_coft_plus_writes_rounds_and_the_contrastive_loss(coft_plus_run):
 def test_each_round_starts_from_fresh_prompts_and_the_untouched_pre_trained_model(coft_plus_run, tiny_testbed):
     from coft_fast.config import Phase1Config
     from coft_fast.phases.phase1 import make_prompt_model
-    from coft_fast.pipeline import CoftRun
+    from coft_fast.stages.prompt_tuning import round_seed
 
     result, _, started, frozen = coft_plus_run
     assert [tag for tag, *_ in started] == ["model1", "model2", "round2/model1", "round2/model2", "round3/model1",
@@ -182,7 +182,7 @@ def test_each_round_starts_from_fresh_prompts_and_the_untouched_pre_trained_mode
     trained_before = []
     for number, (tag, initial, clip_state, trained) in enumerate(started):
         round_, index = number // 2 + 1, number % 2 + 1
-        seed = CoftRun.round_seed(index, round_)  # run seed 0, phase1.seeds [1, 2]
+        seed = round_seed(index, round_)  # run seed 0, phase1.seeds [1, 2]
         fresh = make_prompt_model(clip, result.class_names, cfg, seed, torch.device("cpu")).state_dict()
         for key in fresh:  # the initial state is the fresh initialisation of this round's seed ...
             torch.testing.assert_close(initial[key], fresh[key], msg=f"{tag} {key}")

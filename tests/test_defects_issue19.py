@@ -22,51 +22,57 @@ def _corrupt(path):
         handle.write(b"not an image any more")
 
 
+from coft_fast.stages.evaluation import evaluate  # noqa: E402
+from coft_fast.stages.filtering import clean_sets, filter_labels  # noqa: E402
+from coft_fast.stages.finetune import phase2  # noqa: E402
+from coft_fast.stages.labels import label_pool  # noqa: E402
+from coft_fast.stages.prompt_tuning import phase1  # noqa: E402
+
+
 def _run(tiny_testbed, pool_folder, eval_folder=None, settings=()):
     from coft_fast.api import load_images
     from coft_fast.data import from_folder
     from coft_fast.models import load_clip
-    from coft_fast.pipeline import CoftRun
+    from coft_fast.stages.context import RunContext
 
     cfg = Config().override(TINY + list(settings)).validate()
     pool = from_folder(pool_folder)
     evaluation = load_images(eval_folder, pool.class_names, cfg, evaluation=True) if eval_folder else None
     clip = load_clip(f"local-dir:{tiny_testbed}", device="cpu")
-    return CoftRun(cfg, pool, evaluation, clip, torch.device("cpu"), None)
+    return RunContext(cfg, pool, evaluation, clip, torch.device("cpu"), None)
 
 
 def test_the_filter_stops_when_a_pool_image_decodes_once_and_then_fails(tiny_testbed, digits, tmp_path):
     pool_folder = tmp_path / "pool"
     shutil.copytree(digits["pool"], pool_folder)
     run = _run(tiny_testbed, pool_folder)
-    run.zero_shot()
-    selection = run.select()
-    run.phase1(selection)
+    selection = label_pool(run)
+    phase1(run, selection)
     in_s_star = set(run.state.positions[selection.rows].tolist())
     victim = next(i for i in run.state.positions.tolist()[5:] if i not in in_s_star)
     _corrupt(run.pool.paths[victim])  # decoded by zero-shot scoring, fails when the filter re-decodes the pool
     with pytest.raises(RuntimeError, match="failed to decode again"):
-        run.filter()
+        filter_labels(run)
 
 
 @pytest.mark.parametrize("method", ["coft", "self-train"])
 def test_evaluation_stops_when_an_eval_image_decodes_once_and_then_fails(tiny_testbed, digits, tmp_path, monkeypatch,
                                                                          method):
     """coft: the phase I models' pass re-decodes; self-train: the fine-tuned classifier's pass."""
-    import coft_fast.pipeline as pipeline
+    import coft_fast.scoring as scoring
 
     eval_folder = tmp_path / "test"
     shutil.copytree(digits["test"], eval_folder)
     run = _run(tiny_testbed, digits["pool"], eval_folder, [f"method={method}"])
-    sets, clip2 = None, None
-    run.zero_shot()
-    selection = run.select()
+    selection = label_pool(run)
     if method == "coft":
-        run.phase1(selection)
-        run.filter()
-    sets = run.training_sets(selection)
-    clip2 = run.phase2(sets)
-    original = pipeline.encode_images
+        phase1(run, selection)
+        filter_labels(run)
+        sets = clean_sets(run)
+    else:
+        sets = {"s_star": {"rows": selection.rows, "labels": selection.labels}}
+    clip2 = phase2(run, sets)
+    original = scoring.encode_images
     victim = run.eval_source.paths[3]
 
     def encode_then_break(clip, source, *args, **kwargs):
@@ -75,9 +81,9 @@ def test_evaluation_stops_when_an_eval_image_decodes_once_and_then_fails(tiny_te
             _corrupt(victim)
         return result
 
-    monkeypatch.setattr(pipeline, "encode_images", encode_then_break)
+    monkeypatch.setattr(scoring, "encode_images", encode_then_break)
     with pytest.raises(RuntimeError, match="failed to decode again"):
-        run.evaluate(clip2)
+        evaluate(run, clip2)
 
 
 def test_train_on_both_reports_the_logit_ensemble():
@@ -94,11 +100,11 @@ def test_train_on_both_reports_the_logit_ensemble():
 def test_a_train_on_both_run_scores_and_predicts_with_the_mean_of_the_two_heads_logits(tiny_testbed, digits, tmp_path,
                                                                                        monkeypatch):
     import coft_fast
-    import coft_fast.pipeline as pipeline
+    import coft_fast.stages.evaluation as evaluation
     from coft_fast.runtime.metrics import classification_metrics
 
     seen = {}
-    original = pipeline.classifier_logits
+    original = evaluation.model_outputs
 
     def recording(classifier, source, *args, **kwargs):
         logits, positions = original(classifier, source, *args, **kwargs)
@@ -107,7 +113,7 @@ def test_a_train_on_both_run_scores_and_predicts_with_the_mean_of_the_two_heads_
             seen[description] = (logits, positions, source)
         return logits, positions
 
-    monkeypatch.setattr(pipeline, "classifier_logits", recording)
+    monkeypatch.setattr(evaluation, "model_outputs", recording)
     result = coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", eval_images=digits["test"],
                              out=tmp_path / "run", overrides=TINY + ["phase2.train_on=both"])
     assert sorted(seen) == ["evaluating s1", "evaluating s2"]

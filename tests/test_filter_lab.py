@@ -17,29 +17,48 @@ def test_filter_lab_cells_reuse_the_paper_models(tiny_testbed, digits, tmp_path,
     monkeypatch.setattr(filter_lab, "RESULTS", tmp_path / "results")
     (tmp_path / "results").mkdir()
     spec = f"digits={tiny_testbed},{digits['pool']},{digits['test']}"
-    argv = ["--testbed", spec, "--variants", "agreement", "gce", "self-train", "coftplus-peer", "--work", str(tmp_path / "work")]
+    argv = ["--testbed", spec, "--variants", "mixture", "gce", "self-train", "coftplus-peer", "--work", str(tmp_path / "work")]
     for item in SMOKE:
         argv += ["--set", item]
     filter_lab.main(argv)
     with open(tmp_path / "results" / "filter_lab.csv", newline="") as handle:
         rows = {row["variant"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["paper", "agreement", "gce", "self-train", "coftplus-peer"]
+    assert list(rows) == ["paper", "mixture", "gce", "self-train", "coftplus-peer"]
     assert rows["paper"]["rounds: model1 pool acc"] == ""  # CoFT: no rounds
     assert len(rows["coftplus-peer"]["rounds: model1 pool acc"].split(" → ")) == 2  # one accuracy per round
     config = (tmp_path / "work" / "digits" / "coftplus-peer_seed0" / "config.yaml").read_text()
     assert "method: coft+" in config and "round_ranking: peer" in config
     assert rows["self-train"]["kept"] == "" and rows["self-train"]["final"] != ""  # no filter to score
-    assert int(rows["agreement"]["kept"]) <= int(rows["paper"]["kept"])
+    for key in ("filter AUC", "own AUC", "agreement", "model1 pool acc"):  # the paper cell's models, another rule
+        assert rows["mixture"][key] == rows["paper"][key]
+    assert 0 < int(rows["mixture"]["kept"]) and rows["mixture"]["final"] != ""
     assert rows["gce"]["kept"] == rows["paper"]["kept"]  # the same models and decision; only phase II differs
     assert 0.0 <= float(rows["paper"]["filter AUC"]) <= 1.0 and rows["paper"]["final"] != ""
     assert 0.0 <= float(rows["paper"]["own AUC"]) <= 1.0
-    log = (tmp_path / "work" / "digits" / "agreement_seed0" / "run.log").read_text()
+    log = (tmp_path / "work" / "digits" / "mixture_seed0" / "run.log").read_text()
     assert "stage phase1_model1: finished by an earlier run, loaded" in log
     table = (tmp_path / "results" / "filter_lab_digits.md").read_text()
-    assert "| agreement | 1 |" in table and (tmp_path / "results" / "filter_lab_digits.png").is_file()
+    assert "| mixture | 1 |" in table and (tmp_path / "results" / "filter_lab_digits.png").is_file()
     filter_lab.main(argv)  # every cell is done: nothing runs again
     assert (tmp_path / "work" / "digits" / "paper_seed0" / "run.log").read_text().count("stage zero_shot: started") == 1
 
+
+def test_committed_rows_of_retired_variants_still_render(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(filter_lab, "RESULTS", tmp_path)
+    from coft_fast.config import Config
+
+    assert not set(filter_lab.RETIRED) & set(filter_lab.VARIANTS)  # removed in issue 37: not runnable
+    for overrides, _ in filter_lab.VARIANTS.values():
+        Config().override(overrides).validate()  # a removed key would raise ConfigError
+    assert set(filter_lab.ROW_ORDER) == set(filter_lab.VARIANTS) | set(filter_lab.RETIRED)
+    table = common.CellTable("filter_lab", filter_lab.HEADER, ("testbed", "variant", "seed"))
+    for variant, kept, final in (("agreement", "61.07", "43.62"), ("paper", "69.24", "43.48")):
+        table.rows[("t", variant, "0")] = {h: "" for h in filter_lab.HEADER} | {
+            "testbed": "t", "variant": variant, "seed": "0", "kept share": kept, "precision": "55.00", "final": final}
+    filter_lab.write(table, [])
+    means = (tmp_path / "filter_lab_t.md").read_text().split("Means over seeds:")[1]
+    assert means.index("| paper | 1 | 69.24") < means.index("| agreement | 1 | 61.07")  # in ROW_ORDER's order
 
 def test_two_processes_filling_one_cell_table_keep_each_others_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)

@@ -1,4 +1,4 @@
-"""The two uses of coft_fast.neighbors in a run: kNN refinement of pseudo-labels (pseudo.refine=knn) and the kNN monitor."""
+"""coft_fast.neighbors in a run: kNN refinement of pseudo-labels (pseudo.refine=knn, pseudo.knn_k)."""
 import torch
 
 import coft_fast
@@ -29,17 +29,3 @@ def test_knn_refinement_selects_s_star_from_the_neighbours_vote(digits_testbed, 
     assert sorted(plain.clean_sets["s_star"]) != want
     assert torch.load(tmp_path / "plain" / "checkpoints" / "zero_shot.pt", weights_only=False)["features"] is None
 
-
-def test_the_knn_monitor_logs_each_epoch_on_the_evaluation_images(digits_testbed, digits, tmp_path):
-    result = coft_fast.train(digits["pool"], model=f"local-dir:{digits_testbed['model']}", method="self-train",
-                             eval_images=digits["test"], out=tmp_path, overrides=SETTINGS + ["phase2.knn_monitor=true"])
-    accuracies = result.metrics["phase2"]["s_star"]["knn_acc1"]
-    assert len(accuracies) == 2 and all(0.1 < value <= 1 for value in accuracies)
-    assert "kNN monitor: leave-one-out 20-NN accuracy" in (tmp_path / "run.log").read_text()
-
-
-def test_the_knn_monitor_without_evaluation_images_warns_and_trains(digits_testbed, digits, tmp_path, caplog):
-    result = coft_fast.train(digits["pool"], model=f"local-dir:{digits_testbed['model']}", method="self-train",
-                             out=tmp_path, overrides=SETTINGS + ["phase2.knn_monitor=true"])
-    assert "knn_acc1" not in result.metrics["phase2"]["s_star"]
-    assert "phase2.knn_monitor needs labelled evaluation images" in caplog.text

@@ -54,7 +54,8 @@ def test_prompt_that_does_not_fit_names_the_class(clip):
 
 
 def test_class_names_with_unusual_characters_make_prompts(clip):
-    from coft_fast.pseudo import class_prompts, class_text_embeddings
+    from coft_fast.pseudo import class_prompts
+    from coft_fast.scoring import class_text_embeddings
 
     names = ["Crème brûlée", "AT&T logo (old)", "C++ book", "naïve \"quoted\" name", "日本の犬", "x/y 50%"]
     learner = DualPromptLearner(clip.model, clip.tokenizer, names, n_ctx=8, generator=torch.Generator().manual_seed(0))

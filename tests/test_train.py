@@ -119,13 +119,13 @@ def test_self_train_baseline(tiny_testbed, digits, tmp_path):
 
 def test_a_prompt_too_long_for_the_text_context_stops_the_run_before_scoring(tiny_testbed, digits, tmp_path,
                                                                             monkeypatch):
-    from coft_fast.pipeline import CoftRun
+    import coft_fast.stages.labels as labels
     from coft_fast.pseudo.templates import TemplateError
 
-    def not_reached(self):
+    def not_reached(run):
         raise AssertionError("zero-shot scoring started before the prompts were checked")
 
-    monkeypatch.setattr(CoftRun, "zero_shot", not_reached)
+    monkeypatch.setattr(labels, "zero_shot", not_reached)
     context = coft_fast.models.load_clip(f"local-dir:{tiny_testbed}").context_length
     with pytest.raises(TemplateError, match=r"class '\w+'.*phase1\.n_ctx"):
         coft_fast.train(digits["pool"], model=f"local-dir:{tiny_testbed}", out=tmp_path,

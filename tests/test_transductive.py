@@ -204,7 +204,7 @@ def test_lp_ft_starts_phase_ii_from_a_probe_on_the_frozen_features(digits_testbe
     from safetensors.torch import load_file
 
     import coft_fast
-    from coft_fast.runtime.metrics import train_linear_head
+    from coft_fast.linear_probe import train_linear_head
 
     model = f"local-dir:{digits_testbed['model']}"
     run = coft_fast.train(digits["pool"], model=model, method="self-train", out=tmp_path / "run",

@@ -111,7 +111,8 @@ def test_zeroshot_on_shared_cifar_with_tiny_testbed(tiny_testbed, cifar_root, tm
 
 
 def test_first_per_class_takes_file_name_order(digits):
-    from coft_fast.api import first_per_class, load_images
+    from coft_fast.api import load_images
+    from coft_fast.testbed_commands import first_per_class
 
     source = first_per_class(load_images(digits["test"]), 3)
     assert len(source) == 30

@@ -98,53 +98,43 @@ def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.G
     return (labels + shift) % num_classes
 
 
-def complement_distribution(labels: torch.Tensor, probabilities: torch.Tensor, hard_weight: float) -> torch.Tensor:
-    """(N, C) distribution of each sample's complement label over the other C - 1 classes:
-    ``(1 - hard_weight) * uniform + hard_weight * probabilities`` renormalised without the label
-    (0 on the label itself; uniform where the probabilities of the other classes are all 0)."""
-    num_classes = probabilities.shape[1]
-    own = torch.zeros_like(probabilities, dtype=torch.bool).scatter_(1, labels[:, None], True)
-    others = probabilities.detach().double().masked_fill(own, 0.0).clamp_min(0.0)
-    total = others.sum(1, keepdim=True)
-    uniform = (~own).double() / (num_classes - 1)
-    hard = torch.where(total > 0, others / total.clamp_min(1e-300), uniform)
-    return (1.0 - hard_weight) * uniform + hard_weight * hard
-
-
-def hard_complement_labels(labels: torch.Tensor, probabilities: torch.Tensor, hard_weight: float,
-                           generator: torch.Generator) -> torch.Tensor:
-    """A complement label per sample drawn from :func:`complement_distribution` (the model's own
-    confusions, mixed with uniform by ``hard_weight``): never the label itself."""
-    return torch.multinomial(complement_distribution(labels, probabilities, hard_weight), 1,
-                             generator=generator).squeeze(1)
-
-
-# offset of the hard complements' random stream from the epoch's (data order, augmentation) stream
-COMPLEMENT_STREAM = 7_919
-
-
-def selected_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the ``selected`` samples; 0 (with a gradient path) when none is."""
-    if not bool(selected.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[selected], labels[selected])
-
-
 def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
     """At least ``cfg.steps`` optimiser steps and at least ``cfg.min_epochs`` passes over S*."""
     per_epoch = math.ceil(num_samples / cfg.batch_size)
     return max(cfg.steps, cfg.min_epochs * per_epoch)
 
 
+def phase1_optimizer(model: PromptModel, cfg: Phase1Config, total: int):
+    """SGD over the text contexts (lr) and the visual prompts (lr * vpt_lr_scale), warm-up then cosine."""
+    optimizer = torch.optim.SGD(
+        [
+            {"params": list(model.prompts.parameters()), "lr": cfg.lr},
+            {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale},
+        ],
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    )
+    return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total)
+
+
+def log_phase1_step(history: List[Dict], loss, l1, l2, weight: float, step: int, bar, writer, tag: str,
+                    scheduler) -> None:
+    """The whole batch's mean losses (each rank's weighted mean, summed over ranks) into ``history``,
+    the progress bar and TensorBoard."""
+    summed = all_reduce_sum(torch.stack([loss, l1, l2]).detach() * (weight / world_size()))
+    values = tuple(summed.tolist())
+    history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
+    bar.set_postfix(loss=f"{values[0]:.3f}")
+    if writer is not None:
+        for name, value in zip(("loss", "l1", "l2"), values):
+            writer.add_scalar(f"phase1/{tag}/{name}", value, step)
+        writer.add_scalar(f"phase1/{tag}/lr", scheduler.get_last_lr()[0], step)
+
+
 def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
                  labels: torch.Tensor, cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "model", backend: str = "auto", self_selection: bool = False) -> Dict:
+                 writer=None, tag: str = "model", backend: str = "auto") -> Dict:
     """Train ``model`` with L1 + lam * L2 on resident images ``rows`` labelled ``labels``.
-
-    ``self_selection`` (DeFT's training on a whole noisy set): after ``cfg.selection_warmup_epochs``
-    epochs on every label, L1 counts only the batch's samples whose p_clean of their label exceeds
-    0.5, and L2's positive target is the model's own prediction where the label is judged noisy.
 
     The run is split into epochs whose randomness comes from (seed, epoch) alone, and the state is
     saved to ``checkpoint`` at epoch ends (at most every ``checkpoint_seconds``), so a killed run
@@ -157,16 +147,8 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
         raise ValueError(f"phase I of {tag}: S* is empty, nothing to train on")
     logit_scale = float(model.clip.model.logit_scale.detach().exp())
     total = phase1_steps(len(rows), cfg)
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    epochs = math.ceil(total / per_epoch)
-    optimizer = torch.optim.SGD(
-        [
-            {"params": list(model.prompts.parameters()), "lr": cfg.lr},
-            {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale},
-        ],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
+    epochs = math.ceil(total / math.ceil(len(rows) / cfg.batch_size))
+    optimizer, scheduler = phase1_optimizer(model, cfg, total)
     start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
     if step:
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
@@ -179,13 +161,10 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     # visual prompts when there are none (vpt_tokens == 0); DDP must be told, or it stops the run
     forward = data_parallel(PromptTraining(model), device, find_unused_parameters=unused_parameters_possible(cfg))
     bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
-    hard = cfg.complement_hard_weight > 0
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
-        if hard:  # drawn per batch from the model's current predictions, on a stream of their own
-            complement_generator = epoch_generator(seed + COMPLEMENT_STREAM, epoch)
-        else:  # the paper's: uniform over the other classes, drawn once per epoch
-            complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
+        # the paper's complement labels: uniform over the other classes, drawn once per epoch
+        complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
                                                          augment=cfg.augment):
             if step >= total:
@@ -194,45 +173,16 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
             mine = picked[part.rows].to(device)
             with autocast(precision, device):
                 image_feats, pos, neg = forward(batch_images.to(device, non_blocking=True))
-            targets = labels[mine]
-            selected = None
-            selecting = self_selection and epoch >= cfg.selection_warmup_epochs
-            # the positive logits, once per step, for the variants that read them
-            positive = logit_scale * image_feats.float() @ pos.float().T if selecting or hard else None
-            if selecting:
-                with torch.no_grad():
-                    p_clean = ops.clean_probability(image_feats, pos, neg, targets, logit_scale, backend=backend)
-                    selected = p_clean > 0.5
-                    targets = torch.where(selected, targets, positive.argmax(1))
-            if hard:
-                with torch.no_grad():
-                    probabilities = torch.softmax(positive.detach(), dim=1)
-                step_complements = hard_complement_labels(labels[mine].cpu(), probabilities.cpu(),
-                                                          cfg.complement_hard_weight, complement_generator).to(device)
-            else:
-                step_complements = complements[mine]
             loss, l1, l2 = ops.dual_prompt_loss(
-                image_feats, pos, neg, targets, step_complements, logit_scale, cfg.lam,
+                image_feats, pos, neg, labels[mine], complements[mine], logit_scale, cfg.lam,
                 cfg.detach_image_in_neg, cfg.detach_pos_in_l2, backend=backend, check_label_range=False,
             )
-            if selected is not None:  # L1 on the samples judged clean, with their own labels (DeFT)
-                l1 = selected_cross_entropy(positive, labels[mine], selected)
-                loss = l1 + cfg.lam * l2
             guard.step(loss * part.weight, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:
                 guard.check()
-                # the mean over the whole batch: each rank's weighted mean, summed over ranks
-                summed = all_reduce_sum(torch.stack([loss, l1, l2]).detach() * (part.weight / world_size()))
-                values = tuple(summed.tolist())
-                history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
-                bar.set_postfix(loss=f"{values[0]:.3f}")
-                if writer is not None:
-                    writer.add_scalar(f"phase1/{tag}/loss", values[0], step)
-                    writer.add_scalar(f"phase1/{tag}/l1", values[1], step)
-                    writer.add_scalar(f"phase1/{tag}/l2", values[2], step)
-                    writer.add_scalar(f"phase1/{tag}/lr", scheduler.get_last_lr()[0], step)
+                log_phase1_step(history, loss, l1, l2, part.weight, step, bar, writer, tag, scheduler)
         done = step >= total
         guard.check()
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -116,17 +116,6 @@ class Phase2Training(nn.Module):
         return logits, queries
 
 
-class NormalizedEncoder(nn.Module):
-    """L2-normalised float32 features of ``visual`` (what the kNN monitor compares)."""
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.visual(images).float(), dim=-1)
-
-
 def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor:
     """(C,) ``tau * log(prior)``, the prior being the (add-one smoothed) label frequencies of the training
     set. Added to the logits inside the cross-entropy only (Menon et al., logit-adjusted loss), it keeps
@@ -136,20 +125,12 @@ def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torc
     return tau * (counts / counts.sum()).log()
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: Phase2Config,
-                        weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Phase II's loss of a batch: cross-entropy (the paper's) or generalized cross-entropy
-    (``cfg.loss``), averaged with ``weights`` when given (a weighted mean)."""
-    if cfg.loss == "ce" and weights is None:
-        return F.cross_entropy(logits, labels)
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, cfg: Phase2Config) -> torch.Tensor:
+    """Phase II's loss of a batch: cross-entropy (the paper's) or generalized cross-entropy (``cfg.loss``)."""
     if cfg.loss == "gce":
         p_label = torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1).clamp_min(1e-7)
-        per_sample = (1.0 - p_label ** cfg.gce_q) / cfg.gce_q
-    else:
-        per_sample = F.cross_entropy(logits, labels, reduction="none")
-    if weights is None:
-        return per_sample.mean()
-    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+        return ((1.0 - p_label ** cfg.gce_q) / cfg.gce_q).mean()
+    return F.cross_entropy(logits, labels)
 
 
 def optimizer_options(device: torch.device) -> Dict:
@@ -157,28 +138,10 @@ def optimizer_options(device: torch.device) -> Dict:
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
-def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
-                 labels: torch.Tensor, cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
-                 checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
-                 writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
-                 compile_model: bool = False, monitor: Optional[Callable[[], Dict[str, float]]] = None,
-                 weights: Optional[torch.Tensor] = None) -> Dict:
-    """Cross-entropy training (logit-adjusted by the labels' class prior when ``cfg.logit_adjust`` > 0)
-    with SGD, warm-up and cosine decay; resumable at epoch boundaries.
-
-    With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
-    forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
-    momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
-    runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
-    ``monitor()``, called after every epoch, returns figures (e.g. kNN accuracy) for the history.
-    ``weights`` (one per row of ``labels``) weight each sample's loss (``cfg.sample_weight``); the
-    loss itself is ``cfg.loss`` (:func:`classification_loss`).
-    """
-    if len(rows) == 0:
-        raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
-    drop_last = compile_model  # whole batches only: the compiled encoder sees one shape
-    per_epoch = steps_per_epoch(len(rows), cfg.batch_size, drop_last)
-    total = cfg.epochs * per_epoch
+def phase2_optimizer(classifier: FineTunedClassifier, cfg: Phase2Config, device: torch.device,
+                     contrastive: Optional[ContrastiveTerm], per_epoch: int, total: int):
+    """(the trained module, SGD, warm-up then cosine): the tower at lr, the head (and CoFT+'s
+    projection) at lr * head_lr_scale; the trained module holds the momentum encoder too."""
     groups = [
         {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
         {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},
@@ -191,13 +154,50 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
         trained = nn.ModuleDict({"classifier": classifier, "contrast": contrastive.module})
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 **optimizer_options(device))
+    return trained, optimizer, warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
+
+
+def log_phase2_epoch(history: List[Dict], running: torch.Tensor, seen: int, epoch: int, step: int,
+                     contrastive: Optional[ContrastiveTerm], bar, writer, tag: str, scheduler) -> None:
+    """The epoch's mean losses (``running``: summed over batches and ranks) into ``history``, the
+    progress bar and TensorBoard."""
+    ce_mean, cont_mean = (running / max(seen, 1)).tolist()
+    entry = {"epoch": epoch, "step": step, "loss": ce_mean}
+    if contrastive is not None:
+        entry.update({"contrastive": cont_mean, "total": ce_mean + contrastive.gamma * cont_mean})
+    history.append(entry)
+    bar.set_postfix(epoch=epoch + 1, loss=f"{ce_mean:.3f}")
+    if writer is not None:
+        writer.add_scalar(f"phase2/{tag}/loss", ce_mean, epoch)
+        if contrastive is not None:
+            writer.add_scalar(f"phase2/{tag}/contrastive", cont_mean, epoch)
+        writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
+
+
+def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, StreamedImages], rows: torch.Tensor,
+                 labels: torch.Tensor, cfg: Phase2Config, seed: int, device: torch.device, precision: str = "auto",
+                 checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
+                 writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
+                 compile_model: bool = False) -> Dict:
+    """Cross-entropy training (``cfg.loss``; logit-adjusted by the labels' class prior when
+    ``cfg.logit_adjust`` > 0) with SGD, warm-up and cosine decay; resumable at epoch boundaries.
+
+    With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
+    forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
+    momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
+    runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
+    """
+    if len(rows) == 0:
+        raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
+    drop_last = compile_model  # whole batches only: the compiled encoder sees one shape
+    per_epoch = steps_per_epoch(len(rows), cfg.batch_size, drop_last)
+    total = cfg.epochs * per_epoch
+    trained, optimizer, scheduler = phase2_optimizer(classifier, cfg, device, contrastive, per_epoch, total)
     encoder = torch.compile(classifier.visual) if compile_model else classifier.visual
-    scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_epochs * per_epoch)), total)
     start_epoch, step, history = restore_training(checkpoint, trained, optimizer, scheduler)
     if step:
         log.info("phase II %s: resumed at epoch %d of %d", tag, start_epoch, cfg.epochs)
     labels = labels.to(device)
-    weights = weights.to(device=device, dtype=torch.float32) if weights is not None else None
     adjustment = logit_adjustment(labels, classifier.head.weight.shape[0], cfg.logit_adjust)
     classifier.train()
     last_save = time.monotonic()
@@ -219,50 +219,31 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
             part = batch_part(len(picked))  # this rank's images (all of them in one process)
             mine = picked[part.rows].to(device)
             batch_images = batch_images.to(device, non_blocking=True)
-            if views is None:
-                with autocast(precision, device):
+            with autocast(precision, device):
+                if views is None:
                     logits, _ = forward(batch_images, len(batch_images))
-                ce = classification_loss(logits + adjustment, labels[mine], cfg, None if weights is None else weights[mine])
-                loss, cont = ce * part.weight, None
-            else:
-                query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
-                pool_part = batch_part(cfg.batch_size)  # the views' batch is always whole
-                module = contrastive.module
-                with autocast(precision, device):
+                else:
+                    query_view, key_view = (view.to(device, non_blocking=True) for view in next(views))
                     logits, queries = forward(torch.cat([batch_images, query_view]), len(batch_images))
-                    module.update_(classifier.visual)
-                    keys = module.keys(key_view)
-                ce = classification_loss(logits + adjustment, labels[mine], cfg, None if weights is None else weights[mine])
-                cont = module.loss(queries, keys, contrastive.temperature, contrastive.backend)
-                loss = ce * part.weight + contrastive.gamma * pool_part.weight * cont
+                    contrastive.module.update_(classifier.visual)
+                    keys = contrastive.module.keys(key_view)
+            ce = classification_loss(logits + adjustment, labels[mine], cfg)
+            loss, share = ce * part.weight, len(picked) / world_size()
+            running[0] += ce.detach() * (part.weight * share)
+            if views is not None:
+                pool_weight = batch_part(cfg.batch_size).weight  # the views' batch is always whole
+                cont = contrastive.module.loss(queries, keys, contrastive.temperature, contrastive.backend)
+                loss = loss + contrastive.gamma * pool_weight * cont
+                running[1] += cont.detach() * (pool_weight * share)
             guard.step(loss, optimizer, scheduler, step + 1, epoch, rows[picked.cpu()])
-            if cont is not None:
+            if views is not None:
                 contrastive.module.push_(keys)  # every rank's keys, in rank order
             step += 1
-            share = len(picked) / world_size()
-            running[0] += ce.detach() * (part.weight * share)
-            if cont is not None:
-                running[1] += cont.detach() * (pool_part.weight * share)
             seen += len(picked)
             bar.update(1)
         running = all_reduce_sum(running)
         guard.check()
-        ce_mean, cont_mean = (running / max(seen, 1)).tolist()
-        entry = {"epoch": epoch, "step": step, "loss": ce_mean}
-        if contrastive is not None:
-            entry.update({"contrastive": cont_mean, "total": ce_mean + contrastive.gamma * cont_mean})
-        if monitor is not None:
-            entry.update(monitor())
-            classifier.train()  # the monitor evaluates
-        history.append(entry)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{ce_mean:.3f}")
-        if writer is not None:
-            writer.add_scalar(f"phase2/{tag}/loss", ce_mean, epoch)
-            if contrastive is not None:
-                writer.add_scalar(f"phase2/{tag}/contrastive", cont_mean, epoch)
-            if "knn_acc1" in entry:
-                writer.add_scalar(f"phase2/{tag}/knn_acc1", entry["knn_acc1"], epoch)
-            writer.add_scalar(f"phase2/{tag}/lr", scheduler.get_last_lr()[0], epoch)
+        log_phase2_epoch(history, running, seen, epoch, step, contrastive, bar, writer, tag, scheduler)
         done = epoch == cfg.epochs - 1
         if checkpoint is not None and (done or time.monotonic() - last_save >= checkpoint_seconds):
             save_training(checkpoint, trained.state_dict(), optimizer, scheduler, epoch, step, history)
@@ -273,12 +254,13 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
 
 
 @torch.no_grad()
-def classifier_logits(classifier: nn.Module, source: ImageSource, preprocess, device: torch.device,
-                      precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                      indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
-                      decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
-    """(logits (M, C) float32, positions (M,)) of ``classifier`` over ``source`` (``decoder="dali"``
-    only for images decoded before; ``compile_model`` pads the last batch so the shape never changes)."""
+def model_outputs(classifier: nn.Module, source: ImageSource, preprocess, device: torch.device,
+                  precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
+                  indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
+                  decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
+    """(outputs (M, ...) float32, positions (M,)) of a module over ``source``: logits of a classifier,
+    features of an encoder (``decoder="dali"`` only for images decoded before; ``compile_model`` pads
+    the last batch so the shape never changes)."""
     classifier.eval()
     forward = torch.compile(classifier) if compile_model else classifier
     logits, positions = [], []

@@ -1,4 +1,5 @@
-"""Pseudo-labelling: prompt templates and zero-shot scoring."""
+"""Pseudo-labelling: prompt templates, S*, the filter, label issues and transductive labels (zero-shot
+scoring itself is ``coft_fast.scoring``)."""
 from coft_fast.pseudo.templates import (
     SINGLE_TEMPLATE,
     TemplateError,
@@ -11,28 +12,16 @@ from coft_fast.pseudo.templates import (
     prompt_token_count,
     templates_record,
 )
-from coft_fast.pseudo.zeroshot import (
-    ZeroShotResult,
-    class_text_embeddings,
-    encode_images,
-    logit_scale_of,
-    zeroshot_probabilities,
-)
 
 __all__ = [
     "SINGLE_TEMPLATE",
     "TemplateError",
-    "ZeroShotResult",
     "check_prompts_fit",
     "class_prompts",
-    "class_text_embeddings",
     "class_name_mapping",
     "clip_ensemble_templates",
     "prompt_name",
     "prompt_names",
     "templates_record",
-    "encode_images",
-    "logit_scale_of",
     "prompt_token_count",
-    "zeroshot_probabilities",
 ]

@@ -61,9 +61,6 @@ class FilterResult:
     # labels (pseudo.source=given), with the shots' labels in their rows; None: labels1 / labels2
     targets1: Optional[torch.Tensor] = None
     targets2: Optional[torch.Tensor] = None
-    # given labels only: (M,) the label both models agree on where each validates it (p_clean >
-    # threshold) and it differs from the given one; -1 elsewhere (phase2.relabel_issues trains on it)
-    relabel: Optional[torch.Tensor] = None
     # (M,) diagnostics: each model's own softmax confidence in the label it scores (its own label;
     # given labels: the given one); None in filters saved before they were recorded
     confidence1: Optional[torch.Tensor] = None
@@ -76,26 +73,20 @@ class FilterResult:
             return target
         return self.labels1 if index == 1 else self.labels2
 
+    @classmethod
+    def from_dict(cls, state: dict) -> "FilterResult":
+        """A FilterResult from a filter checkpoint's dict (fields it no longer has are dropped)."""
+        return cls(**{name: value for name, value in state.items() if name in cls.__dataclass_fields__})
+
     def with_shots(self, shots: torch.Tensor) -> "FilterResult":
         """Rows holding a labelled shot (``shots`` >= 0; -1 elsewhere) kept in both sets, training on
         the shot's label, whatever the models said."""
         is_shot = shots >= 0
         if not bool(is_shot.any()):
             return self
-        relabel = None if self.relabel is None else torch.where(is_shot, torch.full_like(self.relabel, -1), self.relabel)
         return replace(self, keep1=self.keep1 | is_shot, keep2=self.keep2 | is_shot,
                        targets1=torch.where(is_shot, shots, self.training_labels(1)),
-                       targets2=torch.where(is_shot, shots, self.training_labels(2)), relabel=relabel)
-
-    def with_relabelled_issues(self) -> "FilterResult":
-        """Given labels: the flagged rows both models confidently relabel (``relabel`` >= 0) join both
-        sets, training on that label (phase2.relabel_issues); unchanged without such rows."""
-        if self.relabel is None or not bool((self.relabel >= 0).any()):
-            return self
-        joins = self.relabel >= 0
-        return replace(self, keep1=self.keep1 | joins, keep2=self.keep2 | joins,
-                       targets1=torch.where(joins, self.relabel, self.training_labels(1)),
-                       targets2=torch.where(joins, self.relabel, self.training_labels(2)))
+                       targets2=torch.where(is_shot, shots, self.training_labels(2)))
 
 
 def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float, threshold: float = 0.5) -> FilterResult:
@@ -114,26 +105,21 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
     predictions, for inspection."""
     labels1, labels2 = view1.labels(), view2.labels()
     return judge_given(given, labels1, labels2, view1.clean_probability(given, logit_scale),
-                       view2.clean_probability(given, logit_scale), view1.clean_probability(labels1, logit_scale),
-                       view2.clean_probability(labels2, logit_scale), threshold,
+                       view2.clean_probability(given, logit_scale), threshold,
                        view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
 
 
 def judge_given(given: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor, p_clean1: torch.Tensor,
-                p_clean2: torch.Tensor, own1: torch.Tensor, own2: torch.Tensor, threshold: float,
-                confidence1: Optional[torch.Tensor] = None, confidence2: Optional[torch.Tensor] = None) -> FilterResult:
+                p_clean2: torch.Tensor, threshold: float, confidence1: Optional[torch.Tensor] = None,
+                confidence2: Optional[torch.Tensor] = None) -> FilterResult:
     """The given labels' FilterResult from any two models (the phase-I prompt models, or the probe
-    detector's): kept (in both sets) iff both p_clean of the given label exceed ``threshold``; a
-    dropped one is relabelled where both models predict the same other label and each model's
-    probability of its own label (``own1``, ``own2``) exceeds ``threshold``."""
+    detector's): kept (in both sets) iff both p_clean of the given label exceed ``threshold``."""
     keep = (p_clean1 > threshold) & (p_clean2 > threshold)
-    confident = (labels1 == labels2) & (labels1 != given) & (own1 > threshold) & (own2 > threshold)
-    relabel = torch.where(confident & ~keep, labels1, torch.full_like(labels1, -1))
-    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given, relabel,
+    return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given,
                         confidence1, confidence2)
 
 
-FILTER_RULES = ("paper", "agreement", "mixture")
+FILTER_RULES = ("paper", "mixture")
 
 
 def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterResult:
@@ -141,8 +127,6 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
     applied afterwards, by :meth:`FilterResult.with_shots`):
 
     - ``paper``: as computed (S1 keeps model 1's label where model 2's p_clean of it > threshold);
-    - ``agreement``: a sample is kept (in both sets) only where the two models give the same label
-      and each validates it (both p_clean > threshold);
     - ``mixture``: per class of the label judged (given labels: the given one), a two-component
       Gaussian mixture on logit(p_clean) (as DivideMix fits one to the loss); kept where the
       posterior of the higher-mean component exceeds 0.5 (classes with too few samples fall back
@@ -150,9 +134,6 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
     """
     if rule == "paper":
         return result
-    if rule == "agreement":
-        both = (result.labels1 == result.labels2) & (result.p_clean1 > threshold) & (result.p_clean2 > threshold)
-        return replace(result, keep1=both, keep2=both.clone())
     if rule == "mixture":
         return replace(result, keep1=mixture_keep(result.p_clean1, result.training_labels(1), threshold),
                        keep2=mixture_keep(result.p_clean2, result.training_labels(2), threshold))

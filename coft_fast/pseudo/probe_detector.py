@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from coft_fast.pseudo.filter import FilterResult, judge_given
-from coft_fast.runtime.metrics import fit_linear_probe
+from coft_fast.linear_probe import fit_linear_probe
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int
             agrees = probabilities.argmax(1) == given  # self-selection for the next round
             train = (agrees if trusted is None else agrees | trusted).to(device)
         views.append(probabilities)
-    (own1, labels1), (own2, labels2) = (view.max(1) for view in views)
+    labels1, labels2 = (view.argmax(1) for view in views)
     p_clean1, p_clean2 = (view.gather(1, given.view(-1, 1)).squeeze(1) for view in views)
     # a probe's p_clean of the given label is also its own confidence in it
-    return judge_given(given, labels1, labels2, p_clean1, p_clean2, own1, own2, threshold, p_clean1, p_clean2)
+    return judge_given(given, labels1, labels2, p_clean1, p_clean2, threshold, p_clean1, p_clean2)

@@ -1,0 +1,75 @@
+"""Evaluation: zero-shot, phase-I and final accuracies on the labelled evaluation images."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from coft_fast.data import ImageSource
+from coft_fast.data.resident import preprocess_stats
+from coft_fast.inference import ensemble_logits
+from coft_fast.models import ClipModel
+from coft_fast.phases.phase1 import encode_with_models
+from coft_fast.phases.phase2 import model_outputs
+from coft_fast.runtime.metrics import classification_metrics
+from coft_fast.scoring import score_images
+from coft_fast.stages.context import RunContext, check_same_positions, sharded
+
+
+def evaluate_prompt_models(run: RunContext, source: ImageSource, positions: torch.Tensor,
+                           truth: torch.Tensor) -> None:
+    """Each phase-I model's accuracy with its positive prompts."""
+    cfg, phase1 = run.cfg, run.state.metrics["phase1"]
+    features, found = sharded(lambda shard: encode_with_models(
+        run.state.prompt_models, source, shard, run.device, cfg.model.precision, cfg.data.batch_size,
+        cfg.data.num_workers, run.progress, description="evaluating phase I", decoder=run.decoder,
+        reuse=cfg.run.reuse), positions.tolist())
+    check_same_positions(found, positions, source.origin)
+    for index, (model, feats) in enumerate(zip(run.state.prompt_models, features), start=1):
+        with torch.no_grad():
+            pos, _ = model.text_features()
+        phase1[f"model{index}"]["eval"] = classification_metrics(run.logit_scale * feats @ pos.cpu().T, truth)
+        phase1[f"model{index}"]["acc1"] = phase1[f"model{index}"]["eval"]["acc1"]
+
+
+def evaluate_classifiers(run: RunContext, clip2: ClipModel, source: ImageSource, positions: torch.Tensor,
+                         truth: torch.Tensor) -> None:
+    """Each phase II classifier's accuracy (two: also their logit ensemble); ``final`` is the ensemble's
+    or the one classifier's."""
+    cfg, final = run.cfg, run.state.metrics.setdefault("final", {})
+    all_logits = {}
+    for tag, classifier in run.state.classifiers.items():
+        logits, found = sharded(lambda shard: model_outputs(
+            classifier, source, clip2.preprocess_eval, run.device, cfg.model.precision, cfg.data.batch_size,
+            cfg.data.num_workers, shard, run.progress, f"evaluating {tag}", run.decoder,
+            preprocess_stats(clip2.model), run.compile), positions.tolist())
+        check_same_positions(found, positions, source.origin)
+        all_logits[tag] = logits
+        final[tag] = classification_metrics(logits, truth)
+    if len(all_logits) > 1:  # phase2.train_on=both: the logit ensemble
+        final["ensemble"] = classification_metrics(ensemble_logits(all_logits.values()), truth)
+    main = "ensemble" if "ensemble" in final else next(iter(all_logits))
+    final.update({key: final[main][key] for key in ("acc1", "acc5", "mean_per_class_recall")})
+    final["classifier"] = main
+    final["num_images"] = int(len(positions))
+
+
+def evaluate(run: RunContext, clip2: ClipModel) -> None:
+    """Zero-shot, phase I and final accuracies on the evaluation images (when they have labels)."""
+    metrics, source, cfg = run.state.metrics, run.eval_source, run.cfg
+    zero_shot = metrics.setdefault("zero_shot", {})
+    metrics.setdefault("final", {})
+    if source is None or not source.has_labels:
+        return
+    started = time.perf_counter()
+    _, positions, probabilities = score_images(
+        run.clip, source, run.class_text(run.clip), run.device, cfg.model.precision, cfg.data.batch_size,
+        cfg.data.num_workers, progress=run.progress, description="evaluating zero-shot", compile_model=run.compile,
+        gather=sharded)
+    truth = torch.tensor(source.labels, dtype=torch.long)[positions]
+    zero_shot.update(classification_metrics(probabilities, truth))
+    zero_shot["num_images"] = int(len(positions))
+    if run.state.prompt_models:
+        evaluate_prompt_models(run, source, positions, truth)
+    evaluate_classifiers(run, clip2, source, positions, truth)
+    run.timed("evaluation", time.perf_counter() - started)
