@@ -146,3 +146,23 @@ def test_every_relative_link_in_the_readme_exists_now():
     readme = REPO / "README.md"
     missing = [target for target in _relative_links(readme) if target and not (REPO / target).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_the_architecture_page_names_every_module_file():
+    """docs/architecture.md follows the layout: each file of the package is named on the page (by its
+    path under coft_fast/, or by its file name in its folder's row), and the page names no module
+    file that is gone."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    package = REPO / "coft_fast"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if path.name == "__init__.py" and relative != "__init__.py":
+            continue  # a folder's __init__ is the folder itself, named in its row
+        if f"coft_fast/{relative}" not in page and f"`{relative}`" not in page and f"`{path.name}`" not in page:
+            missing.append(relative)
+    assert not missing, f"docs/architecture.md does not name {missing}"
+    named = set(re.findall(r"`coft_fast/([\w/]+\.py)`", page)) | set(re.findall(r"`((?:stages|phases|pseudo|models|"
+                                                                               r"data|config|ops|runtime)/\w+\.py)`", page))
+    gone = sorted(name for name in named if not (package / name).is_file())
+    assert not gone, f"docs/architecture.md names module files that do not exist: {gone}"
