@@ -4,19 +4,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from coft_fast.config import ConfigError
 from coft_fast.inference import RunModel
 from coft_fast.runtime.checkpoint import save_tensors
-from coft_fast.runtime.io import atomic_write, atomic_write_json, atomic_write_text
+from coft_fast.runtime.io import PathLike, atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-PathLike = Union[str, os.PathLike]
 FORMATS = ("open_clip", "onnx")
 
 OPEN_CLIP_README = """# {title}
@@ -66,8 +64,10 @@ def _classifier(model: RunModel, tag: Optional[str]):
     return tag, copy.deepcopy(model.classifiers[tag]).cpu().float().eval()
 
 
-def _write_classes(out_dir: Path, names) -> None:
-    atomic_write_text(out_dir / "classes.txt", "".join(f"{name}\n" for name in names))
+def _write_classes_and_readme(out_dir: Path, model: RunModel, readme: str, **fields) -> None:
+    atomic_write_text(out_dir / "classes.txt", "".join(f"{name}\n" for name in model.class_names))
+    atomic_write_text(out_dir / "README.md", readme.format(
+        title=f"{out_dir.name}: fine-tuned by coft_fast", num_classes=len(model.class_names), folder=out_dir, **fields))
 
 
 def export_open_clip(model: RunModel, out: PathLike, tag: Optional[str] = None) -> Path:
@@ -93,10 +93,8 @@ def export_open_clip(model: RunModel, out: PathLike, tag: Optional[str] = None) 
     head = classifier.head
     save_tensors(out_dir / "classifier.safetensors", {"weight": head.weight.detach(), "bias": head.bias.detach(),
                                                       "logit_scale": head.scale.detach().reshape(())})
-    _write_classes(out_dir, model.class_names)
-    atomic_write_text(out_dir / "README.md", OPEN_CLIP_README.format(
-        title=f"{out_dir.name}: fine-tuned by coft_fast", method=model.config.method, run=model.run_dir,
-        num_classes=len(model.class_names), folder=out_dir, source=described))
+    _write_classes_and_readme(out_dir, model, OPEN_CLIP_README, method=model.config.method, run=model.run_dir,
+                              source=described)
     log.info("exported %s (classifier %s) as an open_clip folder: %s", model.run_dir, tag, out_dir)
     return out_dir
 
@@ -110,18 +108,12 @@ def export_onnx(model: RunModel, out: PathLike, tag: Optional[str] = None, opset
     example = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1)
 
-    def write(tmp: str) -> None:
-        program = torch.onnx.export(classifier, (example,), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
-        program.save(tmp)
-
-    atomic_write(out_dir / "model.onnx", write)
-    _write_classes(out_dir, model.class_names)
+    program = torch.onnx.export(classifier, (example,), input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False)
+    atomic_write(out_dir / "model.onnx", program.save)
     preprocess = json.loads((model.metadata or {}).get("open_clip_config", "{}")).get("preprocess_cfg", {})
-    atomic_write_text(out_dir / "README.md", ONNX_README.format(
-        title=f"{out_dir.name}: fine-tuned by coft_fast", size=size, num_classes=len(model.class_names),
-        folder=out_dir, interpolation=preprocess.get("interpolation", "bicubic"), mean=preprocess.get("mean"),
-        std=preprocess.get("std")))
+    _write_classes_and_readme(out_dir, model, ONNX_README, size=size, mean=preprocess.get("mean"),
+                              interpolation=preprocess.get("interpolation", "bicubic"), std=preprocess.get("std"))
     log.info("exported %s (classifier %s) as ONNX: %s", model.run_dir, tag, out_dir / "model.onnx")
     return out_dir / "model.onnx"
 

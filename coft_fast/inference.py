@@ -1,19 +1,13 @@
-"""A finished run as a model: rebuilt from its run folder alone, for prediction and export.
-
-Phase II writes each fine-tuned classifier as ``finetuned_<set>.safetensors`` (``s1``, ``s2``, or
-``s_star`` for self-training): the image tower and the linear head, with the class names and the
-open_clip architecture and preprocessing config in the file's metadata. :func:`load_run` needs
-nothing else (neither the pool nor the original model source), so a run folder can be moved.
-"""
+"""A finished run as a model, rebuilt from its run folder alone: each ``finetuned_<set>.safetensors``
+holds the image tower and head with the class names and open_clip config in its metadata."""
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +18,11 @@ from coft_fast.data.streaming import eval_batches
 from coft_fast.phases.phase2 import FineTunedClassifier, ScaledLinearHead
 from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime.device import autocast, resolve_device
-from coft_fast.runtime.io import atomic_csv_writer, atomic_write_csv, atomic_write_json
+from coft_fast.runtime.io import PathLike, atomic_csv_writer, atomic_write_csv, atomic_write_json
 from coft_fast.runtime.metrics import RunningClassificationMetrics
 from coft_fast.runtime.progress import progress_bar
 
 log = logging.getLogger(__name__)
-PathLike = Union[str, os.PathLike]
 FORMAT = "coft_fast.finetuned.v1"
 CLASSIFIER_FILE = "finetuned_{}.safetensors"
 TRAINING_SETS = ("s1", "s2", "s_star")  # phase II's clean sets (s_star: self-training's top-K)
@@ -37,20 +30,14 @@ TRAINING_SETS = ("s1", "s2", "s_star")  # phase II's clean sets (s_star: self-tr
 
 def classifier_metadata(clip, class_names: Sequence[str], tag: str) -> Dict[str, str]:
     """What :func:`load_run` needs beside the weights: the class names and the open_clip config."""
-    return {
-        "format": FORMAT,
-        "training_set": tag,
-        "class_names": "\n".join(class_names),
-        "model": clip.name,
-        "pretrained": clip.pretrained or "",
-        "open_clip_config": json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg}),
-    }
+    config = json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg})
+    return {"format": FORMAT, "training_set": tag, "class_names": "\n".join(class_names), "model": clip.name,
+            "pretrained": clip.pretrained or "", "open_clip_config": config}
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
-    logits = list(logits)
-    return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+    return torch.stack(list(logits)).mean(0)
 
 
 class PredictionResult:
@@ -86,7 +73,9 @@ def _missing_stage(run_dir: Path, config: Config, tag: str) -> str:
     return next((stage for stage in stages if not (run_dir / "checkpoints" / f"{stage}.pt").is_file()), stages[-1])
 
 
-def _read_classifier_file(path: Path):
+def _load_classifier(path: Path):
+    """(a FineTunedClassifier of the file's architecture and weights, its evaluation transform, metadata)."""
+    import open_clip
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -95,13 +84,6 @@ def _read_classifier_file(path: Path):
     if "open_clip_config" not in metadata:
         raise ConfigError(f"{path} holds no open_clip config (it was written by an older coft_fast): run "
                           f"`coft-fast train ... --resume` on this run folder once to rewrite it")
-    return tensors, metadata
-
-
-def _build_classifier(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path: Path):
-    """A FineTunedClassifier of the file's architecture with its weights, and the evaluation transform."""
-    import open_clip
-
     config = json.loads(metadata["open_clip_config"])
     previous = logging.getLogger().level
     with tempfile.TemporaryDirectory(prefix="coft_model_") as folder:
@@ -119,10 +101,7 @@ def _build_classifier(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]
         classifier.load_state_dict(tensors)
     except RuntimeError as exc:
         raise ConfigError(f"{path}: its weights do not fit the architecture in its own metadata ({exc})") from None
-    classifier.eval()
-    for parameter in classifier.parameters():
-        parameter.requires_grad_(False)
-    return classifier, preprocess
+    return classifier.eval().requires_grad_(False), preprocess, metadata
 
 
 class RunModel:
@@ -138,7 +117,6 @@ class RunModel:
         self.metrics = metrics
         # the last classifier file's metadata: model source and open_clip config (None in memory)
         self.metadata = metadata
-        self.device = torch.device("cpu")
         self.to(device)
 
     @property
@@ -159,9 +137,8 @@ class RunModel:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, with_features: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(logits (B, C), features (B, d) or None) in float32: the features are each classifier's
-        normalised image features, concatenated and normalised again (their cosine: the classifiers'
-        mean cosine); ``with_features=False`` skips their concatenation (plain prediction)."""
+        """Float32 (logits (B, C), features (B, d) or None): the classifiers' normalised image features,
+        concatenated and normalised again (so their cosine is the classifiers' mean cosine)."""
         images = images.to(self.device, non_blocking=True)
         logits, features = [], []
         with autocast(self.config.model.precision, self.device):
@@ -174,28 +151,23 @@ class RunModel:
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(positions in ``source``, probabilities, the classifier's own probabilities), on the CPU,
-        batch by batch; unreadable files are skipped (listed in ``source.skipped``). Memory does not
-        grow with the number of images, except with ``transductive``: every image is scored first,
-        then TransCLIP refines the classifier's probabilities over the whole set (the classifier as
-        its prior), given as one batch. Without it the two probabilities are the same tensor."""
+        """(positions in ``source``, probabilities, the classifier's own probabilities) on the CPU, batch by batch
+        in bounded memory; unreadable files go to ``source.skipped``. With ``transductive`` all images are scored
+        first and TransCLIP refines the probabilities over the whole set (the classifier as prior), as one batch."""
         batch_size = batch_size or self.config.data.batch_size
         num_workers = self.config.data.num_workers if num_workers is None else num_workers
-        bar = progress_bar(total=len(source), desc="predicting", unit="img", disable=not progress, leave=False)
         rows, probabilities, features = [], [], []
-        try:
+        with progress_bar(total=len(source), desc="predicting", unit="img", disable=not progress, leave=False) as bar:
             for batch in eval_batches(source, None, self.preprocess, batch_size, num_workers, device=self.device):
                 logits, feature = self.encode(batch.images, with_features=transductive)
+                batch_probabilities = logits.softmax(1).cpu()
                 if transductive:
                     rows.append(batch.indices)
-                    probabilities.append(logits.softmax(1).cpu())
+                    probabilities.append(batch_probabilities)
                     features.append(feature.cpu())
                 else:
-                    batch_probabilities = logits.softmax(1).cpu()
                     yield batch.indices, batch_probabilities, batch_probabilities
                 bar.update(len(batch.indices) + len(batch.failed))
-        finally:
-            bar.close()
         if transductive and rows:
             inductive = torch.cat(probabilities)
             log.info("transductive predictions: TransCLIP over %d images, the run's classifier as the prior", len(inductive))
@@ -212,38 +184,27 @@ class RunModel:
 
     def predict(self, images, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False) -> PredictionResult:
-        """Classify images (a folder, CSV or CoOp JSON path, or a list of files); all rows in memory.
-        For any number of images, :func:`predict_to_folder` streams them to a CSV instead.
-        ``transductive``: TransCLIP refines the predictions over the given images together, with the
-        run's classifier as the prior (better labels for a set, not for one image at a time)."""
+        """Classify images (a folder, CSV or CoOp JSON path, or a list of files), all rows in memory
+        (:func:`predict_to_folder` streams to a CSV). ``transductive``: see :meth:`batches`."""
         source = self.source(images)
-        positions, probabilities = [], []
-        for rows, batch_probabilities, _ in self.batches(source, batch_size, num_workers, progress, transductive):
-            positions.append(rows)
-            probabilities.append(batch_probabilities)
-        if not positions:
-            return PredictionResult([], torch.empty(0, len(self.class_names)), self.class_names)
-        rows = torch.cat(positions).tolist()
-        return PredictionResult([source.paths[i] for i in rows], torch.cat(probabilities), self.class_names)
+        batches = [(rows, p) for rows, p, _ in self.batches(source, batch_size, num_workers, progress, transductive)]
+        paths = [source.paths[i] for rows, _ in batches for i in rows.tolist()]
+        probabilities = torch.cat([p for _, p in batches]) if batches else torch.empty(0, len(self.class_names))
+        return PredictionResult(paths, probabilities, self.class_names)
 
 
 def load_run(run_dir: PathLike, classifier: Optional[str] = None, device: str = "auto") -> RunModel:
-    """The fine-tuned model of a finished run folder (``coft_fast.train(..., out=DIR)``).
-
-    ``classifier``: ``"s1"`` or ``"s2"`` (or ``"s_star"`` for self-training) picks one; None takes
-    what the run trained (the logit ensemble of both with ``phase2.train_on=both``).
-    """
+    """The fine-tuned model of a finished run folder (``coft_fast.train(..., out=DIR)``). ``classifier``:
+    ``"s1"``, ``"s2"`` or ``"s_star"`` (self-training) picks one; None takes what the run trained (with
+    ``phase2.train_on=both``, the logit ensemble of both)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a coft_fast run folder (no config.yaml)")
     config = Config.load(run_dir / "config.yaml")
-    trained = [tag for tag in TRAINING_SETS if (run_dir / CLASSIFIER_FILE.format(tag)).is_file()]
-    if config.method == "self-train":
-        expected = ["s_star"]
-    else:
-        expected = {"s1": ["s1"], "s2": ["s2"], "both": ["s1", "s2"]}[config.phase2.train_on]
+    expected = (["s_star"] if config.method == "self-train"
+                else {"s1": ["s1"], "s2": ["s2"], "both": ["s1", "s2"]}[config.phase2.train_on])
     if classifier is not None:
         if classifier not in TRAINING_SETS:
             raise ConfigError(f"classifier must be one of {', '.join(TRAINING_SETS)}, got {classifier!r}")
@@ -252,18 +213,15 @@ def load_run(run_dir: PathLike, classifier: Optional[str] = None, device: str = 
                               f"{config.phase2.train_on}, method {config.method}), not {classifier!r}")
         expected = [classifier]
     for tag in expected:
-        if tag not in trained:
-            stage = _missing_stage(run_dir, config, tag)
-            raise ConfigError(f"run {run_dir} has not finished phase II: stage {stage} is missing (no "
-                              f"{CLASSIFIER_FILE.format(tag)}); continue it with `coft-fast train ... --resume`")
-    metrics = {}
-    if (run_dir / "metrics.json").is_file():
-        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        if not (run_dir / CLASSIFIER_FILE.format(tag)).is_file():
+            raise ConfigError(f"run {run_dir} has not finished phase II: stage {_missing_stage(run_dir, config, tag)} "
+                              f"is missing (no {CLASSIFIER_FILE.format(tag)}); continue it with `coft-fast train ... "
+                              "--resume`")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     classifiers, preprocess, metadata = {}, None, {}
     for tag in expected:
-        path = run_dir / CLASSIFIER_FILE.format(tag)
-        tensors, metadata = _read_classifier_file(path)
-        classifiers[tag], preprocess = _build_classifier(tensors, metadata, path)
+        classifiers[tag], preprocess, metadata = _load_classifier(run_dir / CLASSIFIER_FILE.format(tag))
     device = resolve_device(device if device != "auto" else config.model.device)
     return RunModel(run_dir, classifiers, preprocess, metadata["class_names"].split("\n"), config, metrics, device,
                     metadata)
@@ -272,13 +230,10 @@ def load_run(run_dir: PathLike, classifier: Optional[str] = None, device: str = 
 def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_size: Optional[int] = None,
                       num_workers: Optional[int] = None, top5: bool = False, progress: bool = True,
                       split: Optional[str] = None, transductive: bool = False) -> Dict:
-    """Stream predictions of ``images`` into ``out``/predictions.csv (``path,prediction,confidence``,
-    with ``top5,top5_confidence`` when asked), skipped.csv for unreadable files, and metrics.json
-    when the images carry labels. Returns the metrics (zeroshot's keys).
-    ``transductive``: the predictions are TransCLIP's over the whole set (see ``RunModel.batches``);
-    predictions.csv adds ``inductive_prediction,inductive_confidence`` (the classifier's own),
-    and metrics.json (always written) says ``"predictions": "transductive"``, with the classifier's
-    own accuracy under ``inductive``."""
+    """Stream predictions into ``out``/predictions.csv (``path,prediction,confidence[,top5,top5_confidence]``),
+    skipped.csv and, for labelled images, metrics.json; returns the metrics (zeroshot's keys). ``transductive``
+    (see ``RunModel.batches``) adds ``inductive_prediction,inductive_confidence`` columns and always writes
+    metrics.json, with ``"predictions": "transductive"`` and the classifier's own metrics under ``inductive``."""
     started = time.perf_counter()
     source = model.source(images, split)
     out_dir = Path(out) if out else None

@@ -1,9 +1,5 @@
-"""report.html: one self-contained page (images and plots inline, no network) of what a run did.
-
-Built from the run folder's files alone (metrics.json, pseudo_labels.csv, the plots and the pool's
-images), so ``coft-fast report --run DIR`` rebuilds it at any time. Thumbnails are bounded:
-THUMBNAILS_PER_STRIP kept and as many dropped images per class, for at most MAX_STRIP_CLASSES classes.
-"""
+"""report.html: one self-contained page (images inline, no network) of what a run did, built from the
+run folder's files alone, so ``coft-fast report --run DIR`` rebuilds it at any time."""
 from __future__ import annotations
 
 import base64
@@ -12,16 +8,14 @@ import html
 import io
 import json
 import logging
-import os
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
-from coft_fast.runtime.io import atomic_write_text
+from coft_fast.runtime.io import PathLike, atomic_write_text
 
 log = logging.getLogger(__name__)
-PathLike = Union[str, os.PathLike]
 REPORT = "report.html"
 THUMBNAIL_PIXELS = 64
 THUMBNAILS_PER_STRIP = 6
@@ -63,8 +57,8 @@ def _png(path: Path) -> str:
 
 
 class PoolSummary:
-    """One streamed pass over pseudo_labels.csv: per-class counts and a seeded sample of the kept and
-    dropped rows of each class (reservoir sampling), so memory stays bounded for any pool size."""
+    """Per-class counts over pseudo_labels.csv's rows and a seeded reservoir sample of each class's kept
+    and dropped rows (``per_strip`` each), so memory stays bounded for any pool size."""
 
     def __init__(self, seed: int = 0, per_strip: int = THUMBNAILS_PER_STRIP):
         self.zero_shot, self.truth, self.kept, self.correct = Counter(), Counter(), Counter(), Counter()
@@ -94,20 +88,8 @@ class PoolSummary:
         reservoir = self.samples[key]
         if len(reservoir) < self.per_strip:
             reservoir.append(row)
-        else:
-            slot = self.rng.randrange(self.seen[key])
-            if slot < self.per_strip:
-                reservoir[slot] = row
-
-
-def summarise_pool(run_dir: Path) -> PoolSummary:
-    summary = PoolSummary()
-    table = run_dir / "pseudo_labels.csv"
-    if table.is_file():
-        with open(table, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                summary.add(row)
-    return summary
+        elif (slot := self.rng.randrange(self.seen[key])) < self.per_strip:  # reservoir sampling
+            reservoir[slot] = row
 
 
 def class_table(summary: PoolSummary, metrics: Dict, names: List[str]) -> List[Dict]:
@@ -184,21 +166,16 @@ def _headline(metrics: Dict) -> str:
 
 def _class_rows_html(table: List[Dict]) -> str:
     columns = [("class", "class"), ("pool_images", "pool images (zero-shot label)"), ("pool_true", "pool images (true)"),
-               ("pool_given", "pool images (given label)"),
-               ("s_star", "S* size"), ("kept", "kept by the filter"), ("precision", "pseudo-label precision")]
+               ("pool_given", "pool images (given label)"), ("s_star", "S* size"), ("kept", "kept by the filter"),
+               ("precision", "pseudo-label precision")]
     present = [(key, title) for key, title in columns if table and key in table[0]]
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in present)
     body = []
     for entry in table:
-        cells = []
-        for key, _ in present:
+        cells = [f"<td class='name'>{html.escape(entry['class'])}</td>"]  # "class" is always the first column
+        for key, _ in present[1:]:
             value = entry.get(key)
-            if key == "class":
-                cells.append(f"<td class='name'>{html.escape(value)}</td>")
-            elif key == "precision":
-                cells.append(f"<td>{_percent(value)}</td>")
-            else:
-                cells.append(f"<td>{'-' if value is None else value}</td>")
+            cells.append(f"<td>{_percent(value) if key == 'precision' else '-' if value is None else value}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table id='classes'><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -210,27 +187,24 @@ def build_report(run_dir: PathLike) -> Path:
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.json: the report needs a finished run folder")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    summary = summarise_pool(run_dir)
-    names_path = run_dir / "class_names.json"
-    if names_path.is_file():
-        names = list(json.loads(names_path.read_text(encoding="utf-8")))
-    else:  # runs written before class_names.json: the classes in the order they occur
-        names = list(summary.zero_shot)
+    summary = PoolSummary()
+    if (run_dir / "pseudo_labels.csv").is_file():
+        with open(run_dir / "pseudo_labels.csv", newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                summary.add(row)
+    names_path = run_dir / "class_names.json"  # older runs lack it: the classes in the order they occur
+    names = list(json.loads(names_path.read_text(encoding="utf-8")) if names_path.is_file() else summary.zero_shot)
     plots = "".join(f"<h3>{html.escape(name)}</h3><img src='{_png(run_dir / name)}' alt='{html.escape(name)}'>"
                     for name in PLOTS if (run_dir / name).is_file())
-    page = (
+    legend = ("By the given label; green: kept (both phase I models accept it), red: dropped (a label issue). "
+              if summary.given else "By model 1's label; green: kept (model 2 validated the label), red: dropped. ")
+    atomic_write_text(run_dir / REPORT, (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>coft_fast run: {html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>Run {html.escape(run_dir.name)}</h1>{_headline(metrics)}"
         f"<h2>Per class</h2>{_class_rows_html(class_table(summary, metrics, names))}"
         f"<h2>Plots</h2><div class='plots'>{plots or '<p class=note>No plots in this run.</p>'}</div>"
-        "<h2>What the filter kept and dropped</h2><p class='note'>"
-        + ("By the given label; green: kept (both phase I models accept it), red: dropped (a label issue). "
-           if summary.given else "By model 1's label; green: kept (model 2 validated the label), red: dropped. ")
-        + "m1, m2: the two phase I models' labels; true: the pool's own label, where it has one (never used for "
-        "training).</p>"
-        f"{_strips(summary, names)}</body></html>\n"
-    )
-    out = run_dir / REPORT
-    atomic_write_text(out, page)
-    return out
+        f"<h2>What the filter kept and dropped</h2><p class='note'>{legend}m1, m2: the two phase I models' labels; "
+        "true: the pool's own label, where it has one (never used for training).</p>"
+        f"{_strips(summary, names)}</body></html>\n"))
+    return run_dir / REPORT

@@ -2,7 +2,7 @@
 import torch
 import torchvision.transforms as T
 
-from coft_fast.data.dali import torchvision_transform, train_base_size
+from coft_fast.data.dali import torchvision_transform
 from coft_fast.data.resident import ResidentImages, base_size
 
 
@@ -60,5 +60,5 @@ def test_the_torchvision_pipeline_of_deft_is_resize_random_crop_flip():
     transform = torchvision_transform(224, (0, 0, 0), (1, 1, 1), train=True, augment="deft")
     kinds = [type(step) for step in transform.transforms]
     assert kinds[:3] == [T.Resize, T.RandomCrop, T.RandomHorizontalFlip]
-    assert transform.transforms[0].size == 256 == train_base_size(224) and transform.transforms[1].size == (224, 224)
+    assert transform.transforms[0].size == 256 == base_size(224) and transform.transforms[1].size == (224, 224)
     assert type(torchvision_transform(224, (0,) * 3, (1,) * 3, train=True).transforms[0]) is T.RandomResizedCrop

@@ -8,8 +8,6 @@ import numpy as np
 from PIL import Image
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
 SPLITS = {"pretrain": 0.4, "pool": 0.3, "test": 0.3}
 
 

@@ -1,9 +1,5 @@
-"""Batched, multi-worker decoding of an :class:`ImageSource` that survives broken files.
-
-A file that cannot be decoded is skipped: the batch simply lacks it, and the loader records its
-path and the reason. ``indices`` restricts loading to part of the source (a later distributed run
-passes each rank its shard).
-"""
+"""Batched, multi-worker decoding of an :class:`ImageSource`: a file that cannot be decoded is left
+out of its batch and recorded (path and reason) in ``source.skipped``."""
 from __future__ import annotations
 
 import logging
@@ -19,8 +15,6 @@ from torch.utils.data import DataLoader, Dataset
 from coft_fast.data.sources import ImageSource
 
 log = logging.getLogger(__name__)
-
-
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
@@ -39,11 +33,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 
 def decode_rgb(path: str) -> Image.Image:
-    """Open an image and convert it to 8-bit RGB.
-
-    Grayscale, palette, CMYK and 16-bit images are converted (16-bit scaled, not clipped);
-    transparent pixels (RGBA, LA, palette transparency) are composited onto white.
-    """
+    """An image as 8-bit RGB: 16-bit scaled (not clipped), transparent pixels composited onto white."""
     with Image.open(path) as image:
         image.load()
         if image.mode in HIGH_BIT_DEPTH_MODES:
@@ -70,9 +60,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, position: int):
         index = self.indices[position]
-        path = self.source.paths[index]
         try:
-            return self.transform(decode_rgb(path)), index, ""
+            return self.transform(decode_rgb(self.source.paths[index])), index, ""
         except Exception as exc:  # any unreadable file is skipped, never fatal
             return None, index, f"{type(exc).__name__}: {exc}"
 
@@ -86,13 +75,9 @@ class Batch:
 
 def collate_skipping_failures(items) -> Batch:
     good = [(image, index) for image, index, _ in items if image is not None]
-    failed = [(index, reason) for image, index, reason in items if image is None]
-    if good:
-        images = torch.stack([image for image, _ in good])
-        indices = torch.tensor([index for _, index in good], dtype=torch.long)
-    else:
-        images, indices = torch.empty(0), torch.empty(0, dtype=torch.long)
-    return Batch(images, indices, failed)
+    images = torch.stack([image for image, _ in good]) if good else torch.empty(0)
+    indices = torch.tensor([index for _, index in good], dtype=torch.long)
+    return Batch(images, indices, [(index, reason) for image, index, reason in items if image is None])
 
 
 def epoch_order(count: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
@@ -108,25 +93,11 @@ def steps_per_epoch(count: int, batch_size: int, drop_last: bool = False) -> int
     return count // batch_size if drop_last and count >= batch_size else math.ceil(count / batch_size)
 
 
-def iterate_batches(
-    source: ImageSource,
-    transform: Callable,
-    batch_size: int,
-    num_workers: int = 0,
-    indices: Optional[Sequence[int]] = None,
-    pin_memory: bool = False,
-) -> Iterator[Batch]:
-    """Yield decoded batches in source order; broken files are appended to ``source.skipped``."""
-    dataset = ImageDataset(source, transform, indices)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skipping_failures,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+def iterate_batches(source: ImageSource, transform: Callable, batch_size: int, num_workers: int = 0,
+                    indices: Optional[Sequence[int]] = None, pin_memory: bool = False) -> Iterator[Batch]:
+    """Decoded batches of ``indices`` (default: all) in order; broken files go to ``source.skipped``."""
+    loader = DataLoader(ImageDataset(source, transform, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_skipping_failures, pin_memory=pin_memory)
     for batch in loader:
         for index, reason in batch.failed:
             source.skipped.append({"path": source.paths[index], "reason": reason})

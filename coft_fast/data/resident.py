@@ -1,13 +1,6 @@
-"""Decoded images kept in memory, with batched training augmentation (random resized or DeFT's crop + flip).
-
-Small training sets (S* in phase I, the clean set in phase II when it fits) are decoded once, at a
-base size a little above the model's input size (as "Resize 256, crop 224" does) but never above
-the images' own size, and stored as uint8. Each training batch is then cut by batched matrix
-products that resample every crop as PIL does (bicubic with a = -0.5, antialiased when shrinking;
-flips fold into the matrices) and normalised: no per-epoch decoding.
-Sharpness matters on small images: bilinear crops cost 2 to 3 points of final accuracy against
-PIL's bicubic crops on the CIFAR-10 test bed, and so did storing 32-pixel images upscaled.
-"""
+"""Training images decoded once into memory (uint8), a little above the model's input size but never
+above their own, and augmented per batch by matrix products that resample as PIL's bicubic does.
+Sharpness matters: bilinear crops, or small images stored upscaled, cost 2 to 3 points on CIFAR-10."""
 from __future__ import annotations
 
 import math
@@ -36,39 +29,29 @@ class ResidentImages:
                  device: torch.device = torch.device("cpu")):
         self.image_size = int(image_size)
         self.base_size = stored_side([source.paths[i] for i in indices], self.image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        base = T.Compose([
-            T.Resize(self.base_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(self.base_size),
-            T.PILToTensor(),
-        ])
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        base = T.Compose([T.Resize(self.base_size, interpolation=T.InterpolationMode.BICUBIC),
+                          T.CenterCrop(self.base_size), T.PILToTensor()])
         chunks, positions = [], []
-        bar = progress_bar(total=len(indices), desc="decoding into memory", unit="img", disable=not progress, leave=False)
-        for batch in iterate_batches(source, base, batch_size, num_workers, indices):
-            chunks.append(batch.images)
-            positions.append(batch.indices)
-            bar.update(len(batch.indices) + len(batch.failed))
-        bar.close()
+        with progress_bar(total=len(indices), desc="decoding into memory", unit="img", disable=not progress,
+                          leave=False) as bar:
+            for batch in iterate_batches(source, base, batch_size, num_workers, indices):
+                chunks.append(batch.images)
+                positions.append(batch.indices)
+                bar.update(len(batch.indices) + len(batch.failed))
         images = torch.cat(chunks) if chunks else torch.empty(0, 3, self.base_size, self.base_size, dtype=torch.uint8)
         self.images = images.to(device)  # on the GPU, augmentation runs there too
-        self.mean, self.std = self.mean.to(device), self.std.to(device)
         self.positions = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images / 255.0 - self.mean) / self.std
-
     def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5,
                     keep: slice = slice(None), augment: str = "random_resized_crop") -> torch.Tensor:
-        """Float (n, 3, S, S) with horizontal flips: ``augment="random_resized_crop"`` cuts random resized
-        crops (area in [scale_min, 1], aspect 3/4..4/3); ``"deft"`` DeFT's Resize(256) -> RandomCrop(224):
-        a square of side S * B0 / base_size(S) of the stored side B (B0 = base_size(S), so S itself when
-        the images were stored at B0, and the same 224/256 share of the short side when they were
-        smaller) at a whole-pixel offset, resampled to S (an exact copy when the side is S).
-        The crops of all ``rows`` are drawn; only those of ``rows[keep]`` are cut (a rank's part)."""
+        """Normalised crops (n, 3, S, S), randomly flipped: ``"random_resized_crop"`` (area in [scale_min, 1],
+        aspect 3/4..4/3) or ``"deft"`` (Resize(256) -> RandomCrop(224): a square of side S * B / base_size(S)
+        of the stored side B at a whole-pixel offset). All ``rows``' crops are drawn, ``rows[keep]``'s cut."""
         n, b, s = len(rows), self.base_size, self.image_size
         if augment == "deft":
             side = torch.full((n,), b * s / base_size(s), dtype=torch.float64).clamp(max=b)
@@ -78,8 +61,7 @@ class ResidentImages:
             w = h = side
         elif augment == "random_resized_crop":
             area = b * b * (scale_min + (1 - scale_min) * torch.rand(n, generator=generator))
-            log_ratio = (torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3)
-            ratio = torch.exp(log_ratio)
+            ratio = torch.exp((torch.rand(n, generator=generator) * 2 - 1) * math.log(4 / 3))
             w = torch.sqrt(area * ratio).clamp(max=b)
             h = torch.sqrt(area / ratio).clamp(max=b)
             x0 = torch.rand(n, generator=generator) * (b - w)
@@ -95,16 +77,14 @@ class ResidentImages:
         down = resample_matrix(y0, h, b, s)
         images = self.images[rows[keep].to(device)].float()
         crops = down[:, None] @ images @ across[:, None].transpose(-1, -2)
-        return self._normalise(crops.clamp_(0, 255))
+        return (crops.clamp_(0, 255) / 255.0 - self.mean) / self.std
 
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False,
                       augment: str = "random_resized_crop"):
         """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
-        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
-        ``augment``: "random_resized_crop" or "deft" (see :meth:`train_batch`).
-        In a distributed run the images are this rank's part of the batch (``batch_part(len(positions))``),
-        cut exactly as a single process would cut them."""
+        ``views`` augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only. In a
+        distributed run the images are this rank's part of the batch, cut as one process would cut them."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
@@ -119,9 +99,8 @@ def base_size(image_size: int) -> int:
 
 
 def stored_side(paths: Sequence[str], image_size: int) -> int:
-    """The side at which ``paths`` are kept: ``base_size``, lowered to the median short side of up to
-    SIZE_PROBES images (headers only) when they are smaller, since upscaling before cropping only blurs,
-    but never below ``image_size``."""
+    """``base_size``, lowered to the median short side of SIZE_PROBES of ``paths`` (headers only) when
+    smaller (upscaling before cropping only blurs), but never below ``image_size``."""
     step = max(1, len(paths) // SIZE_PROBES)
     sides = []
     for path in paths[::step][:SIZE_PROBES]:
@@ -130,26 +109,21 @@ def stored_side(paths: Sequence[str], image_size: int) -> int:
                 sides.append(min(image.size))
         except Exception:  # a broken file is skipped when decoding
             continue
-    side = base_size(image_size)
-    if sides:
-        side = min(side, int(statistics.median(sides)))
+    side = min(base_size(image_size), int(statistics.median(sides))) if sides else base_size(image_size)
     return max(side, image_size)
 
 
-def cubic(x: torch.Tensor) -> torch.Tensor:
-    """Keys' bicubic kernel with a = CUBIC_A."""
+def cubic(x: torch.Tensor, a: float = CUBIC_A) -> torch.Tensor:
+    """Keys' bicubic kernel."""
     x = x.abs()
-    a = CUBIC_A
     near = ((a + 2) * x - (a + 3)) * x * x + 1
     far = ((x - 5) * x + 8) * x * a - 4 * a
     return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
 def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
-    """(n, out_size, in_size) rows that resample the span [start, start + length) of ``in_size`` pixels
-    onto ``out_size`` pixels as PIL's crop-then-resize does: pixel centres at +0.5, the bicubic kernel
-    stretched by the scale when shrinking (antialiasing), taps outside the span's pixels dropped and
-    the rest renormalised."""
+    """(n, out_size, in_size) matrices resampling [start, start + length) of ``in_size`` pixels to ``out_size``
+    as PIL's crop-then-resize: kernel stretched when shrinking, taps outside the span dropped, renormalised."""
     start, length = start.double(), length.double()  # the matrices are built on start's device
     scale = length / out_size
     stretch = scale.clamp(min=1.0)

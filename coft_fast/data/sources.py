@@ -1,9 +1,5 @@
-"""Where images come from: class folders, flat folders, CSV files and CoOp split JSON files.
-
-Every source becomes an :class:`ImageSource`: a list of paths, a label per path (-1 when
-unknown) and the class names. Labels are only ever used for evaluation and diagnostics.
-All input problems are raised as :class:`DataError` before any image is decoded.
-"""
+"""Image sources (class folders, flat folders, CSV files, CoOp split JSON) as :class:`ImageSource`;
+input problems raise :class:`DataError` before any image is decoded."""
 from __future__ import annotations
 
 import csv
@@ -51,9 +47,8 @@ class ImageSource:
         return any(label != UNLABELLED for label in self.labels)
 
     def subset(self, indices: Sequence[int]) -> "ImageSource":
-        return ImageSource(
-            [self.paths[i] for i in indices], [self.labels[i] for i in indices], list(self.class_names), self.origin
-        )
+        return ImageSource([self.paths[i] for i in indices], [self.labels[i] for i in indices], list(self.class_names),
+                           self.origin)
 
 
 def read_class_names(classes: Union[PathLike, Sequence[str]]) -> List[str]:
@@ -62,8 +57,7 @@ def read_class_names(classes: Union[PathLike, Sequence[str]]) -> List[str]:
         path = Path(classes)
         if not path.is_file():
             raise DataError(f"class file not found: {path} (expected a text file with one class name per line)")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        names = [line.strip() for line in lines if line.strip()]
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         origin = str(path)
     else:
         names = [str(name).strip() for name in classes]
@@ -72,11 +66,10 @@ def read_class_names(classes: Union[PathLike, Sequence[str]]) -> List[str]:
         raise DataError(f"{origin}: no class names (expected at least one)")
     if any(not name for name in names):
         raise DataError(f"{origin}: empty class name")
-    seen: Dict[str, int] = {}
+    first: Dict[str, int] = {}
     for index, name in enumerate(names):
-        if name in seen:
-            raise DataError(f"{origin}: class name {name!r} appears twice (entries {seen[name] + 1} and {index + 1})")
-        seen[name] = index
+        if first.setdefault(name, index) != index:
+            raise DataError(f"{origin}: class name {name!r} appears twice (entries {first[name] + 1} and {index + 1})")
     return names
 
 
@@ -89,9 +82,7 @@ def _class_index(class_names: Sequence[str]) -> Dict[str, int]:
     index = {}
     for i, name in enumerate(class_names):
         index.setdefault(_canonical(name), i)
-    for i, name in enumerate(class_names):
-        index[name] = i
-    return index
+    return {**index, **{name: i for i, name in enumerate(class_names)}}
 
 
 def _lookup(index: Dict[str, int], name: str) -> Optional[int]:
@@ -107,23 +98,18 @@ def _images_under(folder: Path) -> List[Path]:
 
 
 def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> ImageSource:
-    """A folder of class sub-folders (labelled) or a flat folder of images (unlabelled).
-
-    Sub-folder names are matched to ``class_names`` exactly or ignoring case, '_' and '-'. When
-    ``class_names`` is None the sorted sub-folder names become the classes.
-    """
+    """A folder of class sub-folders (labelled; matched to ``class_names`` ignoring case, '_' and '-', or
+    their sorted names are the classes) or a flat folder of images (unlabelled)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
-    class_dirs = [d for d in subdirs if _images_under(d)]
-    if class_dirs and loose:
-        raise DataError(
-            f"{root} mixes class sub-folders ({', '.join(d.name for d in class_dirs[:3])}...) with "
-            f"{len(loose)} loose images: use one layout (class sub-folders, or a flat folder)"
-        )
-    if not class_dirs:
+    found = {d: images for d in subdirs if (images := _images_under(d))}  # the class folders and their images
+    if found and loose:
+        raise DataError(f"{root} mixes class sub-folders ({', '.join(d.name for d in list(found)[:3])}...) with "
+                        f"{len(loose)} loose images: use one layout (class sub-folders, or a flat folder)")
+    if not found:
         if not loose:
             raise DataError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
         if class_names is None:
@@ -131,99 +117,76 @@ def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> 
         names = read_class_names(class_names)
         return ImageSource([str(p) for p in loose], [UNLABELLED] * len(loose), names, str(root))
 
-    names = read_class_names(class_names) if class_names is not None else [d.name for d in class_dirs]
+    names = read_class_names(class_names) if class_names is not None else [d.name for d in found]
     lookup = _class_index(names)
     paths: List[str] = []
     labels: List[int] = []
-    for folder in class_dirs:
+    for folder, images in found.items():
         label = _lookup(lookup, folder.name)
         if label is None:
-            raise DataError(
-                f"{root}: sub-folder {folder.name!r} matches no class name "
-                f"(classes: {', '.join(names[:10])}{'...' if len(names) > 10 else ''})"
-            )
-        for image in _images_under(folder):
-            paths.append(str(image))
-            labels.append(label)
+            raise DataError(f"{root}: sub-folder {folder.name!r} matches no class name "
+                            f"(classes: {', '.join(names[:10])}{'...' if len(names) > 10 else ''})")
+        paths += map(str, images)
+        labels += [label] * len(images)
     return ImageSource(paths, labels, names, str(root))
 
 
 def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
-    """A CSV of ``path[,label]`` rows (an optional header row ``path,label``).
-
-    Relative paths are resolved against the CSV's folder. A label is a class name or a class
-    index; an empty label means unlabelled.
-    """
+    """A CSV of ``path[,label]`` rows (optional header ``path,label``); paths relative to the CSV's
+    folder; a label is a class name, a class index, or empty (unlabelled)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"CSV file not found: {csv_path}")
     names = read_class_names(class_names)
     lookup = _class_index(names)
-    paths: List[str] = []
-    labels: List[int] = []
-    first_seen: Dict[str, tuple] = {}  # resolved path -> (row number, position in paths)
+    listed: Dict[str, list] = {}  # normalised path -> [first row, path, label]
     duplicates = 0
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
-    first_row = 1
-    if rows and rows[0] and rows[0][0].strip().lower() == "path":
-        rows, first_row = rows[1:], 2
-    for line_no, row in enumerate(rows, start=first_row):
+    first_row = 2 if rows and rows[0] and rows[0][0].strip().lower() == "path" else 1
+    for line_no, row in enumerate(rows[first_row - 1:], start=first_row):
         if not row or not row[0].strip():
             continue
         if len(row) > 2:
             raise DataError(f"{csv_path}, row {line_no}: expected 'path[,label]', got {len(row)} columns")
-        image = Path(row[0].strip())
-        if not image.is_absolute():
-            image = csv_path.parent / image
+        image = str(csv_path.parent / row[0].strip())  # an absolute path stays as it is
         raw = row[1].strip() if len(row) == 2 else ""
-        if raw == "":
-            label = UNLABELLED
-        else:
-            label = _lookup(lookup, raw)
-            if label is None and raw.lstrip("-").isdigit():
-                label = int(raw)
-                if not 0 <= label < len(names):
-                    raise DataError(f"{csv_path}, row {line_no}: label index {label} is outside 0..{len(names) - 1}")
-            if label is None:
-                raise DataError(f"{csv_path}, row {line_no}: label {raw!r} is not one of the {len(names)} class names")
-        key = os.path.normpath(str(image))
-        if key in first_seen:
-            earlier_row, position = first_seen[key]
-            earlier_label = labels[position]
-            if UNLABELLED not in (earlier_label, label) and earlier_label != label:
-                raise DataError(f"{csv_path}, rows {earlier_row} and {line_no}: {row[0].strip()!r} is listed twice "
+        label = _lookup(lookup, raw) if raw else UNLABELLED
+        if label is None and raw.lstrip("-").isdigit():
+            label = int(raw)
+            if not 0 <= label < len(names):
+                raise DataError(f"{csv_path}, row {line_no}: label index {label} is outside 0..{len(names) - 1}")
+        if label is None:
+            raise DataError(f"{csv_path}, row {line_no}: label {raw!r} is not one of the {len(names)} class names")
+        earlier = listed.setdefault(os.path.normpath(image), [line_no, image, label])
+        if earlier[0] != line_no:
+            if UNLABELLED not in (earlier[2], label) and earlier[2] != label:
+                raise DataError(f"{csv_path}, rows {earlier[0]} and {line_no}: {row[0].strip()!r} is listed twice "
                                 f"with different labels; keep one row per image")
-            labels[position] = max(earlier_label, label)  # a label wins over "unlabelled"
+            earlier[2] = max(earlier[2], label)  # a label wins over "unlabelled"
             duplicates += 1
-            continue
-        first_seen[key] = (line_no, len(paths))
-        paths.append(str(image))
-        labels.append(label)
-    if not paths:
+    if not listed:
         raise DataError(f"{csv_path}: no image rows")
     if duplicates:
         log.warning("%s: %d repeated rows of images already listed were ignored", csv_path, duplicates)
-    return ImageSource(paths, labels, names, str(csv_path))
+    return ImageSource([entry[1] for entry in listed.values()], [entry[2] for entry in listed.values()], names,
+                       str(csv_path))
 
 
 def _find_image_root(json_path: Path, first_relative: str) -> Path:
-    candidates = [json_path.parent] + sorted(p for p in json_path.parent.iterdir() if p.is_dir())
-    for candidate in candidates:
+    for candidate in [json_path.parent, *sorted(p for p in json_path.parent.iterdir() if p.is_dir())]:
         if (candidate / first_relative).exists():
             return candidate
-    raise DataError(
-        f"{json_path}: cannot find the image folder: {first_relative!r} exists neither beside the JSON "
-        f"nor in one of its sub-folders; pass the folder the paths are relative to (data.image_root)"
-    )
+    raise DataError(f"{json_path}: cannot find the image folder: {first_relative!r} exists neither beside the JSON "
+                    f"nor in one of its sub-folders; pass the folder the paths are relative to (data.image_root)")
 
 
-def from_coop_split(
-    json_path: PathLike,
-    split: Optional[str],
-    class_names: Optional[Sequence[str]] = None,
-    image_root: Optional[PathLike] = None,
-) -> ImageSource:
+def _is_coop_entry(entry) -> bool:
+    return isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)
+
+
+def from_coop_split(json_path: PathLike, split: Optional[str], class_names: Optional[Sequence[str]] = None,
+                    image_root: Optional[PathLike] = None) -> ImageSource:
     """CoOp's ``split_zhou_<Dataset>.json``: {"train"|"val"|"test": [[path, label, classname], ...]}."""
     json_path = Path(json_path)
     if split is None:
@@ -241,15 +204,13 @@ def from_coop_split(
     entries = splits[split]
     if not entries:
         raise DataError(f"{json_path}: split {split!r} is empty")
-    json_names: Dict[int, str] = {}
     for position, entry in enumerate(entries):
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int)):
+        if not _is_coop_entry(entry):
             raise DataError(f"{json_path}: {split}[{position}] should be [path, label, classname], got {entry!r}")
-        json_names.setdefault(entry[1], entry[2])
-    for part in splits.values():
-        for entry in part if isinstance(part, list) else []:
-            if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], int):
-                json_names.setdefault(entry[1], entry[2])
+    json_names: Dict[int, str] = {}
+    for part in [entries, *splits.values()]:  # the chosen split's names first
+        for entry in filter(_is_coop_entry, part if isinstance(part, list) else []):
+            json_names.setdefault(entry[1], entry[2])
     if class_names is None:
         count = max(json_names) + 1
         missing = [i for i in range(count) if i not in json_names]
@@ -259,23 +220,16 @@ def from_coop_split(
     else:
         names = read_class_names(class_names)
     root = Path(image_root) if image_root is not None else _find_image_root(json_path, entries[0][0])
-    paths, labels = [], []
-    for position, (relative, label, _) in enumerate(entries):
+    for position, (_, label, _) in enumerate(entries):
         if not 0 <= label < len(names):
-            raise DataError(
-                f"{json_path}: {split}[{position}] has label {label}, but there are {len(names)} class names"
-            )
-        paths.append(str(root / relative))
-        labels.append(label)
-    return ImageSource(paths, labels, names, f"{json_path}:{split}")
+            raise DataError(f"{json_path}: {split}[{position}] has label {label}, "
+                            f"but there are {len(names)} class names")
+    return ImageSource([str(root / entry[0]) for entry in entries], [entry[1] for entry in entries], names,
+                       f"{json_path}:{split}")
 
 
-def load_source(
-    images: PathLike,
-    class_names: Optional[Union[PathLike, Sequence[str]]] = None,
-    split: Optional[str] = None,
-    image_root: Optional[PathLike] = None,
-) -> ImageSource:
+def load_source(images: PathLike, class_names: Optional[Union[PathLike, Sequence[str]]] = None,
+                split: Optional[str] = None, image_root: Optional[PathLike] = None) -> ImageSource:
     """Pick the reader from what ``images`` is: a folder, a ``.csv`` file or a ``.json`` split file."""
     path = Path(images)
     if path.is_dir():
@@ -301,10 +255,8 @@ def require_labels(source: ImageSource, purpose: str) -> None:
 
 
 def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
-    """The pool with the labelled ``shots`` it lacks appended, and each pool position's shot label
-    (-1: not a shot). An image in both (same file after resolving links) is one pool image whose
-    label for training is the shot's; the pool's own label (diagnostics) is kept where it has one.
-    Raises DataError, naming the shots' source, for an unlabelled shot or different class names."""
+    """(the pool with the labelled ``shots`` it lacks appended, each position's shot label or -1).
+    An image in both (same real path) keeps its pool label for diagnostics and trains on the shot's."""
     if list(shots.class_names) != list(pool.class_names):
         raise DataError(f"{shots.origin}: the labelled shots have classes {shots.class_names[:5]}..., "
                         f"not the pool's {pool.class_names[:5]}...")
@@ -313,27 +265,20 @@ def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
     paths, labels = list(pool.paths), list(pool.labels)
     shot_labels = [UNLABELLED] * len(paths)
     for path, label in zip(shots.paths, shots.labels):
-        position = where.get(os.path.realpath(path))
-        if position is None:
-            position = len(paths)
-            where[os.path.realpath(path)] = position
+        position = where.setdefault(os.path.realpath(path), len(paths))
+        if position == len(paths):  # neither in the pool nor an earlier shot
             paths.append(path)
             labels.append(label)
             shot_labels.append(label)
         elif shot_labels[position] not in (UNLABELLED, label):
             raise DataError(f"{shots.origin}: {path} is listed twice with different labels; keep one")
-        else:
-            shot_labels[position] = label
-    merged = ImageSource(paths, labels, list(pool.class_names), pool.origin, pool.skipped)
-    return merged, shot_labels
+        shot_labels[position] = label
+    return ImageSource(paths, labels, list(pool.class_names), pool.origin, pool.skipped), shot_labels
 
 
 def combine_sources(sources: Sequence[ImageSource], classes_given: bool = False) -> ImageSource:
-    """One labelled source from several (their images in order), e.g. two pre-training folders.
-
-    Without explicit class names (``classes_given`` False) every source must have the same classes;
-    with them, each class must have images in at least one source. The same file given twice is an
-    error naming both sources."""
+    """One source from several, their images in order. Without ``classes_given`` all must have the
+    same classes; with it, each class needs images in some source. A file in two sources is an error."""
     if not sources:
         raise DataError("no image sources given")
     first = sources[0]
@@ -347,19 +292,16 @@ def combine_sources(sources: Sequence[ImageSource], classes_given: bool = False)
     if len(sources) == 1:
         return first
     seen: Dict[str, str] = {}
-    paths: List[str] = []
-    labels: List[int] = []
     for source in sources:
-        for path, label in zip(source.paths, source.labels):
+        for path in source.paths:
             key = os.path.realpath(path)
             if key in seen:
                 raise DataError(f"{path} is in both {seen[key]} and {source.origin}: give each image once")
             seen[key] = source.origin
-            paths.append(path)
-            labels.append(label)
-    combined = ImageSource(paths, labels, list(first.class_names), " + ".join(s.origin for s in sources))
+    combined = ImageSource([path for s in sources for path in s.paths], [label for s in sources for label in s.labels],
+                           list(first.class_names), " + ".join(s.origin for s in sources))
     if classes_given:
-        present = set(labels)
+        present = set(combined.labels)
         empty = [name for index, name in enumerate(first.class_names) if index not in present]
         if empty:
             raise DataError(f"{combined.origin}: no images of class {', '.join(empty[:5])}"

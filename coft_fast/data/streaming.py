@@ -1,8 +1,5 @@
-"""Choosing a decoder, and training images decoded anew every epoch when they do not fit in memory.
-
-``StreamedImages`` has the interface of :class:`ResidentImages` that the training loops use
-(``epoch_batches``), so phase I and phase II train the same way from memory or from files.
-"""
+"""Choosing a decoder, evaluation batches, and training images decoded anew every epoch
+(:class:`StreamedImages`, with the ``epoch_batches`` of :class:`ResidentImages`)."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
@@ -32,9 +29,8 @@ def resolve_decoder(name: str, device: torch.device) -> str:
 def eval_batches(source: ImageSource, indices: Optional[Sequence[int]], preprocess, batch_size: int,
                  num_workers: int = 0, decoder: str = "pil", stats: Optional[tuple] = None,
                  device: torch.device = torch.device("cpu")) -> Iterator[Batch]:
-    """Evaluation batches of ``indices`` in order. PIL applies the model's own ``preprocess``; DALI
-    (only for files an earlier pass decoded: it stops on a broken one) resizes, centre-crops and
-    normalises with ``stats`` = (image_size, mean, std)."""
+    """Evaluation batches of ``indices`` in order: PIL with the model's ``preprocess``, or DALI (only on
+    files an earlier pass decoded) resizing, centre-cropping and normalising by ``stats`` = (size, mean, std)."""
     if decoder == "dali":
         if stats is None:
             raise ValueError("eval_batches: the DALI decoder needs stats=(image_size, mean, std)")
@@ -62,15 +58,14 @@ class StreamedImages:
                 augment: str = "random_resized_crop"):
         """Augmented batches of ``rows`` in order: images (B, 3, S, S), or (B, views, 3, S, S) for PIL views."""
         indices = self.positions[rows].tolist()
+        args = (self.source, indices, self.image_size, self.mean, self.std, batch_size)
         if self.decoder == "dali":
-            batches = iterate_dali(self.source, indices, self.image_size, self.mean, self.std, batch_size, train=True,
-                                   scale_min=scale_min, device=self.device, seed=seed,
+            batches = iterate_dali(*args, train=True, scale_min=scale_min, device=self.device, seed=seed,
                                    num_threads=max(1, self.num_workers), augment=augment)
         else:
             torch.manual_seed(seed)  # the workers' augmentation streams derive from it
-            batches = iterate_torchvision(self.source, indices, self.image_size, self.mean, self.std, batch_size,
-                                          train=True, scale_min=scale_min, num_workers=self.num_workers, views=views,
-                                          augment=augment)
+            batches = iterate_torchvision(*args, train=True, scale_min=scale_min, num_workers=self.num_workers,
+                                          views=views, augment=augment)
         expected = iter(torch.split(torch.as_tensor(indices), batch_size))
         for batch in batches:
             if not torch.equal(batch.indices, next(expected)):
@@ -80,9 +75,7 @@ class StreamedImages:
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False,
                       augment: str = "random_resized_crop"):
-        """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
-        ``views`` independent augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only.
-        In a distributed run each rank decodes only its part of each batch (``batch_part(len(positions))``)."""
+        """As :meth:`ResidentImages.epoch_batches`; each rank decodes only its part of each batch."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         # each rank augments its part with its own stream (a single process's crops are not reproduced)
         seeds = [(seed + 7919 * rank()) % (2**31 - 1)
