@@ -34,13 +34,11 @@ PathLike = Union[str, os.PathLike]
 def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
                    recipe: Optional[PathLike] = None, command: str = "train", preset: Optional[dict] = None,
                    **fields) -> Config:
-    """A validated Config, each layer over the one before: the defaults, the ``recipe`` (a name from
-    `coft-fast recipes` or a recipe file), ``config`` (a YAML file; or a Config object, which replaces
-    the defaults and cannot be combined with a recipe or a preset), ``preset`` (dotted keys and values,
-    e.g. a test-bed preset's fields; applied after the recipe), ``overrides`` ("a.b=v"), then the explicit
-    ``fields`` given as dotted keys with ``__`` for the dots (``model__name=...``; each one given is set,
-    None included: the entry points pass theirs through ``given_fields``). Values that depend on others
-    (``zeroshot.templates=auto``, an unset ``phase2.pretrained``) are resolved for ``command``."""
+    """A validated Config, each layer over the one before: the defaults, ``recipe`` (a name from
+    `coft-fast recipes` or a recipe file), ``preset`` (dotted keys and values), ``config`` (a YAML
+    file; or a Config object, which replaces the defaults and takes no recipe or preset),
+    ``overrides`` ("a.b=v"), then ``fields`` (``model__name=...``: ``__`` for the dots; each is set,
+    None included: see ``given_fields``); the values that depend on others resolved for ``command``."""
     if isinstance(config, Config):
         if recipe is not None:
             raise ConfigError("give a recipe or a Config object, not both (a recipe's Config is "
@@ -61,11 +59,10 @@ def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iter
 
 
 def given_fields(**arguments) -> dict:
-    """The ``resolve_config`` fields of an entry point's arguments (dotted keys with ``__``): an
-    argument left at None is dropped, so the config's (or recipe's) value stands. The values that
-    stand for None are translated: ``model__pretrained="none"`` (or "") is None, random weights;
-    ``run__out_dir=""`` and ``data__labeled=""`` are None, no run folder and no labelled shots even
-    where the config names them. Other paths become strings."""
+    """The ``resolve_config`` fields of an entry point's arguments (dotted keys with ``__``): one left
+    at None is dropped, so the config's (or recipe's) value stands. ``model__pretrained="none"`` (or
+    "") becomes None (random weights); ``run__out_dir=""`` and ``data__labeled=""`` become None (no
+    run folder, no shots, even where the config names them); other paths become strings."""
     fields = {}
     for key, value in arguments.items():
         if value is None:
@@ -86,38 +83,26 @@ def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None, ev
     return load_source(images, classes, split=split, image_root=cfg.data.image_root)
 
 
-def zeroshot(
-    images: PathLike,
-    classes: Union[None, PathLike, Sequence[str]] = None,
-    model: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    templates: Optional[PathLike] = None,
-    out: Optional[PathLike] = None,
-    config: Union[None, Config, PathLike] = None,
-    overrides: Iterable[str] = (),
-    recipe: Optional[PathLike] = None,
-) -> ZeroShotResult:
-    """Zero-shot CLIP classification of ``images`` into ``classes``.
-
-    ``images`` is a class-folder tree, a flat folder, a CSV (``path[,label]``) or a CoOp split JSON;
-    ``classes`` a list of names or a text file (one per line; optional for class folders).
-    With ``out``, writes ``predictions.csv``, ``metrics.json`` (when labels exist), ``class_names.json``
-    and ``config.yaml``. ``recipe``: a named recipe under ``config`` (see ``resolve_config``).
-
-    ``model``, ``pretrained``, ``templates`` and ``out`` left at None take the config's value (after
-    ``recipe``, ``config`` and ``overrides``); an explicit value sets that config key over them:
+def zeroshot(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None, model: Optional[str] = None,
+             pretrained: Optional[str] = None, templates: Optional[PathLike] = None, out: Optional[PathLike] = None,
+             config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
+             recipe: Optional[PathLike] = None) -> ZeroShotResult:
+    """Zero-shot CLIP classification of ``images`` (a class-folder tree, a flat folder, a CSV of
+    ``path[,label]`` or a CoOp split JSON) into ``classes`` (a list of names or a text file with one
+    per line; optional for class folders). With ``out``, writes ``predictions.csv``, ``metrics.json``
+    (when labels exist), ``class_names.json`` and ``config.yaml``. ``recipe``: a named recipe under
+    ``config`` (see ``resolve_config``). ``model``, ``pretrained``, ``templates`` and ``out`` left at
+    None take the config's value (after ``recipe``, ``config`` and ``overrides``); an explicit value
+    sets that key over them:
 
     - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
     - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
     - ``templates``: ``zeroshot.templates`` (default ``"auto"``, here CLIP's 80-template ensemble),
       ``"single"``, ``"ensemble"`` or a JSON file.
-    - ``out``: ``run.out_dir`` (default none: nothing is written); ``""``: no folder even where the
-      config names one.
+    - ``out``: ``run.out_dir`` (default none: nothing written); ``""``: none even where the config names one.
     """
-    cfg = resolve_config(
-        config, overrides, recipe=recipe, command="zeroshot",
-        **given_fields(model__name=model, model__pretrained=pretrained, zeroshot__templates=templates, run__out_dir=out),
-    )
+    cfg = resolve_config(config, overrides, recipe=recipe, command="zeroshot", **given_fields(
+        model__name=model, model__pretrained=pretrained, zeroshot__templates=templates, run__out_dir=out))
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     with log_to_file(out_dir / "run.log" if out_dir else None):
         return _zeroshot(images, classes, cfg, out_dir)
@@ -163,27 +148,24 @@ def _zeroshot(images, classes, cfg: Config, out_dir: Optional[Path]) -> ZeroShot
 class TrainResult:
     """What `train()` returns: metrics, the filtered sets, and `predict()` with the fine-tuned model."""
 
-    def __init__(self, metrics, class_names, pool, positions, train_sets, classifiers, preprocess, device, cfg, out_dir,
-                 metadata=None):
+    def __init__(self, metrics, pool, positions, train_sets, model: RunModel, label_issues=None):
         self.metrics = metrics
-        self.class_names = class_names
+        self.class_names = pool.class_names
         self.pool = pool
-        self.out_dir = out_dir
-        self._positions = positions
-        self._cfg = cfg
+        self.out_dir = model.run_dir
         # the fine-tuned classifier(s) as load_run(out_dir) would return them, without reading the folder
-        self.model = RunModel(out_dir, classifiers, preprocess, class_names, cfg, metrics, device, metadata)
+        self.model = model
         # pseudo.source=given (clean_labels): a LabelIssue per pool image, most likely wrong first
-        self.label_issues = None
+        self.label_issues = label_issues
         self.clean_sets = {
-            name: [(pool.paths[int(positions[r])], class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
+            name: [(pool.paths[int(positions[r])], pool.class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()
         }
 
     @property
     def config(self) -> Config:
         """The resolved config of the run."""
-        return self._cfg
+        return self.model.config
 
     def predict(self, images) -> PredictionResult:
         """Classify new images: a folder, CSV or CoOp JSON path, or a list of image file paths
@@ -198,59 +180,40 @@ def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
         raise ConfigError(f"{out_dir} already holds a run: pass --resume (resume=True) to continue it, or choose another output folder")
     saved = out_dir / "config.yaml"
     if resume and started and saved.is_file():
-        previous = Config.load(saved).to_dict()
-        current = cfg.to_dict()
-        previous.pop("run", None)
-        current.pop("run", None)
-        if previous != current:
-            changed = [k for k in current if current[k] != previous.get(k)]
+        previous, current = Config.load(saved).to_dict(), cfg.to_dict()
+        changed = [k for k in current if k != "run" and current[k] != previous.get(k)]  # run.* may change
+        if changed:
             raise ConfigError(f"cannot resume {out_dir}: the config differs from the saved one in {', '.join(changed)}")
 
 
-def train(
-    images: PathLike,
-    classes: Union[None, PathLike, Sequence[str]] = None,
-    model: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    method: Optional[str] = None,
-    out: Optional[PathLike] = None,
-    eval_images: Optional[PathLike] = None,
-    config: Union[None, Config, PathLike] = None,
-    overrides: Iterable[str] = (),
-    resume: bool = False,
-    recipe: Optional[PathLike] = None,
-    labeled: Optional[PathLike] = None,
-    labeled_split: Optional[str] = None,
-) -> TrainResult:
+def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None, model: Optional[str] = None,
+          pretrained: Optional[str] = None, method: Optional[str] = None, out: Optional[PathLike] = None,
+          eval_images: Optional[PathLike] = None, config: Union[None, Config, PathLike] = None,
+          overrides: Iterable[str] = (), resume: bool = False, recipe: Optional[PathLike] = None,
+          labeled: Optional[PathLike] = None, labeled_split: Optional[str] = None) -> TrainResult:
     """Adapt CLIP to ``classes`` on the unlabelled ``images`` (CoFT by default; see ``method``).
 
-    Labels the images carry (class sub-folders) are used only for diagnostics, unless
-    ``pseudo.source=given`` (see ``clean_labels``). ``labeled``: a few labelled images per class (a
-    folder, CSV or CoOp JSON with ``labeled_split``) that go first into S* with their labels and are
-    never filtered out. With ``eval_images`` (labelled), zero-shot and final accuracy are measured
-    there. With ``out``, the run folder gets metrics.json, pseudo_labels.csv, config.yaml,
-    checkpoints, TensorBoard logs and plots, and a killed run continues with ``resume=True``.
-    ``recipe``: a named recipe (`coft-fast recipes`) under ``config`` and ``overrides``; the
-    defaults are the paper's (``paper-coft``).
-
+    Labels the images carry (class sub-folders) serve only diagnostics, unless ``pseudo.source=given``
+    (see ``clean_labels``). ``labeled``: a few labelled images per class (a folder, CSV or CoOp JSON)
+    that go first into S* with their labels and are never filtered out. With ``eval_images``
+    (labelled), zero-shot and final accuracy are measured there. With ``out``, the run folder gets
+    metrics.json, pseudo_labels.csv, config.yaml, checkpoints, TensorBoard logs and plots, and a
+    killed run continues with ``resume=True``. ``recipe``: a named recipe (`coft-fast recipes`) under
+    ``config`` and ``overrides``; the defaults are the paper's (``paper-coft``).
     ``model``, ``pretrained``, ``method``, ``out``, ``labeled`` and ``labeled_split`` left at None
     take the config's value (after ``recipe``, ``config`` and ``overrides``); an explicit value sets
-    that config key over them:
+    that key over them:
 
     - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
     - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
     - ``method``: ``method`` (default ``"coft"``; ``"coft+"``, ``"self-train"``).
-    - ``out``: ``run.out_dir`` (default none: nothing is written); ``""``: no folder even where the
-      config names one.
-    - ``labeled``: ``data.labeled`` (default none: no labelled shots); ``""``: none even where the
-      config names some.
+    - ``out``: ``run.out_dir`` (default none: nothing written); ``""``: none even where the config names one.
+    - ``labeled``: ``data.labeled`` (default none: no shots); ``""``: none even where the config names some.
     - ``labeled_split``: ``data.labeled_split`` (default none), the split of a CoOp JSON ``labeled``.
     """
-    cfg = resolve_config(
-        config, overrides, recipe=recipe,
-        **given_fields(model__name=model, model__pretrained=pretrained, method=method, run__out_dir=out,
-                       data__labeled=labeled, data__labeled_split=labeled_split),
-    )
+    cfg = resolve_config(config, overrides, recipe=recipe, **given_fields(
+        model__name=model, model__pretrained=pretrained, method=method, run__out_dir=out, data__labeled=labeled,
+        data__labeled_split=labeled_split))
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
     device = distributed.init_from_env(cfg.model.device)  # joins torchrun's process group, if any
     _claim_run_folder(out_dir, cfg, resume)
@@ -281,11 +244,9 @@ def train(
                 write_partial_metrics(run, out_dir, exc)
             raise
         metrics = finish_run(run, out_dir)
-        result = TrainResult(metrics, pool.class_names, pool, run.state.positions, sets, run.state.classifiers,
-                             clip2.preprocess_eval, device, cfg, out_dir,
-                             classifier_metadata(clip2, pool.class_names, next(iter(sets))))
-        result.label_issues = run.label_issues()
-        return result
+        model = RunModel(out_dir, run.state.classifiers, clip2.preprocess_eval, pool.class_names, cfg, metrics, device,
+                         classifier_metadata(clip2, pool.class_names, next(iter(sets))))
+        return TrainResult(metrics, pool, run.state.positions, sets, model, run.label_issues())
 
 
 def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> None:
@@ -324,29 +285,20 @@ def _load_pool(images: PathLike, classes, cfg: Config):
     return pool, shots
 
 
-def clean_labels(
-    images: PathLike,
-    classes: Union[None, PathLike, Sequence[str]] = None,
-    model: Optional[str] = None,
-    pretrained: Optional[str] = None,
-    out: Optional[PathLike] = None,
-    eval_images: Optional[PathLike] = None,
-    config: Union[None, Config, PathLike] = None,
-    overrides: Iterable[str] = (),
-    resume: bool = False,
-    recipe: Optional[PathLike] = None,
-    labeled: Optional[PathLike] = None,
-    labeled_split: Optional[str] = None,
-) -> TrainResult:
+def clean_labels(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None, model: Optional[str] = None,
+                 pretrained: Optional[str] = None, out: Optional[PathLike] = None,
+                 eval_images: Optional[PathLike] = None, config: Union[None, Config, PathLike] = None,
+                 overrides: Iterable[str] = (), resume: bool = False, recipe: Optional[PathLike] = None,
+                 labeled: Optional[PathLike] = None, labeled_split: Optional[str] = None) -> TrainResult:
     """Find the wrong labels of a labelled pool, then fine-tune on the rest: CoFT with the labels the
     ``images`` came with (class sub-folders, a CSV of path,label or a CoOp JSON) in place of zero-shot
     pseudo-labels (``pseudo.source=given``). Two models judge each given label (by default two K-fold
-    ensembles of linear probes on the frozen image features, out of fold: ``filter.detector=probe``),
-    and it is an issue iff either puts it in the low component of a per-class two-component mixture on
-    its probability (``filter.rule=mixture``; docs/noisy-labels.md). The result's ``label_issues`` (and, with ``out``,
-    label_issues.csv, label_issue_scores.png and metrics.json's ``label_issues``) list them, most
-    likely wrong first. Other arguments as ``train``: ``model``, ``pretrained``, ``out``, ``labeled``
-    and ``labeled_split`` left at None take the config's value."""
+    ensembles of linear probes on the frozen image features, out of fold: ``filter.detector=probe``);
+    it is an issue iff either puts it in the low component of a per-class two-component mixture on its
+    probability (``filter.rule=mixture``; docs/noisy-labels.md). The result's ``label_issues`` (with
+    ``out``, also label_issues.csv, label_issue_scores.png and metrics.json's ``label_issues``) list
+    them, most likely wrong first. Other arguments as ``train``: ``model``, ``pretrained``, ``out``,
+    ``labeled`` and ``labeled_split`` left at None take the config's value."""
     return train(images, classes, model=model, pretrained=pretrained, out=out, eval_images=eval_images, config=config,
                  overrides=[*overrides, "pseudo.source=given"], resume=resume, recipe=recipe, labeled=labeled,
                  labeled_split=labeled_split)

@@ -11,10 +11,63 @@ from typing import List, Optional
 from coft_fast import __version__
 from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, ConfigError
 
-log = logging.getLogger("coft_fast")
+IMAGES_HELP = "a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON"
+DEVICE_HELP = "auto, cpu, cuda, cuda:1 ..."
+# The sub-commands in the order of `coft-fast --help`, each with its one line there.
+COMMANDS = {
+    "zeroshot": "zero-shot CLIP classification of a folder of images",
+    "testbed": "build the offline test-bed model from labelled images",
+    "train": "adapt CLIP to your classes on unlabelled images (CoFT)",
+    "clean-labels": "find the wrong labels of a labelled pool, then fine-tune on the rest",
+    "demo": "run the offline demo on the embedded digits data",
+    "templates": "write an LLM prompt and a JSON skeleton for per-class sentences "
+                 "(or ask an OpenAI-compatible endpoint with --llm-url)",
+    "predict": "classify images with a finished run's fine-tuned model",
+    "export": "export a finished run's model as an open_clip folder or ONNX",
+    "report": "rebuild a run folder's report.html",
+    "config": "print the default config as YAML (with --recipe/--config/--set applied)",
+    "recipes": "list the named recipes (--recipe NAME), one line each",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coft-fast", description="Label-free fine-tuning of CLIP (CoFT), fast.")
+    parser.add_argument("--version", action="version", version=f"coft_fast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sub = {name: commands.add_parser(name, help=text) for name, text in COMMANDS.items()}
+    _run_args(sub["zeroshot"], "output folder")
+    tb = sub["testbed"]
+    tb.add_argument("--images", required=True, nargs="+",
+                    help="labelled images (class sub-folders, CSV or CoOp JSON); several sources are pooled")
+    tb.add_argument("--preset", choices=list(TESTBED_PRESETS),
+                    help="a named test bed: " + "; ".join(f"{name}: {text}" for name, text in TESTBED_PRESET_HELP.items())
+                         + " (its testbed.* fields sit under --config and --set)")
+    tb.add_argument("--classes", help="class names file (optional for class folders)")
+    tb.add_argument("--per-class", type=int, help="use the first N images of each class, sorted by file name")
+    tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
+    _common(tb)
+    _run_args(sub["train"], "run folder", ["coft", "coft+", "self-train"])
+    _run_args(sub["clean-labels"], "run folder (label_issues.csv, metrics.json, the fine-tuned model)", ["coft", "coft+"])
+    sub["demo"].add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
+    _common(sub["demo"])
+    tp = sub["templates"]
+    tp.add_argument("--classes", required=True, help="class names: a text file with one per line")
+    tp.add_argument("--out", required=True, help="JSON file for --templates; the prompt goes beside it (.prompt.txt)")
+    tp.add_argument("--per-class", type=int, default=10, help="sentences to ask for per class (default 10)")
+    tp.add_argument("--dataset-hint", help="what the classes are, e.g. 'types of aircraft' (added to the prompt)")
+    tp.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (off by default)")
+    tp.add_argument("--llm-model", help="model name for --llm-url")
+    tp.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the API key for --llm-url (default OPENAI_API_KEY)")
+    tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
+    tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    _run_folder_args(sub["predict"], sub["export"], sub["report"])
+    _common(sub["config"])
+    return parser
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    """The config layers, the seed, --no-progress and --verbose."""
     parser.add_argument("--recipe", metavar="NAME",
                         help="a named recipe (`coft-fast recipes` lists them) or a recipe .yaml file; "
                              "precedence: defaults < --recipe < --config < --set")
@@ -26,107 +79,37 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True,
-                        help="a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON")
+def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[List[str]] = None) -> None:
+    """`zeroshot`, and with ``methods`` `train` and `clean-labels`: the data, the model, the output
+    folder (and the training run's options), the config."""
+    parser.add_argument("--images", required=True, help=IMAGES_HELP)
     parser.add_argument("--classes", help="class names: a text file with one per line (optional for class folders)")
     parser.add_argument("--split", help="split of a CoOp JSON file: train, val or test")
     parser.add_argument("--image-root", help="folder that a CoOp JSON's paths are relative to")
     parser.add_argument("--batch-size", type=int, help="images per inference batch")
     parser.add_argument("--num-workers", type=int, help="decoding worker processes")
-
-
-def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="open_clip model name (ViT-B-16) or local-dir:/path")
     parser.add_argument("--pretrained", help="open_clip pre-trained tag (openai) or checkpoint path; 'none' for random")
     parser.add_argument("--templates", help="'single', 'ensemble' or a JSON file of templates")
-
-
-def _training_args(parser: argparse.ArgumentParser, methods: List[str], out_help: str) -> None:
-    """`train` and `clean-labels`: the data, the model, the run folder, the shots, the config."""
-    _data_args(parser)
-    _model_args(parser)
-    parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
-    parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    if methods:
+        parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
+        parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    _shots_args(parser)
+    if methods:
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+        parser.add_argument("--labeled", metavar="PATH",
+                            help="a few labelled images per class (class sub-folders, CSV of path,label, or CoOp "
+                                 "JSON): first in S* with their labels, never filtered out")
+        parser.add_argument("--labeled-split", metavar="SPLIT", help="split of a CoOp JSON given as --labeled")
     _common(parser)
 
 
-def _shots_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--labeled", metavar="PATH",
-                        help="a few labelled images per class (class sub-folders, CSV of path,label, or CoOp JSON): "
-                             "first in S* with their labels, never filtered out")
-    parser.add_argument("--labeled-split", metavar="SPLIT", help="split of a CoOp JSON given as --labeled")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coft-fast", description="Label-free fine-tuning of CLIP (CoFT), fast.")
-    parser.add_argument("--version", action="version", version=f"coft_fast {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_zeroshot(commands)
-    _add_testbed(commands)
-    _training_args(commands.add_parser("train", help="adapt CLIP to your classes on unlabelled images (CoFT)"),
-                   ["coft", "coft+", "self-train"], "run folder")
-    _training_args(commands.add_parser("clean-labels", help="find the wrong labels of a labelled pool, then "
-                                                            "fine-tune on the rest"),
-                   ["coft", "coft+"], "run folder (label_issues.csv, metrics.json, the fine-tuned model)")
-    dm = commands.add_parser("demo", help="run the offline demo on the embedded digits data")
-    dm.add_argument("--out", default="coft_demo", help="output folder (default: ./coft_demo)")
-    _common(dm)
-    _add_templates(commands)
-    _add_run_folder_commands(commands)
-    _common(commands.add_parser("config", help="print the default config as YAML (with --recipe/--config/--set "
-                                               "applied)"))
-    commands.add_parser("recipes", help="list the named recipes (--recipe NAME), one line each")
-    return parser
-
-
-def _add_zeroshot(commands) -> None:
-    zs = commands.add_parser("zeroshot", help="zero-shot CLIP classification of a folder of images")
-    _data_args(zs)
-    _model_args(zs)
-    zs.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    zs.add_argument("--out", required=True, help="output folder")
-    _common(zs)
-
-
-def _add_testbed(commands) -> None:
-    tb = commands.add_parser("testbed", help="build the offline test-bed model from labelled images")
-    tb.add_argument("--images", required=True, nargs="+",
-                    help="labelled images (class sub-folders, CSV or CoOp JSON); several sources are pooled")
-    tb.add_argument("--preset", choices=list(TESTBED_PRESETS),
-                    help="a named test bed: " + "; ".join(f"{name}: {text}" for name, text in TESTBED_PRESET_HELP.items())
-                         + " (its testbed.* fields sit under --config and --set)")
-    tb.add_argument("--classes", help="class names file (optional for class folders)")
-    tb.add_argument("--per-class", type=int, help="use the first N images of each class, sorted by file name")
-    tb.add_argument("--out", required=True, help="output folder (an open_clip local-dir model)")
-    _common(tb)
-
-
-def _add_templates(commands) -> None:
-    tp = commands.add_parser("templates", help="write an LLM prompt and a JSON skeleton for per-class sentences "
-                                               "(or ask an OpenAI-compatible endpoint with --llm-url)")
-    tp.add_argument("--classes", required=True, help="class names: a text file with one per line")
-    tp.add_argument("--out", required=True, help="JSON file for --templates; the prompt goes beside it (.prompt.txt)")
-    tp.add_argument("--per-class", type=int, default=10, help="sentences to ask for per class (default 10)")
-    tp.add_argument("--dataset-hint", help="what the classes are, e.g. 'types of aircraft' (added to the prompt)")
-    tp.add_argument("--llm-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (off by default)")
-    tp.add_argument("--llm-model", help="model name for --llm-url")
-    tp.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                    help="environment variable holding the API key for --llm-url (default OPENAI_API_KEY)")
-    tp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for --llm-url (default 120)")
-    tp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-
-
-def _add_run_folder_commands(commands) -> None:
-    """`predict`, `export` and `report`: they read a finished run folder."""
-    pr = commands.add_parser("predict", help="classify images with a finished run's fine-tuned model")
-    pr.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
-    pr.add_argument("--images", required=True,
-                    help="a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON")
+def _run_folder_args(pr: argparse.ArgumentParser, ex: argparse.ArgumentParser, rp: argparse.ArgumentParser) -> None:
+    """`predict`, `export` and `report`: they read a finished run folder (--run)."""
+    for parser in (pr, ex, rp):
+        parser.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
+    pr.add_argument("--images", required=True, help=IMAGES_HELP)
     pr.add_argument("--out", help="output folder for predictions.csv (and metrics.json when the images have labels)")
     pr.add_argument("--split", help="split of a CoOp JSON file (default: the run's data.eval_split)")
     pr.add_argument("--batch-size", type=int, help="images per batch (default: the run's data.batch_size)")
@@ -139,16 +122,11 @@ def _add_run_folder_commands(commands) -> None:
     pr.add_argument("--classifier", choices=["s1", "s2"],
                     help="one classifier of a phase2.train_on=both run (default: the run's ensemble)")
     pr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    pr.add_argument("--verbose", action="store_true", help="debug logging")
-    ex = commands.add_parser("export", help="export a finished run's model as an open_clip folder or ONNX")
-    ex.add_argument("--run", required=True, help="a finished training run folder")
     ex.add_argument("--format", required=True, choices=["open_clip", "onnx"], help="open_clip (local-dir folder) or onnx")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--classifier", choices=["s1", "s2"], help="which clean set's classifier (default s1)")
-    ex.add_argument("--verbose", action="store_true", help="debug logging")
-    rp = commands.add_parser("report", help="rebuild a run folder's report.html")
-    rp.add_argument("--run", required=True, help="a finished training run folder")
-    rp.add_argument("--verbose", action="store_true", help="debug logging")
+    for parser in (pr, ex, rp):
+        parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def _overrides(args) -> List[str]:
@@ -162,10 +140,8 @@ def _overrides(args) -> List[str]:
     for attribute, key in mapping.items():
         value = getattr(args, attribute, None)
         if value is not None:
-            if key == "model.pretrained" and value.lower() == "none":
-                found.append("model.pretrained=null")
-            else:
-                found.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            random_weights = key == "model.pretrained" and value.lower() == "none"
+            found.append(f"{key}={json.dumps(None if random_weights else value)}")  # YAML reads JSON's scalars
     if args.no_progress:
         found.append("run.progress=false")
     return found
@@ -200,8 +176,8 @@ def run(argv: Optional[List[str]] = None) -> int:
         _print_metrics("zero-shot", result.metrics)
         print(f"predictions: {args.out}/predictions.csv")
     elif args.command == "testbed":
-        report = testbed_commands.testbed(args.images, args.out, classes=args.classes, config=args.config, overrides=overrides,
-                             recipe=args.recipe, preset=args.preset)
+        report = testbed_commands.testbed(args.images, args.out, classes=args.classes, config=args.config,
+                                          overrides=overrides, recipe=args.recipe, preset=args.preset)
         print(f"test bed written to {args.out} in {report['build_seconds']:.0f} s "
               f"({report['num_images']} images); use --model local-dir:{args.out}")
     elif args.command in ("train", "clean-labels"):
@@ -221,9 +197,9 @@ def run(argv: Optional[List[str]] = None) -> int:
             print(f"label issues, most likely wrong first: {args.out}/label_issues.csv")
         print(f"run folder: {args.out}/ (metrics.json, pseudo_labels.csv, checkpoints, plots)")
     elif args.command == "demo":
-        seed = args.seed if args.seed is not None else 0
         recipe = args.recipe or "testbed"
-        metrics = testbed_commands.demo(args.out, seed=seed, progress=not args.no_progress, overrides=args.overrides, recipe=recipe)
+        metrics = testbed_commands.demo(args.out, seed=args.seed or 0, progress=not args.no_progress,
+                                        overrides=args.overrides, recipe=recipe)
         print(f"demo: CoFT on scikit-learn's digits with the offline test-bed model, recipe {recipe}")
         _print_train_summary(metrics)
         print(f"zero-shot {100 * metrics['zero_shot']['acc1']:.2f} % -> CoFT {100 * metrics['final']['acc1']:.2f} % "
@@ -305,13 +281,10 @@ def _templates_command(args) -> int:
 def _print_train_summary(metrics: dict) -> None:
     pool = metrics["pool"]
     print(f"{metrics['method']}: {pool['num_images']} pool images, {pool['num_skipped']} skipped")
-    rows = [("zero-shot", metrics.get("zero_shot", {}).get("acc1"))]
-    for name, entry in metrics.get("phase1", {}).items():
-        rows.append((f"phase I {name}", entry.get("acc1")))
-    rows.append(("final", metrics.get("final", {}).get("acc1")))
-    for name, value in rows:
-        if value is not None:
-            print(f"  {name:<22} acc1 {100 * value:6.2f} %")
+    phase1 = [(f"phase I {name}", entry) for name, entry in metrics.get("phase1", {}).items()]
+    for name, entry in [("zero-shot", metrics.get("zero_shot", {})), *phase1, ("final", metrics.get("final", {}))]:
+        if entry.get("acc1") is not None:
+            print(f"  {name:<22} acc1 {100 * entry['acc1']:6.2f} %")
     for name in ("s1", "s2"):
         entry = metrics.get("filter", {}).get(name)
         if entry and "precision" in entry:

@@ -1,22 +1,11 @@
-"""The test bed: a small CLIP-like model, pre-trained here in minutes, for offline tests and demos.
-
-Real CLIP weights cannot be downloaded here, and a tiny CLIP trained end to end on clean captions
-is just a supervised classifier (zero-shot accuracy equals what its features support). Real CLIP
-has strong image features and a text side biased by web captions. The test bed reproduces that in
-two stages (see ../shared/docs/testbed-calibration.md for the measurements behind them):
-
-1. image tower: an open_clip ViT trained as a cosine classifier on labelled images (the stand-in
-   for CLIP's web-scale pre-training); the classifier weights are thrown away afterwards;
-2. text tower: a fresh one aligned to the FROZEN image tower on biased captions:
-   - long-tailed class frequencies: the number of captioned images per class falls from the
-     largest class count down by ``longtail_ratio``, classes ranked by a seeded permutation;
-   - look-alike names: a share ``lookalike_share`` of captions names the class's look-alike (its
-     nearest other class by the stage-1 classifier weights, derived from the data) instead;
-   - caption sentences from CLIP's 80 templates, tokenised with open_clip's real tokenizer.
-
-The result is written as an open_clip ``local-dir`` folder and loaded back only through
-:func:`coft_fast.models.load_clip`. Everything is deterministic for a seed.
-"""
+"""The test bed: a small CLIP-like model, pre-trained here in minutes, for offline tests and demos
+(docs/testbed.md; ../shared/docs/testbed-calibration.md has the measurements behind it). Like real
+CLIP it has strong image features and a text side biased like web captions: stage 1 trains an
+open_clip ViT as a cosine classifier on labelled images (the classifier is then thrown away); stage
+2 aligns a fresh text tower to the FROZEN image tower on long-tailed captions (``longtail_ratio``), a
+share of which (``lookalike_share``) names the class's look-alike (its nearest other class by the
+stage-1 weights), written from CLIP's 80 templates. The result is an open_clip ``local-dir`` folder,
+loaded back only through :func:`coft_fast.models.load_clip`; everything is deterministic for a seed."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +20,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP
 
-from coft_fast.config import TESTBED_PRESETS, TestbedConfig
+from coft_fast.config import TESTBED_PRESETS, ConfigError, TestbedConfig
 from coft_fast.data import ImageSource, decode_rgb
 from coft_fast.runtime.io import atomic_write, atomic_write_json, atomic_write_text
 from coft_fast.runtime.progress import progress_bar
@@ -41,9 +30,9 @@ VOCAB_SIZE = 49408  # open_clip's BPE tokenizer
 
 
 def preset_fields(name: str) -> Dict:
-    """The ``testbed.*`` fields a preset sets; a ValueError lists the presets for an unknown name."""
+    """The ``testbed.*`` fields a preset sets; a ConfigError lists the presets for an unknown name."""
     if name not in TESTBED_PRESETS:
-        raise ValueError(f"unknown test-bed preset {name!r}; the presets are: {', '.join(TESTBED_PRESETS)}")
+        raise ConfigError(f"unknown test-bed preset {name!r}; the presets are: {', '.join(TESTBED_PRESETS)}")
     return dict(TESTBED_PRESETS[name])
 
 
@@ -57,31 +46,16 @@ def tiny_config(**overrides) -> TestbedConfig:
     return preset_config("tiny", **overrides)
 
 
-def digits_config(**overrides) -> TestbedConfig:
-    """The demo's test bed, built on scikit-learn's digits (under a minute on 2 cores)."""
-    return preset_config("digits", **overrides)
-
-
 def model_config(cfg: TestbedConfig) -> Dict:
     """The open_clip ``model_cfg`` of a test bed."""
     if cfg.context_length < 32:
         raise ValueError(f"testbed.context_length must be at least 32 (phase I prompts need it), got {cfg.context_length}")
     return {
         "embed_dim": cfg.embed_dim,
-        "vision_cfg": {
-            "image_size": cfg.image_size,
-            "patch_size": cfg.patch_size,
-            "width": cfg.vision_width,
-            "layers": cfg.vision_layers,
-            "head_width": cfg.vision_head_width,
-        },
-        "text_cfg": {
-            "context_length": cfg.context_length,
-            "vocab_size": VOCAB_SIZE,
-            "width": cfg.text_width,
-            "heads": cfg.text_heads,
-            "layers": cfg.text_layers,
-        },
+        "vision_cfg": {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.vision_width,
+                       "layers": cfg.vision_layers, "head_width": cfg.vision_head_width},
+        "text_cfg": {"context_length": cfg.context_length, "vocab_size": VOCAB_SIZE, "width": cfg.text_width,
+                     "heads": cfg.text_heads, "layers": cfg.text_layers},
     }
 
 
@@ -114,25 +88,19 @@ def lookalike_classes(classifier: torch.Tensor) -> List[int]:
 
 def biased_caption_classes(labels: torch.Tensor, num_classes: int, lookalike: Sequence[int], cfg: TestbedConfig,
                            generator: torch.Generator):
-    """Which images get a caption and which class each caption names (long tail + look-alike names).
-
-    Returns (indices of captioned images, the class each caption names, per-class caption counts).
-    """
-    counts = torch.bincount(labels, minlength=num_classes)
+    """Which images get a caption and which class each caption names (long tail + look-alike names):
+    (indices of captioned images, the class each caption names, per-class caption counts)."""
     rank = torch.randperm(num_classes, generator=generator)  # rank[c]: position of class c in the tail
-    largest = int(counts.max())
-    keep_indices, named = [], []
-    per_class = []
+    largest = int(torch.bincount(labels, minlength=num_classes).max())
+    keep_indices, named, per_class = [], [], []
     for c in range(num_classes):
-        position = int(rank[c])
-        fraction = cfg.longtail_ratio ** (-position / max(num_classes - 1, 1))
+        fraction = cfg.longtail_ratio ** (-int(rank[c]) / max(num_classes - 1, 1))
         members = (labels == c).nonzero().flatten()
         take = min(len(members), max(1, round(largest * fraction))) if len(members) else 0
         chosen = members[torch.randperm(len(members), generator=generator)[:take]]
         swap = torch.rand(take, generator=generator) < cfg.lookalike_share
-        names = torch.where(swap, torch.tensor(lookalike[c]), torch.tensor(c))
         keep_indices.append(chosen)
-        named.append(names)
+        named.append(torch.where(swap, torch.tensor(lookalike[c]), torch.tensor(c)))
         per_class.append(int(take))
     return torch.cat(keep_indices), torch.cat(named), per_class
 
@@ -155,20 +123,16 @@ def build_fingerprint(source: ImageSource, cfg: TestbedConfig, seed: int) -> str
 
 # Written last by a build, so a folder whose build was killed never loads as a model.
 MODEL_CONFIG_FILE = "open_clip_config.json"
-BUILD_STATE_DIR = "build_state"
 
 
 def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = None, seed: int = 0,
                   progress: bool = True, preset: Optional[str] = None) -> Dict:
-    """Train the two-stage test bed on a labelled source and write it as an open_clip local-dir folder.
-
-    Returns the build report (also written to ``out_dir/testbed_report.json``). Load the model with
-    ``coft_fast.load_clip("local-dir:" + out_dir)``. The epochs of the teacher and of stage 1 are
-    checkpointed under ``out_dir/build_state/``: the same call after a kill resumes there (and ends
-    with the same weights), and a rebuild that changes only the text tower's fields (``TEXT_TOWER_FIELDS``)
-    reuses the finished image tower. The model's config file is written last, so a half-built folder
-    never loads.
-    """
+    """Train the two-stage test bed on a labelled source and write it as an open_clip local-dir folder
+    (load it with ``coft_fast.load_clip("local-dir:" + out_dir)``); returns the build report (also in
+    ``testbed_report.json``). The teacher's and stage 1's epochs are checkpointed under
+    ``out_dir/build_state/``: the same call after a kill resumes there (to the same weights), and a
+    rebuild that changes only ``TEXT_TOWER_FIELDS`` reuses the finished image tower. The model's
+    config file is written last, so a half-built folder never loads."""
     import open_clip
 
     cfg = cfg or TestbedConfig()
@@ -182,80 +146,55 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     model = CLIP(**model_config(cfg))
     tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
     images, labels = decode_labelled_images(source, cfg.image_size, progress)
-    image_side = _train_image_side(model, images, labels, source, cfg, seed, out_dir / BUILD_STATE_DIR, progress)
-    text_side = _train_text_side(model, tokenizer, images, labels, image_side["stage1"]["classifier"], source, cfg,
-                                 seed, progress)
-    report = _build_report(source, cfg, seed, preset, len(images), image_side, text_side, started)
+    state_dir, fingerprint = out_dir / "build_state", build_fingerprint(source, cfg, seed)
+    seconds, teacher, teacher_summary = {"teacher": 0.0}, None, {}  # the wall seconds of each stage in this call
+    if cfg.teacher_width > 0:
+        t0 = time.perf_counter()
+        teacher, teacher_summary = train_teacher(images, labels, source.num_classes, cfg,
+                                                 torch.Generator().manual_seed(seed + 2_000_000), state_dir,
+                                                 fingerprint, progress)
+        seconds["teacher"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stage1 = train_image_tower(model, images, labels, source.num_classes, cfg, torch.Generator().manual_seed(seed),
+                               progress, teacher=teacher, state_dir=state_dir, fingerprint=fingerprint)
+    seconds["stage1"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # stage 2 draws from its own stream, so its biases do not depend on how long stage 1 ran
+    generator = torch.Generator().manual_seed(seed + 1_000_000)
+    lookalike = lookalike_classes(stage1["classifier"])
+    captioned, caption_classes, caption_counts = biased_caption_classes(labels, source.num_classes, lookalike, cfg,
+                                                                        generator)
+    stage2 = train_text_tower(model, tokenizer, image_features(model, images)[captioned], caption_classes,
+                              source.class_names, cfg, generator, progress)
+    seconds["stage2"] = time.perf_counter() - t0
+    stage2 = {**stage2, "lookalike": lookalike, "caption_counts": caption_counts}
+    report = _build_report(source, cfg, seed, preset, len(images), teacher_summary, stage1, stage2, seconds, started)
     _write_model_folder(out_dir, model, cfg, source.class_names, report)
     return report
 
 
-def _train_image_side(model: CLIP, images: torch.Tensor, labels: torch.Tensor, source: ImageSource,
-                      cfg: TestbedConfig, seed: int, state_dir: Path, progress: bool) -> Dict:
-    """The teacher (when ``cfg.teacher_width > 0``), then stage 1; their summaries and wall seconds."""
-    fingerprint = build_fingerprint(source, cfg, seed)
-    teacher, teacher_summary, teacher_seconds = None, {}, 0.0
-    if cfg.teacher_width > 0:
-        t0 = time.perf_counter()
-        teacher, teacher_summary = train_teacher(images, labels, source.num_classes, cfg,
-                                                  torch.Generator().manual_seed(seed + 2_000_000), state_dir,
-                                                  fingerprint, progress)
-        teacher_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stage1 = train_image_tower(model, images, labels, source.num_classes, cfg, torch.Generator().manual_seed(seed),
-                               progress, teacher=teacher, state_dir=state_dir, fingerprint=fingerprint)
-    return {"teacher": teacher_summary, "teacher_seconds": teacher_seconds, "stage1": stage1,
-            "stage1_seconds": time.perf_counter() - t0}
-
-
-def _train_text_side(model: CLIP, tokenizer, images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
-                     source: ImageSource, cfg: TestbedConfig, seed: int, progress: bool) -> Dict:
-    """Stage 2 on biased captions; its summary, the look-alikes, caption counts and wall seconds."""
-    t0 = time.perf_counter()
-    # stage 2 draws from its own stream, so its biases do not depend on how long stage 1 ran
-    generator = torch.Generator().manual_seed(seed + 1_000_000)
-    lookalike = lookalike_classes(classifier)
-    features = image_features(model, images)
-    captioned, caption_classes, caption_counts = biased_caption_classes(labels, source.num_classes, lookalike, cfg,
-                                                                        generator)
-    stage2 = train_text_tower(model, tokenizer, features[captioned], caption_classes, source.class_names, cfg,
-                              generator, progress)
-    return {**stage2, "lookalike": lookalike, "caption_counts": caption_counts,
-            "seconds": time.perf_counter() - t0}
-
-
 def _build_report(source: ImageSource, cfg: TestbedConfig, seed: int, preset: Optional[str], num_images: int,
-                  image_side: Dict, text_side: Dict, started: float) -> Dict:
-    """What ``testbed_report.json`` holds."""
+                  teacher: Dict, stage1: Dict, stage2: Dict, seconds: Dict, started: float) -> Dict:
+    """What ``testbed_report.json`` holds: the stages' summaries and ``seconds`` (wall seconds of this call)."""
     names = source.class_names
-    teacher_summary, stage1 = image_side["teacher"], image_side["stage1"]
     report = {
-        "source": source.origin,
-        "num_images": int(num_images),
-        "num_skipped": len(source.skipped),
-        "seed": seed,
-        "preset": preset,
-        "config": dataclasses.asdict(cfg),
-        "lookalike": {names[c]: names[l] for c, l in enumerate(text_side["lookalike"])},
-        "captions_per_class": dict(zip(names, text_side["caption_counts"])),
-        "teacher_train_accuracy": teacher_summary.get("train_accuracy"),
-        "teacher_seconds": image_side["teacher_seconds"],
+        "source": source.origin, "num_images": int(num_images), "num_skipped": len(source.skipped),
+        "seed": seed, "preset": preset, "config": dataclasses.asdict(cfg),
+        "lookalike": {names[c]: names[other] for c, other in enumerate(stage2["lookalike"])},
+        "captions_per_class": dict(zip(names, stage2["caption_counts"])),
+        "teacher_train_accuracy": teacher.get("train_accuracy"), "teacher_seconds": seconds["teacher"],
         # epochs taken from build_state/ (a resumed or text-only rebuild); the seconds count only the rest
-        "resumed_epochs": {"teacher": teacher_summary.get("resumed_epochs", 0),
-                           "image_tower": stage1["resumed_epochs"]},
-        "stage1_train_accuracy": stage1["train_accuracy_last_epoch"],
-        "stage1_seconds": image_side["stage1_seconds"],
-        "stage2_final_loss": text_side["final_loss"],
-        "logit_scale": text_side["logit_scale"],
-        "stage2_seconds": text_side["seconds"],
-        "build_seconds": time.perf_counter() - started,
+        "resumed_epochs": {"teacher": teacher.get("resumed_epochs", 0), "image_tower": stage1["resumed_epochs"]},
+        "stage1_train_accuracy": stage1["train_accuracy_last_epoch"], "stage1_seconds": seconds["stage1"],
+        "stage2_final_loss": stage2["final_loss"], "logit_scale": stage2["logit_scale"],
+        "stage2_seconds": seconds["stage2"], "build_seconds": time.perf_counter() - started,
     }
-    # training time of every epoch, earlier (killed or text-only) builds' included: the whole build's
-    # cost, where build_seconds counts only this invocation (None: a state saved before it was recorded)
-    trained = [stage1.get("seconds"), teacher_summary.get("seconds", 0.0)]
-    untrained = report["build_seconds"] - image_side["stage1_seconds"] - image_side["teacher_seconds"]
-    report["training_seconds_all_builds"] = {"teacher": trained[1], "image_tower": trained[0]}
-    report["build_seconds_all_builds"] = None if None in trained else untrained + sum(trained)
+    # the training time of every epoch, earlier (killed or text-only) builds' included: the whole build's
+    # cost, where build_seconds counts only this call (None: a state saved before it was recorded)
+    trained = {"teacher": teacher.get("seconds", 0.0), "image_tower": stage1.get("seconds")}
+    untrained = report["build_seconds"] - seconds["stage1"] - seconds["teacher"]
+    report["training_seconds_all_builds"] = trained
+    report["build_seconds_all_builds"] = None if None in trained.values() else untrained + sum(trained.values())
     return report
 
 
@@ -264,18 +203,10 @@ def _write_model_folder(out_dir: Path, model: CLIP, cfg: TestbedConfig, class_na
     """Weights, class names and report, then the model config last (the folder loads only once it is there)."""
     from safetensors.torch import save_file
 
-    config = {
-        "model_cfg": model_config(cfg),
-        "preprocess_cfg": {
-            "size": cfg.image_size,
-            "mean": list(OPENAI_DATASET_MEAN),
-            "std": list(OPENAI_DATASET_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        },
-    }
+    preprocess = {"size": cfg.image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(out_dir / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
     atomic_write_text(out_dir / "classes.txt", "\n".join(class_names) + "\n")
     atomic_write_json(out_dir / "testbed_report.json", report)
-    atomic_write_json(out_dir / MODEL_CONFIG_FILE, config)
+    atomic_write_json(out_dir / MODEL_CONFIG_FILE, {"model_cfg": model_config(cfg), "preprocess_cfg": preprocess})

@@ -70,15 +70,23 @@ def _conv_autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, parts: Dict, generator: torch.Generator,
-                      epochs: int, run_epoch, bar=None, steps_per_epoch: int = 0) -> Dict:
-    """Run ``run_epoch(epoch) -> summary`` for the epochs not done yet; after each one, ``parts``
-    (objects with state_dict/load_state_dict), the generator and the summary go to
-    ``state_dir/name.pt`` atomically, so a killed build resumes at its last finished epoch. A
-    state written for another configuration (``fingerprint``) is ignored. Returns the last summary,
-    with ``resumed_epochs``: how many epochs came from the saved state, and ``seconds``: the
-    training time of all the epochs, those of earlier (killed) runs included (None for a state
-    saved before this was recorded)."""
+def _train_epochs(name: str, module: torch.nn.Module, parts: Dict, optimizer, loss_of, images: torch.Tensor,
+                  labels: torch.Tensor, cfg: TestbedConfig, generator: torch.Generator, state_dir: Optional[Path],
+                  fingerprint: str, progress: bool, *, lr: float, epochs: int, batch_size: int, pct_start: float) -> Dict:
+    """The teacher's and stage 1's training: ``epochs`` seeded passes over the augmented images under
+    one OneCycle schedule, ``loss_of(x, y) -> (loss, logits)`` per batch. Each epoch saves ``parts``
+    (with the optimizer and schedule), the generator and the summary to ``state_dir/name.pt``, where
+    a killed build resumes (a state of another ``fingerprint`` is ignored). Returns the last summary
+    (``train_accuracy``), ``resumed_epochs`` (from the saved state) and ``seconds`` (all epochs' training
+    time, killed runs' included; None for a state saved before it was recorded); ``module`` ends in eval."""
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                   pct_start=pct_start)
+    parts = {**parts, "optimizer": optimizer, "schedule": schedule}
+    normalised = _normalise(images)
+    pad = max(1, cfg.image_size // 8)
+    bar = progress_bar(total=epochs * steps_per_epoch, desc=f"test bed: {name.replace('_', ' ')}", disable=not progress,
+                       leave=False)
     path = state_dir / f"{name}.pt" if state_dir is not None else None
     state = load_state(path) if path is not None else None
     start, summary = 0, {}
@@ -87,53 +95,18 @@ def _resumable_epochs(name: str, state_dir: Optional[Path], fingerprint: str, pa
             part.load_state_dict(state["parts"][key])
         generator.set_state(state["generator"])
         start, summary = state["epoch"], state["summary"]
-        if bar is not None:
-            bar.update(start * steps_per_epoch)
+        bar.update(start * steps_per_epoch)
         log.info("test bed: %s resumes after epoch %d of %d (%s)", name, start, epochs, path)
     elif state is not None:
         log.info("test bed: %s ignores %s (written for another configuration or source)", name, path)
     for epoch in range(start, epochs):
         started = time.perf_counter()
-        seconds = summary.get("seconds", 0.0)
-        summary = {**run_epoch(epoch), "seconds": seconds + time.perf_counter() - started}
-        if path is not None:
-            save_state(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "summary": summary,
-                              "generator": generator.get_state(),
-                              "parts": {key: part.state_dict() for key, part in parts.items()}})
-    if start and "seconds" not in summary:  # a state saved before the seconds were recorded
-        summary = {**summary, "seconds": None}
-    return {**summary, "resumed_epochs": start}
-
-
-def _one_cycle(optimizer, max_lr: float, epochs: int, steps_per_epoch: int, pct_start: float):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=epochs * steps_per_epoch,
-                                               pct_start=pct_start)
-
-
-def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
-                  generator: torch.Generator, state_dir: Optional[Path] = None, fingerprint: str = "",
-                  progress: bool = True):
-    """The distillation teacher, trained with SGD and label smoothing on the same images and
-    augmentation as stage 1; returns (teacher in eval mode, {train_accuracy, resumed_epochs})."""
-    teacher = ConvTeacher(cfg.teacher_width, num_classes).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(teacher.parameters(), lr=cfg.teacher_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps_per_epoch = math.ceil(len(images) / cfg.teacher_batch_size)
-    schedule = _one_cycle(optimizer, cfg.teacher_lr, cfg.teacher_epochs, steps_per_epoch, pct_start=0.2)
-    normalised = _normalise(images)
-    pad = max(1, cfg.image_size // 8)
-    bar = progress_bar(total=cfg.teacher_epochs * steps_per_epoch, desc="test bed: teacher", disable=not progress,
-                       leave=False)
-
-    def run_epoch(epoch: int) -> Dict:
-        teacher.train()
+        module.train()
         order = torch.randperm(len(images), generator=generator)
         correct = 0
-        for start in range(0, len(order), cfg.teacher_batch_size):
-            batch = order[start : start + cfg.teacher_batch_size]
-            x = _augment(normalised[batch], generator, pad).contiguous(memory_format=torch.channels_last)
-            with _conv_autocast():
-                logits = teacher(x).float()
-            loss = F.cross_entropy(logits, labels[batch], label_smoothing=0.1)
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            loss, logits = loss_of(_augment(normalised[batch], generator, pad), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,13 +114,35 @@ def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
             correct += int((logits.argmax(1) == labels[batch]).sum())
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        return {"train_accuracy": correct / len(images)}
-
-    summary = _resumable_epochs("teacher", state_dir, fingerprint,
-                                {"model": teacher, "optimizer": optimizer, "schedule": schedule}, generator,
-                                cfg.teacher_epochs, run_epoch, bar, steps_per_epoch)
+        seconds = summary.get("seconds", 0.0) + time.perf_counter() - started
+        summary = {"train_accuracy": correct / len(images), "seconds": seconds}
+        if path is not None:
+            save_state(path, {"fingerprint": fingerprint, "epoch": epoch + 1, "summary": summary,
+                              "generator": generator.get_state(),
+                              "parts": {key: part.state_dict() for key, part in parts.items()}})
     bar.close()
-    teacher.eval()
+    module.eval()
+    if start and "seconds" not in summary:  # a state saved before the seconds were recorded
+        summary = {**summary, "seconds": None}
+    return {**summary, "resumed_epochs": start}
+
+
+def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
+                  generator: torch.Generator, state_dir: Optional[Path] = None, fingerprint: str = "",
+                  progress: bool = True):
+    """The distillation teacher, trained with SGD and label smoothing on the same images and
+    augmentation as stage 1; returns (teacher in eval mode, {train_accuracy, resumed_epochs, seconds})."""
+    teacher = ConvTeacher(cfg.teacher_width, num_classes).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=cfg.teacher_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def loss_of(x, y):
+        with _conv_autocast():
+            logits = teacher(x.contiguous(memory_format=torch.channels_last)).float()
+        return F.cross_entropy(logits, y, label_smoothing=0.1), logits
+
+    summary = _train_epochs("teacher", teacher, {"model": teacher}, optimizer, loss_of, images, labels, cfg, generator,
+                            state_dir, fingerprint, progress, lr=cfg.teacher_lr, epochs=cfg.teacher_epochs,
+                            batch_size=cfg.teacher_batch_size, pct_start=0.2)
     return teacher, summary
 
 
@@ -157,47 +152,23 @@ def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, n
     """Stage 1: the image tower as a cosine classifier (distilled from ``teacher`` when given);
     returns the classifier weights and train accuracy."""
     visual = model.visual
-    visual.train()
     head = torch.nn.ParameterDict({"weight": torch.nn.Parameter(torch.randn(num_classes, cfg.embed_dim, generator=generator) * 0.02)})
-    params = list(visual.parameters()) + [head["weight"]]
-    optimizer = torch.optim.AdamW(params, lr=cfg.image_lr, weight_decay=cfg.image_weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.image_batch_size)
-    schedule = _one_cycle(optimizer, cfg.image_lr, cfg.image_epochs, steps_per_epoch, pct_start=0.15)
-    normalised = _normalise(images)
-    pad = max(1, cfg.image_size // 8)
-    bar = progress_bar(total=cfg.image_epochs * steps_per_epoch, desc="test bed: image tower", disable=not progress, leave=False)
+    optimizer = torch.optim.AdamW([*visual.parameters(), head["weight"]], lr=cfg.image_lr,
+                                  weight_decay=cfg.image_weight_decay)
     distill = teacher is not None and cfg.distill_weight > 0
 
-    def run_epoch(epoch: int) -> Dict:
-        visual.train()
-        order = torch.randperm(len(images), generator=generator)
-        correct = seen = 0
-        for start in range(0, len(order), cfg.image_batch_size):
-            batch = order[start : start + cfg.image_batch_size]
-            x = _augment(normalised[batch], generator, pad)
-            y = labels[batch]
-            features = F.normalize(visual(x), dim=-1)
-            logits = cfg.classifier_scale * features @ F.normalize(head["weight"], dim=-1).T
-            loss = F.cross_entropy(logits, y)
-            if distill:
-                with torch.no_grad(), _conv_autocast():
-                    taught = teacher(x.contiguous(memory_format=torch.channels_last)).argmax(1)
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(logits, taught)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        return {"train_accuracy": correct / max(seen, 1)}
+    def loss_of(x, y):
+        logits = cfg.classifier_scale * F.normalize(visual(x), dim=-1) @ F.normalize(head["weight"], dim=-1).T
+        loss = F.cross_entropy(logits, y)
+        if distill:
+            with torch.no_grad(), _conv_autocast():
+                taught = teacher(x.contiguous(memory_format=torch.channels_last)).argmax(1)
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * F.cross_entropy(logits, taught)
+        return loss, logits
 
-    summary = _resumable_epochs("image_tower", state_dir, fingerprint,
-                                {"visual": visual, "head": head, "optimizer": optimizer, "schedule": schedule},
-                                generator, cfg.image_epochs, run_epoch, bar, steps_per_epoch)
-    bar.close()
-    visual.eval()
+    summary = _train_epochs("image_tower", visual, {"visual": visual, "head": head}, optimizer, loss_of, images, labels,
+                            cfg, generator, state_dir, fingerprint, progress, lr=cfg.image_lr, epochs=cfg.image_epochs,
+                            batch_size=cfg.image_batch_size, pct_start=0.15)
     return {"classifier": F.normalize(head["weight"].detach(), dim=-1),
             "train_accuracy_last_epoch": summary.get("train_accuracy", float("nan")),
             "resumed_epochs": summary["resumed_epochs"], "seconds": summary.get("seconds", 0.0)}
@@ -221,15 +192,13 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
     optimizer = torch.optim.AdamW(text_params, lr=cfg.text_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.text_lr, total_steps=cfg.text_steps, pct_start=0.1)
     num_classes = len(class_names)
-    max_logit_scale = math.log(100.0)
     model.train()
     bar = progress_bar(range(cfg.text_steps), desc="test bed: text tower", disable=not progress, leave=False)
     loss = torch.tensor(0.0)
     for _ in bar:
         batch = torch.randint(0, len(features), (cfg.text_batch_size,), generator=generator)
-        pick = torch.randint(0, len(templates), (num_classes,), generator=generator)
-        step_tokens = tokens[pick, torch.arange(num_classes)]
-        text = F.normalize(model.encode_text(step_tokens), dim=-1)
+        pick = torch.randint(0, len(templates), (num_classes,), generator=generator)  # a template per class
+        text = F.normalize(model.encode_text(tokens[pick, torch.arange(num_classes)]), dim=-1)
         logits = model.logit_scale.exp() * features[batch] @ text.T
         loss = F.cross_entropy(logits, caption_classes[batch])
         optimizer.zero_grad(set_to_none=True)
@@ -237,7 +206,7 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, max_logit_scale)
+            model.logit_scale.clamp_(0, math.log(100.0))
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return {"final_loss": float(loss.detach()), "logit_scale": float(model.logit_scale.detach().exp())}

@@ -11,18 +11,8 @@ from typing import Any, Dict, Iterable, List, Union
 import yaml
 
 from coft_fast.config.files import ConfigError, _parse_scalar, _update, apply_file, set_value
-from coft_fast.config.sections import (
-    ContrastiveConfig,
-    DataConfig,
-    FilterConfig,
-    ModelConfig,
-    Phase1Config,
-    Phase2Config,
-    PseudoConfig,
-    RunConfig,
-    TestbedConfig,
-    ZeroShotConfig,
-)
+from coft_fast.config.sections import (ContrastiveConfig, DataConfig, FilterConfig, ModelConfig, Phase1Config,
+                                       Phase2Config, PseudoConfig, RunConfig, TestbedConfig, ZeroShotConfig)
 from coft_fast.config.validation import validate_config
 
 
@@ -80,8 +70,8 @@ class Config:
 
 # ---------------------------------------------------------------------------------------- auto values
 def resolve_filter(cfg: Config) -> Config:
-    """``filter.detector`` and ``filter.rule`` at auto replaced by what they resolve to (in place;
-    see :func:`resolve_auto`); the pipeline calls it too, for configs that skipped resolve_auto."""
+    """``filter.detector`` and ``filter.rule`` at auto replaced by what they resolve to (in place; see
+    FilterConfig); the pipeline calls it too, for configs that skipped :func:`resolve_auto`."""
     if cfg.filter.detector == "auto":
         probe = cfg.pseudo.source == "given" and cfg.method == "coft"
         cfg.filter.detector = "probe" if probe else "prompts"
@@ -92,40 +82,27 @@ def resolve_filter(cfg: Config) -> Config:
 
 def resolve_auto(cfg: Config, command: str = "train") -> Config:
     """Replace the values that depend on others by what they resolve to (in place; returns ``cfg``),
-    so that a printed or saved config shows what a run uses:
-
-    - ``zeroshot.templates=auto``: "ensemble" for the ``zeroshot`` command and for coft+ (with a
-      warning: the paper's CoFT+ averages LLM-written templates, give them with --templates), else
-      "single" (the paper's hand template);
-    - ``filter.detector=auto``: "probe" for given labels (pseudo.source=given, the ``clean-labels``
-      command) with method coft, where it ranked labels best on the test bed (docs/noisy-labels.md);
-      else "prompts" (the paper's);
-    - ``filter.rule=auto``: "mixture" with the probe detector, else "paper";
-    - ``phase2.pretrained`` unset while ``phase2.model`` is another open_clip model: ``model.pretrained``
-      when ``phase2.model`` has that pre-trained tag, else a ConfigError naming ``phase2.pretrained``
-      (a phase II backbone with random weights is never built by accident).
-    """
+    so that a printed or saved config shows what a run uses: ``zeroshot.templates``,
+    ``filter.detector`` and ``filter.rule`` at auto, and an unset ``phase2.pretrained`` (their fields'
+    comments in sections.py say how; a phase II backbone with random weights is never built by accident)."""
     if cfg.zeroshot.templates == "auto":
-        if command == "zeroshot":
-            cfg.zeroshot.templates = "ensemble"
-        elif cfg.method == "coft+":
+        if command != "zeroshot" and cfg.method == "coft+":
             logging.getLogger("coft_fast").warning(
                 "method coft+: no --templates file given, so zero-shot pseudo-labels use CLIP's 80-template ensemble; "
                 "the paper's CoFT+ averages LLM-written templates (see `coft-fast templates`)")
-            cfg.zeroshot.templates = "ensemble"
-        else:
-            cfg.zeroshot.templates = "single"
+        cfg.zeroshot.templates = "ensemble" if command == "zeroshot" or cfg.method == "coft+" else "single"
     resolve_filter(cfg)
-    phase2 = cfg.phase2
-    if phase2.model and phase2.pretrained is None and not phase2.model.startswith("local-dir:"):
-        inherited = cfg.model.pretrained
-        if inherited is not None:  # model.pretrained=null: the user asked for random weights, kept for both
-            if inherited not in pretrained_tags(phase2.model):
-                raise ConfigError(
-                    f"config key 'phase2.pretrained' is not set and phase2.model={phase2.model!r} has no pre-trained "
-                    f"tag {inherited!r} (model.pretrained) to inherit: set phase2.pretrained to one of its tags "
-                    f"({', '.join(pretrained_tags(phase2.model)) or 'none known'}) or to a checkpoint file")
-            phase2.pretrained = inherited
+    # phase II inherits model.pretrained (model.pretrained=null: random weights asked for, kept for both)
+    phase2, inherited = cfg.phase2, cfg.model.pretrained
+    if (phase2.model and not phase2.model.startswith("local-dir:") and phase2.pretrained is None
+            and inherited is not None):
+        tags = pretrained_tags(phase2.model)
+        if inherited not in tags:
+            raise ConfigError(
+                f"config key 'phase2.pretrained' is not set and phase2.model={phase2.model!r} has no pre-trained "
+                f"tag {inherited!r} (model.pretrained) to inherit: set phase2.pretrained to one of its tags "
+                f"({', '.join(tags) or 'none known'}) or to a checkpoint file")
+        phase2.pretrained = inherited
     return cfg
 
 

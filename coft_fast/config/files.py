@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Tuple, Union
 import yaml
 
 
-
 class ConfigError(ValueError):
     """A configuration key, value or file is invalid; the message names it."""
 
@@ -35,18 +34,14 @@ REMOVED_KEYS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
 }
 
 
-def _is_off(value: Any, off: Any) -> bool:
-    # true/false never stand for 1/0 (or the reverse); an int stands for the equal float
-    return isinstance(value, bool) == isinstance(off, bool) and value == off
-
-
 def check_removed(key: str, value: Any, explicit: bool) -> bool:
     """True when ``key`` was removed and ``value`` may be ignored (a saved config's old off value);
     a ConfigError naming the key and its replacement when the key was set otherwise."""
     if key not in REMOVED_KEYS:
         return False
     offs, instead = REMOVED_KEYS[key]
-    if not explicit and any(_is_off(value, off) for off in offs):
+    # true/false never stand for 1/0 (or the reverse); an int stands for the equal float
+    if not explicit and any(isinstance(value, bool) == isinstance(off, bool) and value == off for off in offs):
         return True
     raise ConfigError(f"config key {key!r} was removed: {instead}")
 
@@ -58,10 +53,6 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
-def _field_types(obj: Any) -> Dict[str, Any]:
-    return typing.get_type_hints(type(obj))
-
-
 def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
     """Set a (possibly nested) field, checking the key exists and the value has the field's type."""
     check_removed(dotted_key, value, explicit=True)  # a removed key given explicitly is an error
@@ -70,34 +61,33 @@ def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
     for depth, name in enumerate(parts):
         if not dataclasses.is_dataclass(target):
             raise ConfigError(f"unknown config key {dotted_key!r}: {'.'.join(parts[:depth])} is not a section")
-        types_ = _field_types(target)
+        types_ = typing.get_type_hints(type(target))
         if name not in types_:
             where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(
-                f"unknown config key {dotted_key!r}: {where} has no field {name!r} "
-                f"(known: {', '.join(sorted(types_))})"
-            )
+            raise ConfigError(f"unknown config key {dotted_key!r}: {where} has no field {name!r} "
+                              f"(known: {', '.join(sorted(types_))})")
         if depth == len(parts) - 1:
             current = getattr(target, name)
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
                     raise ConfigError(f"config key {dotted_key!r} is a section: give a mapping, got {value!r}")
-                _update(current, value, prefix=dotted_key + ".")
+                _update(cfg, value, prefix=dotted_key + ".")
             else:
                 setattr(target, name, _coerce(value, types_[name], dotted_key))
         else:
             target = getattr(target, name)
 
 
-def _update(section: Any, data: Dict[str, Any], prefix: str) -> None:
+def _update(cfg: Any, data: Dict[str, Any], prefix: str) -> None:
+    """Set each key of ``data`` under the section ``prefix`` ("" or "phase1.") of ``cfg``; a removed key
+    at its old off value is skipped (a saved run config may carry it)."""
     for key, value in data.items():
-        if check_removed(prefix + str(key), value, explicit=False):
-            continue
-        try:
-            set_value(section, str(key), value)
-        except ConfigError as exc:
-            # report the full dotted key, not the one relative to this section
-            raise ConfigError(str(exc).replace(repr(str(key)), repr(prefix + str(key)), 1)) from None
+        if not check_removed(prefix + str(key), value, explicit=False):
+            set_value(cfg, prefix + str(key), value)
+
+
+# What a value of each plain type must be, for the error that names the key.
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -119,32 +109,26 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
         return [_coerce(item, args[0], key) for item in value] if args else list(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if math.isfinite(number):
-                return number
-        raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and number and isinstance(value, int):
+        return value
+    if annotation is float and (number or _is_number_text(value)):
+        return float(value)
+    if annotation is str and (number or isinstance(value, str)):
+        return str(value)
+    if annotation in EXPECTED:
+        raise ConfigError(f"config key {key!r} expects {EXPECTED[annotation]}, got {value!r}")
     return value
+
+
+def _is_number_text(value: Any) -> bool:
+    """A string that reads as a finite number: YAML 1.1 reads "2e-3" (no dot) as a string."""
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def read_yaml(path: Union[str, os.PathLike], what: str) -> Any:
@@ -162,8 +146,7 @@ def read_yaml(path: Union[str, os.PathLike], what: str) -> Any:
 def config_file_settings(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The mapping a YAML config file holds (an error naming the file when it is not one)."""
     data = read_yaml(path, "config file")
-    if data is None:
-        data = {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data

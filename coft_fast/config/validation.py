@@ -2,10 +2,10 @@
 and the combinations of keys that cannot run together. Each error is a ConfigError naming the key."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Tuple
 
 from coft_fast.config.files import ConfigError
-
 
 METHODS = ("coft", "coft+", "self-train")
 AUGMENTATIONS = ("deft", "random_resized_crop")
@@ -62,10 +62,7 @@ BOOLEANS = ("run.tf32", "run.deterministic")
 
 def value_of(cfg, key: str) -> Any:
     """The value of a dotted key (``phase1.lr``) or a top-level one (``method``)."""
-    value = cfg
-    for name in key.split("."):
-        value = getattr(value, name)
-    return value
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -76,8 +73,9 @@ def in_interval(value: float, interval: str) -> bool:
     return above and below
 
 
-def _check_values(cfg) -> None:
-    """Each key against its table: CHOICES, MINIMUMS, INTERVALS and BOOLEANS."""
+def validate_config(cfg) -> None:
+    """Raise a ConfigError naming the first key whose value cannot run: each key against its table
+    (CHOICES, MINIMUMS, INTERVALS and BOOLEANS), then the rules that combine keys."""
     for key, allowed in CHOICES.items():
         value = value_of(cfg, key)
         if value not in allowed and not (value is None and key in MAY_BE_NONE):
@@ -94,6 +92,7 @@ def _check_values(cfg) -> None:
         value = value_of(cfg, key)
         if not isinstance(value, bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    _check_combinations(cfg)
 
 
 def _check_combinations(cfg) -> None:
@@ -114,9 +113,3 @@ def _check_combinations(cfg) -> None:
     if given and cfg.phase2.train_on == "both":
         raise ConfigError("config key 'phase2.train_on' is both, but with pseudo.source=given the two clean sets are "
                           "one (the given labels both models keep): use s1")
-
-
-def validate_config(cfg) -> None:
-    """Raise a ConfigError naming the first key whose value cannot run (see the module docstring)."""
-    _check_values(cfg)
-    _check_combinations(cfg)
