@@ -7,36 +7,40 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from coft_fast.pseudo import class_name_mapping
+from coft_fast.runtime import distributed
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
 from coft_fast.scoring import ZeroShotResult
 
 PARTIAL_METRICS = "metrics_partial.json"  # what a failed run had measured, and its error
+log = logging.getLogger("coft_fast")
 
 
 def start_folder(out_dir: Path, cfg, class_names) -> None:
     """A run folder's first files: the resolved config.yaml and class_names.json (the class order
     of every output)."""
-    from coft_fast.pseudo import class_name_mapping
-
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     atomic_write_json(out_dir / "class_names.json", class_name_mapping(class_names))
-log = logging.getLogger("coft_fast")
+
+
+def write_skipped(out_dir: Path, skipped) -> None:
+    """skipped.csv: the images that could not be decoded, and why (none: no file)."""
+    if skipped:
+        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in skipped))
 
 
 def write_zeroshot_outputs(result: ZeroShotResult, out_dir: Path) -> None:
+    """predictions.csv, skipped.csv and (with labels or skipped files) metrics.json of ``zeroshot``."""
     names = result.source.class_names
     rows = (
         (path, names[int(p)], f"{float(c):.6f}")
         for path, p, c in zip(result.paths, result.predictions, result.confidence)
     )
     atomic_write_csv(out_dir / "predictions.csv", ["path", "prediction", "confidence"], rows)
-    if result.source.skipped:
-        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
-                         ((s["path"], s["reason"]) for s in result.source.skipped))
+    write_skipped(out_dir, result.source.skipped)
     if result.source.has_labels or result.source.skipped:
         atomic_write_json(out_dir / "metrics.json", result.metrics)
-
 
 
 def write_report(out_dir: Path) -> None:
@@ -47,7 +51,6 @@ def write_report(out_dir: Path) -> None:
         log.info("report: %s", build_report(out_dir))
     except Exception:
         log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir, out_dir)
-
 
 
 def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
@@ -70,8 +73,7 @@ def log_summary(metrics: dict) -> None:
 def write_train_outputs(run, out_dir: Path, issues=None) -> None:
     """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
     from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
-    from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
-                                         plot_per_class_accuracy, plot_rounds)
+    from coft_fast.runtime.plots import plot_issue_scores
 
     state, names = run.state, run.names
     probabilities = state.zs_probabilities
@@ -100,9 +102,17 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         write_label_issues(out_dir / LABEL_ISSUES_FILE, issues)
         plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,
                           issue_scores(result, shots), ~result.keep1, run.cfg.filter.threshold)
-    if run.pool.skipped:
-        atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"], ((s["path"], s["reason"]) for s in run.pool.skipped))
-    truth = run.truth
+    write_skipped(out_dir, run.pool.skipped)
+    write_plots(run, out_dir)
+
+
+def write_plots(run, out_dir: Path) -> None:
+    """rounds.png (CoFT+), clean_probability.png (the filter) and, where the pool's labels are known,
+    pseudo_label_accuracy.png (per class: zero-shot, model 1, the clean sets)."""
+    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
+
+    state, names, truth, result = run.state, run.names, run.truth, run.state.filter
+    zs_labels = state.zs_probabilities.argmax(1)
     if state.metrics.get("rounds"):
         plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
     if result is not None and not run.given:
@@ -119,8 +129,6 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
 def finish_run(run, out_dir: Optional[Path]) -> dict:
     """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets: metrics.json,
     pseudo_labels.csv, label issues, plots and report.html."""
-    from coft_fast.runtime import distributed
-
     metrics = run.metrics_record()
     if distributed.world_size() > 1:
         metrics["world_size"] = distributed.world_size()
