@@ -1,6 +1,6 @@
 """coft_fast.neighbors: knn_search (torch and faiss) against a float64 brute-force reference on odd
 shapes, chunking, exclude_self (duplicated rows too), the auto backend, IVF with every list probed,
-knn_vote and knn_accuracy on hand-built examples, and the argument errors."""
+knn_vote on hand-built examples, and the argument errors."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from coft_fast import neighbors
-from coft_fast.neighbors import build_ivf_index, knn_accuracy, knn_search, knn_vote, search_index
+from coft_fast.neighbors import build_ivf_index, knn_search, knn_vote, search_index
 
 SCORE_TOL = 1e-5
 Q, N, D, K = 37, 1001, 33, 7
@@ -184,51 +184,6 @@ def test_knn_vote_backends_agree_and_zero_votes_fall_back(backend):
     votes_for_0 = (knn_search(features, features, 5, exclude_self=True)[1] == 0).any(dim=1)
     assert torch.equal(refined[~votes_for_0], zero[~votes_for_0])
     assert (refined[votes_for_0 & (torch.arange(120) > 0)].argmax(dim=1) == 3).all()
-
-
-# ------------------------------------------------------------------------------------------ accuracy
-
-def test_knn_accuracy_by_hand():
-    # unit circle again; 5 labelled samples, one unlabelled (-1) that would otherwise sway sample 1
-    angles = torch.tensor([0.0, 0.3, 0.35, 1.5, 1.6, 0.31])
-    features = torch.stack([angles.cos(), angles.sin()], dim=1)
-    labels = torch.tensor([0, 0, 1, 1, 1, -1])
-    k, temperature = 2, 0.1
-    sims = features[:5] @ features[:5].T
-    correct = 0
-    for i in range(5):
-        others = [j for j in range(5) if j != i]
-        nearest = sorted(others, key=lambda j: -sims[i, j].item())[:k]
-        votes = [0.0, 0.0]
-        for j in nearest:
-            votes[int(labels[j])] += math.exp(sims[i, j].item() / temperature)
-        correct += int(votes.index(max(votes)) == labels[i])
-    expected = correct / 5
-    assert expected == 0.6  # samples 1 and 2 (each other's nearest, labels differ) go wrong
-    assert knn_accuracy(features, labels, k=k, temperature=temperature, backend="torch") == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("backend", backends())
-def test_knn_accuracy_separated_clusters(backend):
-    g = torch.Generator().manual_seed(7)
-    centres = torch.eye(16)[:4] * 10
-    labels = torch.arange(4).repeat_interleave(50)
-    features = F.normalize(centres[labels] + torch.randn(200, 16, generator=g), dim=1)
-    assert knn_accuracy(features, labels, k=20, backend=backend) == 1.0
-    shuffled = labels[torch.randperm(200, generator=g)]
-    assert knn_accuracy(features, shuffled, k=20, backend=backend) < 0.5
-    # k larger than the labelled samples: capped
-    assert knn_accuracy(features[:3], torch.tensor([0, 0, -1]), k=20) == 1.0
-
-
-def test_knn_accuracy_needs_two_labels():
-    features = unit_rows(4)
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        knn_accuracy(features, torch.tensor([-1, 3, -1, -1]))
-    with pytest.raises(ValueError, match="labels must be"):
-        knn_accuracy(features, torch.tensor([0, 1, 0]))
-    with pytest.raises(ValueError, match="temperature"):
-        knn_accuracy(features, torch.tensor([0, 1, 0, 1]), temperature=0)
 
 
 # ------------------------------------------------------------------------------------------ errors

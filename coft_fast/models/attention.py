@@ -1,11 +1,9 @@
 """A faster way through open_clip's ``nn.MultiheadAttention`` blocks, exact to rounding.
 
-With ``batch_first=True``, ``nn.MultiheadAttention`` transposes its input to (L, N, E) as a view, and
-the input projection of a non-contiguous 3-D tensor becomes a batched matmul against a copy of the
-weight expanded per token (in the forward and the backward pass). Feeding it a contiguous (L, N, E)
-copy keeps every projection one plain matrix product. On CPUs, bf16 autocast speeds up the matrix
-products (AMX) but PyTorch's CPU flash-attention backward is much slower in bf16 than in float32, so
-the attention itself can be kept in float32 there (``float32=True``).
+With ``batch_first=True`` the module transposes its input to a (L, N, E) view, whose input projection
+becomes a batched matmul against a per-token copy of the weight; a contiguous (L, N, E) copy keeps it
+one matrix product. On CPUs, bf16 autocast speeds up the matrix products but the flash-attention
+backward is much slower in bf16, so the attention can stay in float32 there (``float32=True``).
 """
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ import torch.nn as nn
 
 class BatchMajorAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (batch first, self-attention) run on a contiguous sequence-major copy."""
-
     float32 = False
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -43,17 +40,13 @@ class BatchMajorAttention(nn.MultiheadAttention):
 
 class Float32Attention(BatchMajorAttention):
     """:class:`BatchMajorAttention` computed in float32 under autocast."""
-
     float32 = True
 
 
 def use_batch_major_attention(model: nn.Module, float32: bool = False) -> int:
     """Switch every batch-first ``nn.MultiheadAttention`` in ``model`` to :class:`BatchMajorAttention`
     (or :class:`Float32Attention`); parameters and state dict keys are unchanged. Returns how many."""
-    target = Float32Attention if float32 else BatchMajorAttention
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and module.batch_first:
-            module.__class__ = target
-            count += 1
-    return count
+    modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.batch_first]
+    for module in modules:
+        module.__class__ = Float32Attention if float32 else BatchMajorAttention
+    return len(modules)

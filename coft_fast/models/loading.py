@@ -34,15 +34,13 @@ class WeightsUnavailableError(RuntimeError):
 @dataclass
 class ClipModel:
     """An open_clip model with what is needed to feed it."""
-
     model: torch.nn.Module
     tokenizer: Callable
     preprocess_train: Callable
     preprocess_eval: Callable
     name: str
     pretrained: Optional[str]
-    # open_clip's architecture config (with the activation actually used) and evaluation preprocessing:
-    # what rebuilds the model without its original source (coft_fast.inference.load_run)
+    # open_clip's architecture config as built: what rebuilds the model without its source (inference.load_run)
     model_cfg: Optional[Dict[str, Any]] = None
 
     @property
@@ -76,19 +74,21 @@ def needs_quick_gelu(name: str, pretrained: Optional[str]) -> bool:
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         return bool(tag_cfg.get("quick_gelu", False))
-    if os.path.isfile(pretrained):
-        return is_torchscript_archive(pretrained)
-    return False
+    return os.path.isfile(pretrained) and is_torchscript_archive(pretrained)
+
+
+def _local_dir(name: str) -> Optional[Path]:
+    """The folder of a ``local-dir:`` model name, else None."""
+    return Path(name[len(LOCAL_DIR_PREFIX):]) if name.startswith(LOCAL_DIR_PREFIX) else None
 
 
 def _check_source(name: str, pretrained: Optional[str]) -> None:
-    if name.startswith(LOCAL_DIR_PREFIX):
-        folder = Path(name[len(LOCAL_DIR_PREFIX):])
+    folder = _local_dir(name)
+    if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
             raise WeightsUnavailableError(
                 f"model {name!r}: {folder} is not an open_clip model folder (expected open_clip_config.json "
-                f"and a weights file such as open_clip_model.safetensors inside it)"
-            )
+                f"and a weights file such as open_clip_model.safetensors inside it)")
         return
     if open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models() for the choices")
@@ -96,38 +96,26 @@ def _check_source(name: str, pretrained: Optional[str]) -> None:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise WeightsUnavailableError(
             f"pretrained {pretrained!r} for model {name!r} is neither a known open_clip tag "
-            f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file"
-        )
+            f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file")
 
 
-def load_clip(
-    name: str,
-    pretrained: Optional[str] = None,
-    device: torch.device | str = "cpu",
-    quick_gelu: Optional[bool] = None,
-    cache_dir: Optional[str] = None,
-) -> ClipModel:
+def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device | str = "cpu",
+              quick_gelu: Optional[bool] = None, cache_dir: Optional[str] = None) -> ClipModel:
     """Build an open_clip model in eval mode on ``device``; see the module docstring for the forms."""
     _check_source(name, pretrained)
-    if name.startswith(LOCAL_DIR_PREFIX):
+    if _local_dir(name) is not None:
         pretrained = None
     force_quick_gelu = needs_quick_gelu(name, pretrained) if quick_gelu is None else quick_gelu
     try:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-            name,
-            pretrained=pretrained,
-            device=device,
-            force_quick_gelu=force_quick_gelu,
-            cache_dir=cache_dir,
-        )
+            name, pretrained=pretrained, device=device, force_quick_gelu=force_quick_gelu, cache_dir=cache_dir)
     except RuntimeError as exc:
         if "download" in str(exc).lower():
             raise WeightsUnavailableError(
                 f"could not download the pre-trained weights {pretrained!r} of {name!r} ({exc}). "
                 f"Offline? Download them once on a machine with internet (they land in open_clip's cache, "
                 f"or set model.cache_dir), then either copy that cache here, pass the checkpoint file as "
-                f"--pretrained /path/to/weights, or save an open_clip folder and use --model local-dir:/path"
-            ) from exc
+                f"--pretrained /path/to/weights, or save an open_clip folder and use --model local-dir:/path") from exc
         raise
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     model.eval()
@@ -137,9 +125,9 @@ def load_clip(
 
 def architecture_config(name: str, quick_gelu: bool) -> Dict[str, Any]:
     """open_clip's model config of ``name`` (a built-in name or a local-dir folder), as built."""
-    if name.startswith(LOCAL_DIR_PREFIX):
-        path = Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json"
-        config = copy.deepcopy(json.loads(path.read_text(encoding="utf-8"))["model_cfg"])
+    folder = _local_dir(name)
+    if folder is not None:
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]
     else:
         config = copy.deepcopy(open_clip.get_model_config(name))
     if quick_gelu:

@@ -27,18 +27,9 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
         torch._foreach_lerp_(targets, [s.detach() for s in sources], 1.0 - momentum)
 
 
-def projection_head(dim: int, out_dim: int) -> nn.Module:
-    """MoCo v2's MLP (d -> d -> out_dim); ``out_dim`` 0 means none (the identity)."""
-    if out_dim <= 0:
-        return nn.Identity()
-    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
-
-
 class MomentumContrast(nn.Module):
     """The momentum key encoder (+ projection) of ``encoder``, and a FIFO queue of past keys.
-
-    ``gather`` collects the keys of all ranks before they are queued (the identity in one process).
-    """
+    ``gather`` collects the keys of all ranks before they are queued (the identity in one process)."""
 
     def __init__(self, encoder: nn.Module, dim: int, queue_size: int, momentum: float, projection_dim: int = 0,
                  seed: int = 0, gather: Callable[[torch.Tensor], torch.Tensor] = lambda keys: keys):
@@ -47,7 +38,8 @@ class MomentumContrast(nn.Module):
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self.momentum = float(momentum)
         self.gather = gather
-        self.projection = projection_head(dim, projection_dim)
+        self.projection = nn.Identity() if projection_dim <= 0 else nn.Sequential(  # MoCo v2's MLP
+            nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, projection_dim))
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.key_projection = copy.deepcopy(self.projection).requires_grad_(False)
         out_dim = projection_dim if projection_dim > 0 else dim
@@ -85,5 +77,4 @@ class MomentumContrast(nn.Module):
     @torch.no_grad()
     def push_(self, keys: torch.Tensor) -> None:
         """Queue the keys of this step (from every rank), overwriting the oldest."""
-        keys = self.gather(keys)
-        ops.enqueue_(self.queue, keys, self.ptr)  # the pointer stays on the device: no synchronisation
+        ops.enqueue_(self.queue, self.gather(keys), self.ptr)  # the pointer stays on the device: no sync

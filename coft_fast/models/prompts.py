@@ -12,7 +12,7 @@ from typing import Callable, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from coft_fast.pseudo.templates import TemplateError, prompt_token_count
+from coft_fast.pseudo.templates import check_prompts_fit
 
 PLACEHOLDER = "X"
 
@@ -24,13 +24,8 @@ def prompt_texts(class_names: Sequence[str], n_ctx: int) -> list:
 
 def check_dual_prompts_fit(tokenizer: Callable, class_names: Sequence[str], n_ctx: int, context_length: int) -> None:
     """Raise TemplateError naming the first class whose phase-I prompt exceeds the text context."""
-    for name, text in zip(class_names, prompt_texts(class_names, n_ctx)):
-        count = prompt_token_count(tokenizer, text)
-        if count > context_length:
-            raise TemplateError(
-                f"class {name!r}: its prompt needs {count} tokens ({n_ctx} context + start/end + name), "
-                f"more than the model's text context of {context_length}; shorten the name or lower phase1.n_ctx"
-            )
+    check_prompts_fit(tokenizer, [[text] for text in prompt_texts(class_names, n_ctx)], class_names, context_length,
+                      f"shorten the name or lower phase1.n_ctx ({n_ctx} learned context tokens)")
 
 
 class DualPromptLearner(nn.Module):
@@ -43,12 +38,11 @@ class DualPromptLearner(nn.Module):
         if pool_type != "argmax":
             raise ValueError(f"dual prompts need a CLIP text tower that pools at the end-of-text token "
                              f"(text_pool_type 'argmax'), this model uses {pool_type!r}")
-        context_length = int(clip_model.context_length)
-        check_dual_prompts_fit(tokenizer, class_names, n_ctx, context_length)
+        check_dual_prompts_fit(tokenizer, class_names, n_ctx, int(clip_model.context_length))
         tokens = tokenizer(prompt_texts(class_names, n_ctx))  # (C, L)
         eot = tokens.argmax(dim=-1)  # EOT has the highest token id
-        # joint: one call for all 2C prompts, cut after the last end-of-text token (exact: the tower is
-        # causal). Otherwise the research code's way: two calls over the full context (the naive baseline).
+        # joint: all 2C prompts in one call, cut after the last end-of-text token (exact: the tower is causal);
+        # else the research code's two calls over the full context (the naive baseline)
         self.joint = joint
         cut = int(eot.max()) + 1 if joint else tokens.shape[1]
         with torch.no_grad():
@@ -69,9 +63,7 @@ class DualPromptLearner(nn.Module):
         c = self.num_classes
         ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(self.token_prefix.dtype)  # (2, M, w)
         ctx = ctx[:, None].expand(2, c, -1, -1).reshape(2 * c, self.n_ctx, -1)
-        prefix = self.token_prefix.repeat(2, 1, 1)
-        suffix = self.token_suffix.repeat(2, 1, 1)
-        return torch.cat([prefix, ctx, suffix], dim=1)
+        return torch.cat([self.token_prefix.repeat(2, 1, 1), ctx, self.token_suffix.repeat(2, 1, 1)], dim=1)
 
     def encode(self, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """Run the frozen text tower on prompt embeddings (B, L, w) of any length L <= context."""

@@ -1,11 +1,9 @@
 """Deep visual prompt tuning (VPT-deep) for open_clip ViT visual towers, without changing their code.
 
-Each transformer block i has its own N learnable tokens. Before block 0 they are appended after the
-class and patch tokens; before block i > 0 the tokens that came out of block i-1 are dropped and
-block i's appended, so the sequence stays 1 + patches + N. After the last block the prompt tokens
-are dropped, so pooling (class token or patch average) and ``ln_post`` see the usual sequence.
-With N = 0 the tower is exactly the frozen pre-trained one. The prompts are injected with forward
-hooks while :meth:`VisualPrompts.applied` is active, so one frozen tower can serve several models.
+Each transformer block i has its own N learnable tokens, appended after the class and patch tokens
+in place of block i-1's, so the sequence stays 1 + patches + N; after the last block they are
+dropped, so pooling and ``ln_post`` see the usual sequence (N = 0: the frozen tower itself). Forward
+hooks inject them while :meth:`VisualPrompts.applied` is active: one frozen tower serves several models.
 """
 from __future__ import annotations
 
@@ -20,10 +18,8 @@ def _vision_transformer_parts(visual: nn.Module):
     transformer = getattr(visual, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     if blocks is None or not hasattr(visual, "conv1"):
-        raise TypeError(
-            f"visual prompts need an open_clip ViT visual tower (conv1 + transformer.resblocks); "
-            f"got {type(visual).__name__}"
-        )
+        raise TypeError(f"visual prompts need an open_clip ViT visual tower (conv1 + transformer.resblocks); "
+                        f"got {type(visual).__name__}")
     return transformer, blocks
 
 
@@ -51,33 +47,28 @@ class VisualPrompts(nn.Module):
         if len(blocks) != self.tokens.shape[0]:
             raise ValueError(f"these prompts were made for {self.tokens.shape[0]} blocks, the tower has {len(blocks)}")
         n = self.num_tokens
-        handles = []
 
-        def append_first(module, args, kwargs):
-            x = args[0]  # (B, 1 + P, w): the transformer's input is always batch first
-            prompts = self.tokens[0].to(x.dtype).expand(x.shape[0], -1, -1)
-            return (torch.cat([x, prompts], dim=1),) + tuple(args[1:]), kwargs
+        def add_prompts(index: int, token_dim: int):
+            """A pre-hook appending block ``index``'s prompts along ``token_dim``, after dropping those
+            the previous block saw (index > 0)."""
 
-        def make_replace(index):
-            def replace(module, args, kwargs):
+            def hook(module, args, kwargs):
                 x = args[0]
-                if self.batch_first:
-                    prompts = self.tokens[index].to(x.dtype).expand(x.shape[0], -1, -1)
-                    x = torch.cat([x[:, :-n], prompts], dim=1)
-                else:  # (L, B, w)
-                    prompts = self.tokens[index].to(x.dtype)[:, None].expand(-1, x.shape[1], -1)
-                    x = torch.cat([x[:-n], prompts], dim=0)
-                return (x,) + tuple(args[1:]), kwargs
+                if index:
+                    x = x.narrow(token_dim, 0, x.shape[token_dim] - n)
+                shape = list(x.shape)
+                shape[token_dim] = n
+                prompts = self.tokens[index].to(x.dtype).unsqueeze(1 - token_dim).expand(shape)
+                return (torch.cat([x, prompts], dim=token_dim),) + tuple(args[1:]), kwargs
 
-            return replace
+            return hook
 
-        def drop_prompts(module, args, output):
-            return output[:, :-n]
-
-        handles.append(transformer.register_forward_pre_hook(append_first, with_kwargs=True))
+        # the transformer's input and output are always batch first (B, L, w); its blocks' may be (L, B, w)
+        handles = [transformer.register_forward_pre_hook(add_prompts(0, 1), with_kwargs=True)]
         for index in range(1, len(blocks)):
-            handles.append(blocks[index].register_forward_pre_hook(make_replace(index), with_kwargs=True))
-        handles.append(transformer.register_forward_hook(drop_prompts))
+            hook = add_prompts(index, 1 if self.batch_first else 0)
+            handles.append(blocks[index].register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(transformer.register_forward_hook(lambda module, args, output: output[:, :-n]))  # drop them
         try:
             yield visual
         finally:

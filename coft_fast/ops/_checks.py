@@ -20,18 +20,19 @@ def check_matrix(name: str, tensor, columns: Optional[int] = None, dtypes: Seque
         raise TypeError(f"{name} must be one of {[str(d) for d in dtypes]}, got {tensor.dtype}")
 
 
-def check_labels(name: str, labels, rows: int, num_classes: int, check_range: bool = True) -> None:
-    """Type, dtype and shape; with ``check_range`` also the values, which reads them on the host (one
-    synchronisation on a GPU, a graph break under torch.compile, where it is skipped)."""
+def check_labels(name: str, labels, rows: Optional[int] = None, num_classes: Optional[int] = None,
+                 check_range: bool = True) -> None:
+    """An int64 tensor of shape (``rows``,) (any length when None); with ``num_classes`` and ``check_range``
+    also its values, read on the host (a GPU sync; skipped under torch.compile, where it breaks the graph)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{name} must be int64, got {labels.dtype}")
-    if labels.shape != (rows,):
-        raise ValueError(f"{name} must have shape ({rows},), got {tuple(labels.shape)}")
-    if not check_range or torch.compiler.is_compiling():
+    if labels.ndim != 1 or (rows is not None and labels.shape[0] != rows):
+        raise ValueError(f"{name} must have shape ({'N' if rows is None else rows},), got {tuple(labels.shape)}")
+    if num_classes is None or not check_range or torch.compiler.is_compiling() or not labels.numel():
         return
-    if rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(f"{name} must lie in [0, {num_classes - 1}], got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
@@ -47,14 +48,17 @@ def check_same_dtype(**tensors) -> None:
         raise TypeError("tensors must share one dtype, got " + ", ".join(f"{k} {v}" for k, v in dtypes.items()))
 
 
-def check_nonempty(name: str, tensor: torch.Tensor) -> None:
-    if tensor.shape[0] == 0:
-        raise ValueError(f"{name} is empty (N = 0): there is nothing to compute a loss over")
-
-
-def check_backend(backend: str) -> None:
+def check_op_inputs(backend: str, **matrices) -> None:
+    """The ops' common checks: ``backend``, then 2-D float ``matrices`` with the first one's columns (the
+    feature size), the first (the batch) not empty."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    (batch, first), *others = matrices.items()
+    check_matrix(batch, first)
+    for name, tensor in others:
+        check_matrix(name, tensor, columns=first.shape[1])
+    if first.shape[0] == 0:
+        raise ValueError(f"{batch} is empty (N = 0): there is nothing to compute a loss over")
 
 
 def scale_value(logit_scale) -> torch.Tensor | float:

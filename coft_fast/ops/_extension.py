@@ -1,9 +1,8 @@
 """Loads ``coft_fast._C``, the C++/CUDA extension whose import registers ``torch.ops.coft_fast.*``.
 
-The README install (``pip install --no-build-isolation -e .``) always builds it with the CPU
-kernels. A checkout that was never built (or a build against another torch) imports fine, but
-the ops that need the extension raise an ImportError that says how to build it: there is no
-silent fallback to the slow reference implementations.
+The README install builds it with the CPU kernels. An unbuilt checkout (or a build against another
+torch) imports fine, but the ops that need the extension raise an ImportError saying how to build
+it: there is no silent fallback to the slow reference implementations.
 """
 from __future__ import annotations
 
@@ -41,7 +40,9 @@ def has_cuda_kernels() -> bool:
 
 
 def require(op: str, device: torch.device) -> None:
-    """Raise a clear error when ``op`` cannot run on ``device`` with this build."""
+    """Raise a clear error when ``op`` cannot run on ``device`` with this build (not while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return
     if not available():
         raise ImportError(BUILD_HINT.format(error=_load_error)) from _load_error
     if device.type == "cuda" and not has_kernel(op, "CUDA"):

@@ -3,11 +3,9 @@
 Inputs are already L2-normalised; ``logit_scale`` is the multiplier exp(model.logit_scale).
 s+ = logit_scale * x @ pos_text.T, s- = logit_scale * x @ neg_text.T,
 p_clean(k) = sigmoid(s+_k - s-_k), L1 = CE(s+, y), L2 = -[log p_clean(y) + log(1 - p_clean(yc))].
-
-Only the label and complement columns of s- enter L2, so both paths read two rows of neg_text per
-sample instead of forming the N x C negative logits. Paths: ``dual_prompt_loss_reference`` (plain torch,
-the CPU path and ground truth) and ``coft_fast.kernels.dual_prompt`` (Triton: one pass over pos_text
-with an online log-sum-exp, no N x C tensor in the forward; see that module), chosen by ``backend``.
+Only the label and complement columns of s- enter L2, so neither path forms the N x C negative
+logits. Paths (``backend``): ``dual_prompt_loss_reference`` (plain torch, the CPU path and ground
+truth) and ``coft_fast.kernels.dual_prompt`` (Triton: one pass over pos_text, an online log-sum-exp).
 """
 from __future__ import annotations
 
@@ -16,31 +14,18 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from coft_fast.ops._checks import (
-    check_backend,
-    check_labels,
-    check_matrix,
-    check_nonempty,
-    check_same_device,
-    check_same_dtype,
-    no_autocast,
-    scale_value,
-    use_triton,
-)
+from coft_fast.ops._checks import (check_labels, check_op_inputs, check_same_device, check_same_dtype, no_autocast,
+                                   scale_value, use_triton)
 
 
 def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels=None,
                 check_label_range=True):
-    check_backend(backend)
-    check_matrix("image_feats", image_feats)
-    check_matrix("pos_text", pos_text, columns=image_feats.shape[1])
-    check_matrix("neg_text", neg_text, columns=image_feats.shape[1])
+    check_op_inputs(backend, image_feats=image_feats, pos_text=pos_text, neg_text=neg_text)
     if pos_text.shape != neg_text.shape:
         raise ValueError(f"pos_text and neg_text must have the same shape, got {tuple(pos_text.shape)} and {tuple(neg_text.shape)}")
     check_same_dtype(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text)
     check_same_device(image_feats=image_feats, pos_text=pos_text, neg_text=neg_text, labels=labels,
                       complement_labels=complement_labels)
-    check_nonempty("image_feats", image_feats)
     rows, classes = image_feats.shape[0], pos_text.shape[0]
     check_labels("labels", labels, rows, classes, check_label_range)
     if complement_labels is not None:
@@ -48,15 +33,8 @@ def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, c
     return scale_value(logit_scale)
 
 
-def _on_device(scale, like: torch.Tensor):
-    """A tensor logit scale travels to the features' device (kernels read it there, no sync)."""
-    return scale.to(like.device) if isinstance(scale, torch.Tensor) else scale
-
-
-def dual_prompt_loss_reference(
-    image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
-    detach_image_in_neg=False, detach_pos_in_l2=False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dual_prompt_loss_reference(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
+                               detach_image_in_neg=False, detach_pos_in_l2=False) -> Tuple[torch.Tensor, ...]:
     """Plain-torch ground truth (computed in float32 or wider, also under autocast)."""
     compute = torch.promote_types(image_feats.dtype, torch.float32)
     with no_autocast(image_feats):
@@ -74,12 +52,9 @@ def dual_prompt_loss_reference(
         return l1 + lam * l2, l1, l2
 
 
-def dual_prompt_loss_eager(
-    image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
-    detach_image_in_neg=False, detach_pos_in_l2=False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DEFT's formulation: both N x C logit matrices and a two-way log-softmax per class (the
-    research code's unfused path; the baseline of bench/e2e_speed.py)."""
+def dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
+                           detach_image_in_neg=False, detach_pos_in_l2=False) -> Tuple[torch.Tensor, ...]:
+    """DEFT's unfused formulation (both N x C logit matrices, a two-way log-softmax per class): the baseline."""
     compute = torch.promote_types(image_feats.dtype, torch.float32)
     with no_autocast(image_feats):
         x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
@@ -93,33 +68,27 @@ def dual_prompt_loss_eager(
 
 
 # ------------------------------------------------------------------- the Triton path as custom ops
-# Registered with torch.library so that torch.compile sees each as one node (whatever runs inside:
-# the GPU kernels or the interpreter), with fake kernels for tracing and the backward as an op too.
-
-def _scale_arg(scale, value):
-    return scale if scale is not None else value
-
+# torch.compile sees each as one node (GPU kernels or the interpreter inside), traced with fake kernels.
 
 @torch.library.custom_op("coft_fast::dual_prompt_loss", mutates_args=())
-def _dual_prompt_op(image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor, labels: torch.Tensor,
-                    complement_labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float, lam: float,
-                    detach_image_in_neg: bool, detach_pos_in_l2: bool, splits: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor]:
-    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels; the logit scale is ``scale`` (0-dim, read on
-    the device) or, when None, ``scale_value``. The detach flags matter to the backward only."""
+def _dual_prompt_op(
+    image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor, labels: torch.Tensor,
+    complement_labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float, lam: float,
+    detach_image_in_neg: bool, detach_pos_in_l2: bool, splits: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels, at logit scale ``scale`` (0-dim, read on the
+    device) or, when None, ``scale_value``; the detach flags matter to the backward only."""
     from coft_fast.kernels.dual_prompt import dual_forward_triton
 
     return dual_forward_triton(image_feats, pos_text, neg_text, labels, complement_labels,
-                               _scale_arg(scale, scale_value), lam, splits or None)
+                               scale if scale is not None else scale_value, lam, splits or None)
 
 
 @_dual_prompt_op.register_fake
 def _(image_feats, pos_text, neg_text, labels, complement_labels, scale, scale_value, lam, detach_image_in_neg,
       detach_pos_in_l2, splits):
-    n = image_feats.shape[0]
-    scalar = [image_feats.new_empty((), dtype=torch.float32) for _ in range(3)]
-    rows = [image_feats.new_empty((n,), dtype=torch.float32) for _ in range(3)]
-    return tuple(scalar + rows)
+    shapes = [()] * 3 + [(image_feats.shape[0],)] * 3  # loss, l1, l2; lse, p_y, p_c
+    return tuple(image_feats.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
 @torch.library.custom_op("coft_fast::dual_prompt_loss_backward", mutates_args=())
@@ -134,7 +103,7 @@ def _dual_prompt_backward_op(
     from coft_fast.kernels.dual_prompt import dual_backward_triton
 
     grads = dual_backward_triton(image_feats, pos_text, neg_text, labels, complement_labels, lse, p_y, p_c,
-                                 _scale_arg(scale, scale_value), (grad_loss, grad_l1, grad_l2), lam,
+                                 scale if scale is not None else scale_value, (grad_loss, grad_l1, grad_l2), lam,
                                  detach_image_in_neg, detach_pos_in_l2, need_x, need_pos, need_neg, need_scale)
     return tuple(g if g is not None else image_feats.new_empty(0) for g in grads)
 
@@ -143,10 +112,9 @@ def _dual_prompt_backward_op(
 def _(image_feats, pos_text, neg_text, labels, complement_labels, lse, p_y, p_c, scale, scale_value, grad_loss,
       grad_l1, grad_l2, lam, detach_image_in_neg, detach_pos_in_l2, need_x, need_pos, need_neg, need_scale):
     def like(t, needed):
-        return torch.empty_like(t) if needed else image_feats.new_empty(0)
+        return torch.empty_like(t) if needed and t is not None else image_feats.new_empty(0)
 
-    return (like(image_feats, need_x), like(pos_text, need_pos), like(neg_text, need_neg),
-            like(scale, need_scale) if scale is not None else image_feats.new_empty(0))
+    return like(image_feats, need_x), like(pos_text, need_pos), like(neg_text, need_neg), like(scale, need_scale)
 
 
 def _dual_setup_context(ctx, inputs, output):
@@ -178,7 +146,7 @@ def _clean_probability_op(image_feats: torch.Tensor, pos_text: torch.Tensor, neg
                           labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float) -> torch.Tensor:
     from coft_fast.kernels.dual_prompt import clean_probability_triton as kernel
 
-    return kernel(image_feats, pos_text, neg_text, labels, _scale_arg(scale, scale_value))
+    return kernel(image_feats, pos_text, neg_text, labels, scale if scale is not None else scale_value)
 
 
 @_clean_probability_op.register_fake
@@ -186,8 +154,9 @@ def _(image_feats, pos_text, neg_text, labels, scale, scale_value):
     return image_feats.new_empty((image_feats.shape[0],), dtype=torch.float32)
 
 
-def _split_scale(scale):
-    return (scale, 1.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
+def _split_scale(scale, like: torch.Tensor):
+    """The custom ops' (scale, scale_value): a tensor moved to ``like``'s device (read there), or a float."""
+    return (scale.to(like.device), 1.0) if isinstance(scale, torch.Tensor) else (None, float(scale))
 
 
 def dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
@@ -197,7 +166,7 @@ def dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_
     from coft_fast.kernels.dual_prompt import _check_inputs
 
     _check_inputs(image_feats, pos_text, neg_text)
-    scale, scale_value = _split_scale(logit_scale)
+    scale, scale_value = _split_scale(logit_scale, image_feats)
     out = _dual_prompt_op(image_feats, pos_text, neg_text, labels, complement_labels, scale, scale_value, float(lam),
                           bool(detach_image_in_neg), bool(detach_pos_in_l2), int(splits or 0))
     return out[0], out[1], out[2]
@@ -208,41 +177,28 @@ def clean_probability_triton(image_feats, pos_text, neg_text, labels, logit_scal
     from coft_fast.kernels.dual_prompt import _check_inputs
 
     _check_inputs(image_feats, pos_text, neg_text)
-    return _clean_probability_op(image_feats, pos_text, neg_text, labels, *_split_scale(logit_scale))
+    return _clean_probability_op(image_feats, pos_text, neg_text, labels, *_split_scale(logit_scale, image_feats))
 
 
 def dual_prompt_loss(
-    image_feats: torch.Tensor,
-    pos_text: torch.Tensor,
-    neg_text: torch.Tensor,
-    labels: torch.Tensor,
-    complement_labels: torch.Tensor,
-    logit_scale,
-    lam: float = 1.0,
-    detach_image_in_neg: bool = False,
-    detach_pos_in_l2: bool = False,
-    backend: str = "auto",
-    check_label_range: bool = True,
+    image_feats: torch.Tensor, pos_text: torch.Tensor, neg_text: torch.Tensor, labels: torch.Tensor,
+    complement_labels: torch.Tensor, logit_scale, lam: float = 1.0, detach_image_in_neg: bool = False,
+    detach_pos_in_l2: bool = False, backend: str = "auto", check_label_range: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, l1, l2), each 0-dim: loss = l1 + lam * l2 (see the module docstring).
-
-    ``detach_image_in_neg`` stops gradients to image_feats through the negative logits;
-    ``detach_pos_in_l2`` treats the positive logits inside l2 as constants (DEFT: both on).
+    """(loss, l1, l2), each 0-dim: loss = l1 + lam * l2 (see the module docstring). ``detach_image_in_neg``
+    stops gradients to image_feats through s-; ``detach_pos_in_l2`` treats s+ in l2 as constant (DEFT: both).
     ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton", "reference" or
     "eager" (the unfused N x C formulation). ``check_label_range`` reads the labels' range on the host
-    (a synchronisation); a training loop that checked its labels once passes False.
-    """
+    (a synchronisation); a training loop that checked its labels once passes False."""
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels,
                         check_label_range)
+    path = dual_prompt_loss_reference
     if backend == "eager":
-        return dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
-                                      detach_image_in_neg, detach_pos_in_l2)
-    if use_triton(backend, image_feats, image_feats.dtype):
-        return dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels,
-                                       _on_device(scale, image_feats), lam,
-                                       detach_image_in_neg, detach_pos_in_l2)
-    return dual_prompt_loss_reference(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
-                                      detach_image_in_neg, detach_pos_in_l2)
+        path = dual_prompt_loss_eager
+    elif use_triton(backend, image_feats, image_feats.dtype):
+        path = dual_prompt_loss_triton
+    return path(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam, detach_image_in_neg,
+                detach_pos_in_l2)
 
 
 def clean_probability_reference(image_feats, pos_text, neg_text, labels, logit_scale) -> torch.Tensor:
@@ -258,5 +214,5 @@ def clean_probability(image_feats, pos_text, neg_text, labels, logit_scale, back
     """(N,) p_clean(label) = sigmoid(s+_label - s-_label), float32 (float64 for float64 inputs), no gradient."""
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend)
     if use_triton(backend, image_feats, image_feats.dtype):
-        return clean_probability_triton(image_feats, pos_text, neg_text, labels, _on_device(scale, image_feats))
+        return clean_probability_triton(image_feats, pos_text, neg_text, labels, scale)
     return clean_probability_reference(image_feats, pos_text, neg_text, labels, scale)

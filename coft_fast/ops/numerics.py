@@ -1,11 +1,10 @@
 """The run-wide numerics switches behind ``run.tf32`` and ``run.deterministic``, for torch and the kernels.
 
-``set_numerics(tf32, deterministic)`` is called once at the start of a run. TF32 applies to
-torch's float32 matmuls and convolutions and to the Triton kernels' float32 dots ("tf32" against
-"tf32x3", about float32 accuracy); under autocast (the default on CUDA) matmuls are bf16 anyway.
-Deterministic algorithms (also on when the caller ran ``torch.use_deterministic_algorithms(True)``)
-make the kernels use one fixed config instead of autotuning and a GEMM instead of atomic adds, so a
-resumed run repeats bitwise on the same GPU model.
+TF32 applies to torch's float32 matmuls and convolutions and to the Triton kernels' float32 dots
+("tf32" against "tf32x3"); under autocast (the default on CUDA) matmuls are bf16 anyway.
+Deterministic algorithms (also on when the caller switched them on) make the kernels use one fixed
+config instead of autotuning and a GEMM instead of atomic adds, so a resumed run repeats bitwise on
+the same GPU model.
 """
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ import torch
 
 
 def set_tf32(enabled: bool) -> None:
-    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions, with torch's current API;
-    nothing is touched when the setting is already in force (torch's default is no TF32), so code that
-    reads the legacy flags keeps working."""
+    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions; nothing is touched when the
+    setting is already in force (torch's default: no TF32), so code reading the legacy flags still works."""
     from coft_fast.kernels import tf32_enabled
 
     if tf32_enabled() == enabled:

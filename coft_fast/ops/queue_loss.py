@@ -1,21 +1,12 @@
 """InfoNCE against a FIFO queue of momentum keys (CoFT+ phase II), and the queue's in-place update.
 
-loss = mean_i -log( exp(q_i.k_i / T) / (exp(q_i.k_i / T) + sum_j exp(q_i.queue_j / T)) ).
-Gradients reach q and k; the queue is a constant.
-
-Three implementations:
-- ``queue_info_nce_eager``: MoCo's einsum + cat + cross-entropy, plain autograd. It holds several
-  N x (K + 1) tensors at once; kept as the ground truth of the tests and the baseline of the benchmark.
-- ``queue_info_nce_reference`` (the CPU path): chunked over the queue with an online log-sum-exp.
-  When a gradient is needed the same pass accumulates the softmax-weighted sum of the queue rows,
-  so the backward pass is elementwise; only per-row statistics (N and N x d) are saved. Peak memory
-  O(N * chunk) instead of O(N * K).
-- ``queue_info_nce_triton``: the same algorithm as a fused Triton kernel
-  (``coft_fast.kernels.queue_loss``), split over the queue (flash-decoding style). When no kernel
-  config fits the GPU (OutOfResources) it falls back to the reference, with one log line.
-Both run as one torch.library custom op, ``coft_fast::queue_info_nce``, with a fake kernel and a
-registered backward, so torch.compile traces a training step through it without graph breaks.
-``enqueue_`` advances a device-side pointer without a host synchronisation.
+loss = mean_i -log( exp(q_i.k_i / T) / (exp(q_i.k_i / T) + sum_j exp(q_i.queue_j / T)) ); gradients
+reach q and k, the queue is a constant. The reference (the CPU path) and the Triton kernel
+(``coft_fast.kernels.queue_loss``; it falls back to the reference when no config fits the GPU) read
+the queue in chunks with an online log-sum-exp that also sums the softmax-weighted queue rows, so
+the backward is elementwise and memory O(N * chunk), not O(N * K) as in MoCo's formulation
+(``queue_info_nce_eager``, the tests' ground truth). Both run as the custom op
+``coft_fast::queue_info_nce`` (fake kernel, registered backward), which torch.compile traces through.
 """
 from __future__ import annotations
 
@@ -25,54 +16,24 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from coft_fast.ops._checks import (
-    check_backend,
-    check_matrix,
-    check_nonempty,
-    check_same_device,
-    check_same_dtype,
-    check_temperature,
-    no_autocast,
-    use_triton,
-)
+from coft_fast.ops._checks import (check_matrix, check_op_inputs, check_same_device, check_same_dtype, check_temperature,
+                                   no_autocast, use_triton)
 
-# elements the chunked reference holds at once: N x chunk logits, plus chunk x d for the float32 copy of
-# a half-precision queue chunk; chunk = clamp(budget // (N [+ d]), 256, 16384), so at most ~16 MiB of
-# fp32 whatever the queue size (larger chunks keep the CPU GEMMs efficient)
+# elements the chunked reference holds at once (N x chunk logits, + chunk x d for a converted half-precision
+# queue chunk): chunk = clamp(budget // (N [+ d]), 256, 16384), ~16 MiB of fp32 (large chunks: fast CPU GEMMs)
 _CHUNK_ELEMENTS = 1 << 22
 log = logging.getLogger(__name__)
 
 
-def _check_queue_args(q, k, queue, temperature, backend):
-    check_backend(backend)
-    check_matrix("q", q)
-    check_matrix("k", k, columns=q.shape[1])
-    check_matrix("queue", queue, columns=q.shape[1])
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    check_same_dtype(q=q, k=k)
-    check_same_device(q=q, k=k, queue=queue)
-    check_nonempty("q", q)
-    if queue.shape[0] == 0:
-        raise ValueError("queue is empty (K = 0): InfoNCE needs at least one negative key")
-    check_temperature(temperature)
-
-
 def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
-    """MoCo's formulation: positive logit in column 0, then the queue, cross-entropy towards 0.
-
-    Plain autograd over N x (K + 1) logits (O(N * K) memory): the tests' ground truth and the
-    benchmarks' baseline."""
+    """MoCo's formulation: positive logit in column 0, then the queue, cross-entropy towards 0; plain
+    autograd over N x (K + 1) logits (O(N * K) memory)."""
     compute = torch.promote_types(q.dtype, torch.float32)
     with no_autocast(q):
         q, k, queue = q.to(compute), k.to(compute), queue.to(compute).detach()
         positive = (q * k).sum(-1, keepdim=True)
         logits = torch.cat([positive, q @ queue.T], dim=1) / temperature
         return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-
-
-def _chunk_rows(n: int, d: int, converts: bool) -> int:
-    return max(256, min(16384, _CHUNK_ELEMENTS // (n + (d if converts else 0))))
 
 
 def _chunked_statistics(q, k, queue, temperature, with_o, chunk):
@@ -109,23 +70,14 @@ def _chunked_statistics(q, k, queue, temperature, with_o, chunk):
         return loss, w0m1, r
 
 
-_fallbacks_logged = set()
-
-
-def _log_fallback(q, queue, error) -> None:
-    key = (str(q.device), q.shape[1], q.dtype, queue.dtype)
-    if key not in _fallbacks_logged:
-        _fallbacks_logged.add(key)
-        log.warning("queue_info_nce: no Triton config fits %s for d=%d, q %s, queue %s (%s); using the "
-                    "chunked reference for these shapes", q.device, q.shape[1], q.dtype, queue.dtype, error)
+_fallbacks_logged = set()  # (device, d, dtypes) the Triton path fell back for: one log line each
 
 
 @torch.library.custom_op("coft_fast::queue_info_nce", mutates_args=())
 def _queue_info_nce_op(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, with_o: bool,
                        backend: str, splits: int, chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, w0 - 1, R) of the Triton kernel (``backend`` "triton", ``splits`` 0: chosen) or of the
-    chunked reference (``chunk`` 0: chosen); the Triton path falls back to the reference, with one
-    log line, when no config fits the GPU (OutOfResources)."""
+    chunked reference (``chunk`` 0: chosen), which the kernel falls back to on OutOfResources."""
     if backend == "triton":
         from coft_fast.kernels import queue_loss as kernel
 
@@ -133,9 +85,14 @@ def _queue_info_nce_op(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, te
             loss, w0m1, r = kernel.queue_statistics_triton(q, k, queue, temperature, with_o, splits or None)
             return loss, w0m1, (r if r is not None else q.new_empty(0, dtype=torch.float32))
         except kernel.OutOfResources as error:
-            _log_fallback(q, queue, error)
+            key = (str(q.device), q.shape[1], q.dtype, queue.dtype)
+            if key not in _fallbacks_logged:
+                _fallbacks_logged.add(key)
+                log.warning("queue_info_nce: no Triton config fits %s for d=%d, q %s, queue %s (%s); using the "
+                            "chunked reference for these shapes", q.device, q.shape[1], q.dtype, queue.dtype, error)
     if not chunk:
-        chunk = _chunk_rows(q.shape[0], q.shape[1], queue.dtype != torch.promote_types(q.dtype, torch.float32))
+        converts = queue.dtype != torch.promote_types(q.dtype, torch.float32)
+        chunk = max(256, min(16384, _CHUNK_ELEMENTS // (q.shape[0] + (q.shape[1] if converts else 0))))
     return _chunked_statistics(q, k, queue, temperature, with_o, chunk)
 
 
@@ -198,12 +155,17 @@ def queue_info_nce_triton(q, k, queue, temperature, splits: int | None = None) -
 def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
                    backend: str = "auto") -> torch.Tensor:
     """0-dim mean InfoNCE of queries ``q`` (N, d) with positives ``k`` (N, d) against ``queue`` (K, d).
-
     ``backend``: "auto" (Triton on CUDA tensors, the chunked reference elsewhere), "triton" (also on
-    CPU tensors under TRITON_INTERPRET=1), "reference" or "eager" (MoCo's N x (K + 1) logits). The loss is float32 (float64 for float64
-    inputs); gradients reach q and k in their own dtypes.
-    """
-    _check_queue_args(q, k, queue, temperature, backend)
+    CPU tensors under TRITON_INTERPRET=1), "reference" or "eager" (MoCo's N x (K + 1) logits). The
+    loss is float32 (float64 for float64 inputs); gradients reach q and k in their own dtypes."""
+    check_op_inputs(backend, q=q, k=k, queue=queue)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    check_same_dtype(q=q, k=k)
+    check_same_device(q=q, k=k, queue=queue)
+    if queue.shape[0] == 0:
+        raise ValueError("queue is empty (K = 0): InfoNCE needs at least one negative key")
+    check_temperature(temperature)
     if backend == "eager":
         return queue_info_nce_eager(q, k, queue, temperature)
     if use_triton(backend, q, q.dtype, queue.dtype):
@@ -211,45 +173,39 @@ def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     return queue_info_nce_reference(q, k, queue, temperature)
 
 
-@torch.no_grad()
-def enqueue(queue: torch.Tensor, keys: torch.Tensor, ptr) -> int:
-    """Write ``keys`` into ``queue`` in place from row ``ptr``, wrapping around; returns the new pointer."""
+def _check_keys(queue, keys) -> tuple:
+    """(K, rows of ``keys``) after checking that ``keys`` fit ``queue``."""
     check_matrix("queue", queue)
     check_matrix("keys", keys, columns=queue.shape[1])
     check_same_device(queue=queue, keys=keys)
-    size, count = queue.shape[0], keys.shape[0]
-    if count > size:
-        raise ValueError(f"keys has {count} rows, more than the queue's {size}")
+    if keys.shape[0] > queue.shape[0]:
+        raise ValueError(f"keys has {keys.shape[0]} rows, more than the queue's {queue.shape[0]}")
+    return queue.shape[0], keys.shape[0]
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, keys: torch.Tensor, ptr) -> int:
+    """Write ``keys`` into ``queue`` in place from row ``ptr``, wrapping around; returns the new pointer."""
+    size, count = _check_keys(queue, keys)
     if isinstance(ptr, torch.Tensor):
         if ptr.numel() != 1 or ptr.ndim != 0 or ptr.dtype != torch.int64:
             raise ValueError(f"ptr must be an int or a 0-dim int64 tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
         ptr = int(ptr)
     if isinstance(ptr, bool) or not isinstance(ptr, int) or not 0 <= ptr < size:
         raise ValueError(f"ptr must be an int in [0, {size - 1}], got {ptr!r}")
-    if count == 0:
-        return ptr
-    first = min(count, size - ptr)  # rows up to the end of the queue, then the rest from row 0
-    queue[ptr:ptr + first].copy_(keys[:first])
-    if first < count:
-        queue[:count - first].copy_(keys[first:])
+    enqueue_(queue, keys, torch.tensor(ptr, device=queue.device))
     return (ptr + count) % size
 
 
 @torch.no_grad()
 def enqueue_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) -> None:
     """``enqueue`` for a training loop: ``ptr`` (a 0-dim int64 tensor on the queue's device) is read and
-    advanced on the device, so no step waits for the GPU. Its range is not checked (it is taken
-    modulo K); shapes, dtypes and devices are."""
-    check_matrix("queue", queue)
-    check_matrix("keys", keys, columns=queue.shape[1])
-    check_same_device(queue=queue, keys=keys, ptr=ptr)
+    advanced on the device, so no step waits for the GPU; its range is not checked (it is taken modulo K)."""
+    size, count = _check_keys(queue, keys)
     if not isinstance(ptr, torch.Tensor) or ptr.ndim != 0 or ptr.dtype != torch.int64:
         raise ValueError(f"ptr must be a 0-dim int64 tensor, got {getattr(ptr, 'dtype', type(ptr).__name__)} "
                          f"of shape {tuple(getattr(ptr, 'shape', ()))}")
-    size, count = queue.shape[0], keys.shape[0]
-    if count > size:
-        raise ValueError(f"keys has {count} rows, more than the queue's {size}")
+    check_same_device(queue=queue, ptr=ptr)
     rows = (ptr + torch.arange(count, device=queue.device)) % size
     queue.index_copy_(0, rows, keys.to(queue.dtype))
     ptr.copy_((ptr + count) % size)
-

@@ -1,13 +1,9 @@
 """The bidirectional generate-and-validate filter of CoFT.
 
-Model 1 labels every pool image with its positive prompts (y1 = argmax s+); model 2 validates:
-(x, y1) is kept in S1_clean iff model 2's p_clean(y1 | x) > threshold (0.5: s+ > s-). S2_clean
-is the same with the roles swapped. No global confidence threshold and no top-K.
-
-With labels that came with the pool (``pseudo.source=given``) there is nothing to generate: both
-models validate the given label, which is kept iff each model's p_clean of it exceeds the threshold
-(the phase-I prompt models here; pseudo/probe_detector.py builds the same result from linear probes).
-Labelled shots are trusted: they are kept, with their own labels, whatever the models say.
+Model 1 labels every pool image with its positive prompts (y1 = argmax s+); (x, y1) is kept in
+S1_clean iff model 2's p_clean(y1 | x) > threshold (0.5: s+ > s-); S2_clean swaps the roles. Labels
+that came with the pool (``pseudo.source=given``) are validated by both models instead (the phase-I
+prompt models, or the linear probes of probe_detector.py). Labelled shots are always kept.
 """
 from __future__ import annotations
 
@@ -23,7 +19,6 @@ from coft_fast import ops
 @dataclass
 class ModelView:
     """One trained phase-I model's view of the pool."""
-
     features: torch.Tensor  # (M, d) normalised image features (with its visual prompts)
     pos: torch.Tensor  # (C, d) normalised positive class features
     neg: torch.Tensor  # (C, d) normalised negative class features
@@ -43,8 +38,7 @@ class ModelView:
         return ops.clean_probability(self.features, self.pos, self.neg, labels, logit_scale)
 
     def confidence(self, labels: torch.Tensor, logit_scale: float) -> torch.Tensor:
-        """(M,) the softmax probability over the positive prompts of ``labels`` (the model's own
-        confidence in a label, the score a filter without negative prompts would rank by)."""
+        """(M,) the softmax probability of ``labels`` over the positive prompts: the model's own confidence."""
         probabilities = (logit_scale * self.similarities).softmax(dim=1)
         return probabilities.gather(1, labels.view(-1, 1)).squeeze(1)
 
@@ -57,21 +51,17 @@ class FilterResult:
     p_clean2: torch.Tensor  # (M,) model 1's p_clean of labels2 (given labels: model 2's p_clean of the given label)
     keep1: torch.Tensor  # (M,) bool: in S1_clean
     keep2: torch.Tensor  # (M,) bool: in S2_clean
-    # (M,) the labels S1's and S2's rows train on where they are not labels1 / labels2: the given
-    # labels (pseudo.source=given), with the shots' labels in their rows; None: labels1 / labels2
+    # (M,) what S1 / S2 train on where not labels1 / labels2 (given labels, shots' labels; None: those)
     targets1: Optional[torch.Tensor] = None
     targets2: Optional[torch.Tensor] = None
-    # (M,) diagnostics: each model's own softmax confidence in the label it scores (its own label;
-    # given labels: the given one); None in filters saved before they were recorded
+    # (M,) diagnostics: each model's softmax confidence in the label it scores (None in older filters)
     confidence1: Optional[torch.Tensor] = None
     confidence2: Optional[torch.Tensor] = None
 
     def training_labels(self, index: int) -> torch.Tensor:
         """The label each row of S<index>_clean (index 1 or 2) trains on."""
-        target = self.targets1 if index == 1 else self.targets2
-        if target is not None:
-            return target
-        return self.labels1 if index == 1 else self.labels2
+        target, own = (self.targets1, self.labels1) if index == 1 else (self.targets2, self.labels2)
+        return own if target is None else target
 
     @classmethod
     def from_dict(cls, state: dict) -> "FilterResult":
@@ -100,11 +90,9 @@ def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float
 
 def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logit_scale: float,
                    threshold: float = 0.5) -> FilterResult:
-    """Both models validate the labels the pool came with: a given label is kept (in both sets) iff
-    model 1's and model 2's p_clean of it exceed ``threshold``; labels1/labels2 are the models' own
-    predictions, for inspection."""
-    labels1, labels2 = view1.labels(), view2.labels()
-    return judge_given(given, labels1, labels2, view1.clean_probability(given, logit_scale),
+    """Both models validate the labels the pool came with (see :func:`judge_given`); labels1/labels2 are
+    the models' own predictions, for inspection."""
+    return judge_given(given, view1.labels(), view2.labels(), view1.clean_probability(given, logit_scale),
                        view2.clean_probability(given, logit_scale), threshold,
                        view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
 
@@ -123,15 +111,10 @@ FILTER_RULES = ("paper", "mixture")
 
 
 def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterResult:
-    """The keep decisions of ``rule`` over a filter's labels and clean probabilities (shots are
-    applied afterwards, by :meth:`FilterResult.with_shots`):
-
-    - ``paper``: as computed (S1 keeps model 1's label where model 2's p_clean of it > threshold);
-    - ``mixture``: per class of the label judged (given labels: the given one), a two-component
-      Gaussian mixture on logit(p_clean) (as DivideMix fits one to the loss); kept where the
-      posterior of the higher-mean component exceeds 0.5 (classes with too few samples fall back
-      to the threshold).
-    """
+    """The keep decisions of ``rule`` (shots are applied afterwards, by :meth:`FilterResult.with_shots`):
+    ``paper`` as computed (p_clean > threshold); ``mixture``: per class of the label judged, kept where
+    a two-component Gaussian mixture on logit(p_clean) (as DivideMix fits one to the loss) puts it in
+    its higher-mean component (see :func:`mixture_keep`)."""
     if rule == "paper":
         return result
     if rule == "mixture":
@@ -142,9 +125,8 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
 
 def mixture_keep(p_clean: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5,
                  min_per_class: int = 20) -> torch.Tensor:
-    """(M,) bool: per label class, the samples a 2-component 1-D Gaussian mixture on logit(p_clean)
-    puts in its higher-mean ("clean") component with posterior > 0.5. A class with fewer than
-    ``min_per_class`` samples, or whose values barely vary, keeps p_clean > threshold."""
+    """(M,) bool: per label class, posterior > 0.5 of the higher-mean ("clean") component of a 2-component
+    Gaussian mixture on logit(p_clean); p_clean > threshold in a class of < ``min_per_class`` or flat values."""
     from sklearn.mixture import GaussianMixture
 
     keep = p_clean > threshold

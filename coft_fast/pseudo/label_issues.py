@@ -1,9 +1,6 @@
 """Label issues of a pool that came with labels (``pseudo.source=given``): what the filter dropped.
 
-A given label is an issue exactly when the filter does not keep it: with filter.rule=paper when
-model 1's or model 2's p_clean of it is at most ``filter.threshold``; with mixture when either
-model's per-class two-component mixture puts it in the low component. The two models are the
-phase-I prompt models (filter.detector=prompts) or two out-of-fold linear-probe ensembles (probe).
+A given label is an issue exactly when the filter (filter.rule, filter.detector) does not keep it.
 Its issue score, 1 - min(p_clean_model1, p_clean_model2), ranks the pool from most to least likely
 wrong. Labelled shots are trusted: never issues, score 0.
 """
@@ -18,13 +15,10 @@ from coft_fast.pseudo.filter import FilterResult
 from coft_fast.runtime.io import atomic_write_csv
 
 LABEL_ISSUES_FILE = "label_issues.csv"
-LABEL_ISSUES_HEADER = ["path", "given_label", "p_clean_model1", "p_clean_model2", "pred_model1", "pred_model2",
-                       "issue_score", "is_issue"]
 
 
 class LabelIssue(NamedTuple):
-    """One pool image's given label and what the two phase-I models made of it."""
-
+    """One pool image's given label and what the two phase-I models made of it (a row of the file)."""
     path: str
     given_label: str
     p_clean_model1: float
@@ -33,6 +27,9 @@ class LabelIssue(NamedTuple):
     pred_model2: str
     issue_score: float
     is_issue: bool
+
+
+LABEL_ISSUES_HEADER = list(LabelIssue._fields)
 
 
 def issue_scores(result: FilterResult, shots: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -63,39 +63,20 @@ def chat_completions_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else f"{url}/chat/completions"
 
 
-def _strip_fences(text: str) -> str:
-    match = _FENCE.search(text)
-    return (match.group(1) if match else text).strip()
-
-
 def _excerpt(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def ask_llm(
-    url: str,
-    model: str,
-    class_names: Sequence[str],
-    per_class: int = 10,
-    dataset_hint: Optional[str] = None,
-    api_key: Optional[str] = None,
-    timeout: float = 120.0,
-) -> Dict[str, List[str]]:
+def ask_llm(url: str, model: str, class_names: Sequence[str], per_class: int = 10, dataset_hint: Optional[str] = None,
+            api_key: Optional[str] = None, timeout: float = 120.0) -> Dict[str, List[str]]:
     """Ask an OpenAI-compatible chat endpoint for the sentences of every class; returns them validated.
-
     Any failure (HTTP error, no connection, a reply that is not the expected JSON, missing classes)
-    is a TemplateError naming the endpoint and what was wrong.
-    """
+    is a TemplateError naming the endpoint and what was wrong."""
     endpoint = chat_completions_url(url)
-    body = {
-        "model": model,
-        "messages": [
-            {"role": "system", "content": SYSTEM_MESSAGE},
-            {"role": "user", "content": llm_prompt(class_names, per_class, dataset_hint)},
-        ],
-        "temperature": 0,
-    }
+    messages = [{"role": "system", "content": SYSTEM_MESSAGE},
+                {"role": "user", "content": llm_prompt(class_names, per_class, dataset_hint)}]
+    body = {"model": model, "messages": messages, "temperature": 0}
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -127,7 +108,8 @@ def ask_llm(
         raise TemplateError(f"LLM endpoint {endpoint}: choices[0].message.content is "
                             f"{type(content).__name__}, expected text")
     try:
-        data = json.loads(_strip_fences(content))
+        fenced = _FENCE.search(content)  # a ```json ... ``` block, or the whole answer
+        data = json.loads((fenced.group(1) if fenced else content).strip())
     except json.JSONDecodeError as exc:
         cut = " (the answer was cut off: finish_reason 'length'; ask for fewer sentences per class)" \
             if choice.get("finish_reason") == "length" else ""

@@ -1,11 +1,9 @@
 """Wrong given labels found out of fold by linear probes on frozen image features (``filter.detector=probe``).
 
 Each of the two models is a K-fold ensemble of linear probes over its own seeded, class-stratified
-split of the pool: the probe of fold f trains on the other folds' given labels and scores fold f,
-so no label is judged by a probe that trained on it. Round 1 trains on every given label; each later
-round only on the rows whose previous-round out-of-fold prediction is their given label (DeFT's
-self-selection; labelled shots always train). A model's p_clean of a label is its last round's
-out-of-fold softmax probability of it, and ``decide`` (filter.rule) turns the two into keep flags.
+split, so no label is judged by a probe that trained on it. Later rounds train only on the rows whose
+previous out-of-fold prediction is their given label (DeFT's self-selection; shots always train).
+A model's p_clean of a label is its last round's out-of-fold probability of it.
 """
 from __future__ import annotations
 
@@ -45,10 +43,9 @@ def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_
 def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int, seeds: Sequence[int],
                    folds: int = 5, rounds: int = 2, threshold: float = 0.5,
                    trusted: Optional[torch.Tensor] = None) -> FilterResult:
-    """The two models' out-of-fold views of the ``given`` labels as a FilterResult (keep: both p_clean
-    > ``threshold``, the paper rule; ``decide`` applies another). ``features``: (M, d) frozen image
-    features (on the device the probes should train on); ``trusted``: (M,) bool rows that always
-    train (labelled shots)."""
+    """The two models' out-of-fold views of the ``given`` labels as a FilterResult (keep: both p_clean >
+    ``threshold``). ``features``: (M, d) frozen image features, on the device the probes should train on;
+    ``trusted``: (M,) bool rows that always train (labelled shots)."""
     if folds < 2 or rounds < 1:
         raise ValueError(f"probe detector: folds must be >= 2 and rounds >= 1, got {folds} and {rounds}")
     device = features.device

@@ -48,20 +48,11 @@ def clip_ensemble_templates() -> List[str]:
     return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
 
 
-def _format(template: str, class_name: str, origin: str) -> str:
-    if "{}" not in template:
-        raise TemplateError(f"{origin}: template {template!r} has no '{{}}' where the class name goes")
-    return template.replace("{}", class_name)
-
-
 def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[str]) -> List[List[str]]:
-    """The prompts of every class, from "single", "ensemble", a list of templates or a JSON file.
-
-    A JSON file holds either a list of templates with "{}" (the same for every class), or a
-    mapping from class name to a list of sentences (used as they are; "{}" in them is filled in).
-    Class names go into prompts as :func:`prompt_name` writes them (underscores as spaces); a JSON
-    mapping is keyed by the original names.
-    """
+    """The prompts of every class, from "single", "ensemble", a list of templates or a JSON file: a list
+    of templates with "{}" (the same for every class), or a mapping from class name (the original
+    names) to sentences (used as they are; "{}" in them is filled in). Class names go into prompts as
+    :func:`prompt_name` writes them (underscores as spaces)."""
     if str(spec) == "auto":
         raise TemplateError("zeroshot.templates=auto must be resolved first (coft_fast.config.resolve_auto)")
     if isinstance(spec, (list, tuple)):
@@ -71,13 +62,19 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
     elif str(spec) == "ensemble":
         templates, origin = clip_ensemble_templates(), "CLIP template ensemble"
     else:
-        return _prompts_from_file(Path(spec), class_names)
+        templates, origin = _read_template_file(Path(spec), class_names), str(Path(spec))
+        if isinstance(templates, dict):  # class -> sentences
+            return [[s.replace("{}", prompt_name(name)) for s in templates[name]] for name in class_names]
     if not templates:
         raise TemplateError(f"{origin}: no templates")
-    return [[_format(t, prompt_name(name), origin) for t in templates] for name in class_names]
+    for template in templates:
+        if "{}" not in template:
+            raise TemplateError(f"{origin}: template {template!r} has no '{{}}' where the class name goes")
+    return [[t.replace("{}", prompt_name(name)) for t in templates] for name in class_names]
 
 
-def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]]:
+def _read_template_file(path: Path, class_names: Sequence[str]) -> Union[List[str], Dict[str, List[str]]]:
+    """A template file's list of templates, or its mapping class -> sentences (validated)."""
     if not path.is_file():
         raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
     try:
@@ -87,11 +84,10 @@ def _prompts_from_file(path: Path, class_names: Sequence[str]) -> List[List[str]
     if isinstance(data, list):
         if not data or not all(isinstance(t, str) for t in data):
             raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
-        return [[_format(t, prompt_name(name), str(path)) for t in data] for name in class_names]
+        return data
     if not isinstance(data, dict):
         raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
-    sentences = validate_class_sentences(data, class_names, f"template file {path}")
-    return [[s.replace("{}", prompt_name(name)) for s in sentences[name]] for name in class_names]
+    return validate_class_sentences(data, class_names, f"template file {path}")
 
 
 def _listing(names: Sequence[str], limit: int = 10) -> str:
@@ -100,24 +96,22 @@ def _listing(names: Sequence[str], limit: int = 10) -> str:
 
 
 def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
-    """Check a mapping class -> sentences covers exactly ``class_names``; returns it in class order.
-
-    Every value must be a non-empty list of non-empty strings. Errors are TemplateErrors that start
-    with ``origin`` (a file or URL) and name the classes at fault.
-    """
+    """Check a mapping class -> sentences covers exactly ``class_names`` with non-empty lists of
+    non-empty strings; returns it in class order. Errors are TemplateErrors that start with ``origin``
+    (a file or URL) and name the classes at fault."""
     if not isinstance(data, dict):
         raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
     known = set(class_names)
     unknown = [key for key in data if key not in known]
     missing = [name for name in class_names if name not in data]
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append(f"class {missing[0]!r} needs a non-empty list of sentences (missing classes: "
-                            f"{_listing(missing)})")
-        if unknown:
-            problems.append(f"{_listing(unknown)} are not class names of this task (keys must match the class "
-                            "names exactly)")
+    problems = []
+    if missing:
+        problems.append(f"class {missing[0]!r} needs a non-empty list of sentences (missing classes: "
+                        f"{_listing(missing)})")
+    if unknown:
+        problems.append(f"{_listing(unknown)} are not class names of this task (keys must match the class names "
+                        "exactly)")
+    if problems:
         raise TemplateError(f"{origin}: " + "; ".join(problems))
     empty = [name for name in class_names if isinstance(data[name], list) and not data[name]]
     if empty:
@@ -149,13 +143,12 @@ def prompt_token_count(tokenizer: Callable, text: str) -> int:
     raise TypeError(f"cannot count tokens with tokenizer {type(tokenizer).__name__}")
 
 
-def check_prompts_fit(tokenizer: Callable, prompts: Sequence[Sequence[str]], class_names: Sequence[str], context_length: int) -> None:
+def check_prompts_fit(tokenizer: Callable, prompts: Sequence[Sequence[str]], class_names: Sequence[str],
+                      context_length: int, advice: str = "shorten the class name or template") -> None:
     """Raise a TemplateError naming the class and prompt that the text context cannot hold."""
     for name, class_prompts_ in zip(class_names, prompts):
         for prompt in class_prompts_:
             count = prompt_token_count(tokenizer, prompt)
             if count > context_length:
-                raise TemplateError(
-                    f"prompt {prompt!r} of class {name!r} has {count} tokens, more than the model's text "
-                    f"context of {context_length}: shorten the class name or template"
-                )
+                raise TemplateError(f"prompt {prompt!r} of class {name!r} has {count} tokens, more than the "
+                                    f"model's text context of {context_length}: {advice}")

@@ -1,24 +1,16 @@
 """Transductive labels: TransCLIP's zero-shot solver (Zanella, Gérin, Ben Ayed, NeurIPS 2024).
 
-The labels of a set of images are solved for jointly from their frozen features. Each class is a
-Gaussian (unit-norm mean, one diagonal variance shared by all classes); the assignments z (N, C)
-minimise the Gaussian mixture's negative log-likelihood, minus a k-nearest-neighbour Laplacian term
-that pulls neighbours to the same class, plus a KL term that ties each row to the prior ŷ (CLIP's
-zero-shot softmax at the model's own logit scale, or a trained classifier's). Block updates, as in
-the paper: z (``inner_iterations`` Jacobi steps, the graph term from the previous step's z), then
-the means, then the variance; ``outer_iterations`` times, and a last z block.
+Each class is a Gaussian (unit-norm mean, one shared diagonal variance); the assignments z (N, C)
+minimise the mixture's negative log-likelihood, minus a k-NN Laplacian term pulling neighbours to
+one class, plus a KL tie to the prior ŷ. Block updates as in the paper: z (``inner_iterations``
+Jacobi steps), the means, the variance, ``outer_iterations`` times, then a last z block:
 
     z_i ∝ ŷ_i^λ · exp( log N(x_i; μ, Σ) / T + Σ_j (w_ij + w_ji) z_j / (2k) )
 
-T = 50 and w_ij = cos(x_i, x_j) for j among i's k nearest neighbours are the public code's constants.
-
-Memory is linear in N: the likelihood is a chunked matrix product (x @ (μ/Σ)ᵀ plus a column term;
-the row term cancels in the normalisation), the graph is k neighbours per row (exact search up to
-``EXACT_GRAPH_MAX_ROWS`` rows, a faiss IVF index above) kept as W + Wᵀ in sparse CSR row blocks, so a
-z step is one sparse product and one normalisation per block, and three (N, C) float32 buffers live
-at once. The means and the variance are float64 sums. Nothing is random: the result is deterministic.
-``transclip_dense`` is the straightforward version (an N x N affinity and an (N, C, d) broadcast, as
-the public code does), kept as the parity tests' and the benchmark's reference.
+with the public code's T = 50 and w_ij = cos(x_i, x_j) over i's k nearest neighbours. Memory is
+linear in N (chunked likelihood, the k-NN graph as sparse CSR row blocks of W + Wᵀ, float64 sums
+for the Gaussians); the result is deterministic. ``transclip_dense`` (an N x N affinity and an
+(N, C, d) broadcast, as the public code) is the parity tests' and the benchmark's reference.
 """
 from __future__ import annotations
 
@@ -27,7 +19,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +60,7 @@ class TransductiveResult:
 
 
 class TextPrior:
-    """Zero-shot log-probabilities log_softmax(scale · x tᵀ), computed per chunk so that an (N, C)
-    prior need not be held (N = 1.28M, C = 1000 is 5 GB)."""
+    """Zero-shot log_softmax(scale · x tᵀ), per chunk: no (N, C) prior is held (5 GB at N = 1.28M, C = 1000)."""
 
     def __init__(self, features: torch.Tensor, text: torch.Tensor, logit_scale: float):
         if text.ndim != 2 or text.shape[1] != features.shape[1]:
@@ -87,20 +78,15 @@ def _prior_rows(prior: Prior, start: int, stop: int) -> torch.Tensor:
     return prior[start:stop].float() if isinstance(prior, torch.Tensor) else prior(start, stop)
 
 
-def _chunk_rows(columns: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(columns, 1))
-
-
 def _chunks(rows: int, size: int):
     for start in range(0, rows, size):
         yield start, min(start + size, rows)
 
 
 def neighbour_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """(weights (N, k) float32, indices (N, k) int64, kind): each row's k nearest other rows by cosine
-    similarity, the similarity as the weight. Exact up to EXACT_GRAPH_MAX_ROWS rows, else an IVF index
-    (sqrt(N)-ish lists, 16 probed) when faiss imports; a missing neighbour has weight 0."""
-    from coft_fast.neighbors import build_ivf_index, faiss_available, knn_search, search_index
+    """(weights (N, k) float32, indices (N, k) int64, kind): each row's k nearest other rows, weighted by
+    cosine similarity; exact up to EXACT_GRAPH_MAX_ROWS rows, else (faiss) IVF, a missing one weighing 0."""
+    from coft_fast.neighbors import build_ivf_index, drop_self, faiss_available, knn_search, search_index
 
     rows = features.shape[0]
     if rows <= EXACT_GRAPH_MAX_ROWS or not faiss_available():
@@ -111,11 +97,7 @@ def neighbour_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch
         return weights, indices, "exact"
     lists = int(min(max(64, 4 * math.isqrt(rows)), rows // 39))
     index = build_ivf_index(features, nlist=lists, nprobe=min(16, lists))
-    weights, indices = search_index(index, features, k + 1)
-    del index
-    own = indices == torch.arange(rows).unsqueeze(1)  # drop each row's own hit (or the last one)
-    own[:, -1] |= ~own.any(1)
-    weights, indices = weights[~own].view(rows, k), indices[~own].view(rows, k)
+    weights, indices = drop_self(*search_index(index, features, k + 1), k)
     missing = indices < 0
     return weights.masked_fill(missing, 0.0), indices.masked_fill(missing, 0), "ivf"
 
@@ -163,8 +145,7 @@ class _Gaussians:
             mass += zc.double().sum(0)
             squares += (x.double() ** 2).sum(0)
         alive = mass > 1e-12 * features.shape[0]
-        for index in (~alive).nonzero().flatten().tolist():
-            empty.add(index)
+        empty.update((~alive).nonzero().flatten().tolist())
         means = torch.where(alive[:, None], F.normalize(weighted, dim=1), self.means)
         spread = squares - 2 * (means * weighted).sum(0) + (mass[:, None] * means ** 2).sum(0)
         self.means = means
@@ -195,25 +176,12 @@ def _assign(unary: torch.Tensor, z: torch.Tensor, out: torch.Tensor, graph: Opti
     """One Jacobi step: out = softmax(unary + (W + Wᵀ) z / (2k)) (log_softmax with ``log_space``),
     block by block into ``out``, which must not be ``z``."""
     normalise = torch.log_softmax if log_space else torch.softmax
-    if graph is None:
-        for start, stop in _chunks(z.shape[0], chunk):
-            out[start:stop] = normalise(unary[start:stop], dim=1)
-        return out
-    for start, stop, block in graph:
-        pull = torch.sparse.mm(block, z)
-        out[start:stop] = normalise(pull.div_(2 * neighbours).add_(unary[start:stop]), dim=1)
+    for start, stop, block in graph or [(start, stop, None) for start, stop in _chunks(z.shape[0], chunk)]:
+        logits = unary[start:stop]
+        if block is not None:  # the graph term
+            logits = torch.sparse.mm(block, z).div_(2 * neighbours).add_(logits)
+        out[start:stop] = normalise(logits, dim=1)
     return out
-
-
-def check_inputs(features: torch.Tensor, num_classes: int, k: int) -> None:
-    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-        raise ValueError(f"TransCLIP: features must be a non-empty (N, d) matrix, got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"TransCLIP: features must be floating point, got {features.dtype}")
-    if num_classes < 1:
-        raise ValueError(f"TransCLIP: the prior must have at least one class, got {num_classes}")
-    if k < 1:
-        raise ValueError(f"TransCLIP: neighbours must be >= 1, got {k}")
 
 
 @torch.no_grad()
@@ -221,17 +189,23 @@ def transclip(features: torch.Tensor, prior: Prior, num_classes: Optional[int] =
               neighbours: int = NEIGHBOURS, outer_iterations: int = OUTER_ITERATIONS,
               inner_iterations: int = INNER_ITERATIONS, lam: float = LAMBDA,
               confident_per_class: int = CONFIDENT_PER_CLASS, chunk_rows: Optional[int] = None) -> TransductiveResult:
-    """TransCLIP's zero-shot labels of ``features`` (N, d; L2-normalised here) under ``prior``: an (N, C)
-    tensor of log-probabilities or a ``TextPrior`` (then ``num_classes`` comes from it).
-    ``chunk_rows``: rows per (N, C) pass (default: about 4M elements a chunk)."""
+    """TransCLIP's labels of ``features`` (N, d; L2-normalised here) under ``prior``: (N, C) log-probabilities
+    or a ``TextPrior`` (which gives ``num_classes``). ``chunk_rows``: rows per (N, C) pass (default: ~4M elements)."""
     started = time.perf_counter()
     num_classes = num_classes or getattr(prior, "num_classes", None) or prior.shape[1]
-    check_inputs(features, num_classes, neighbours)
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"TransCLIP: features must be a non-empty (N, d) matrix, got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"TransCLIP: features must be floating point, got {features.dtype}")
+    if num_classes < 1:
+        raise ValueError(f"TransCLIP: the prior must have at least one class, got {num_classes}")
+    if neighbours < 1:
+        raise ValueError(f"TransCLIP: neighbours must be >= 1, got {neighbours}")
     rows = features.shape[0]
     if isinstance(prior, torch.Tensor) and tuple(prior.shape) != (rows, num_classes):
         raise ValueError(f"TransCLIP: the prior must be (N, C) = ({rows}, {num_classes}), got {tuple(prior.shape)}")
     features = unit_rows(features)
-    chunk = chunk_rows or _chunk_rows(num_classes)
+    chunk = chunk_rows or max(1, CHUNK_ELEMENTS // num_classes)
     timings = dict.fromkeys(("graph", "likelihood", "assign", "gaussians"), 0.0)
     mark = time.perf_counter()
 
@@ -289,10 +263,9 @@ class RefinedLabels:
 
 
 def refine_labels(mode: str, probabilities: torch.Tensor, features: torch.Tensor, knn_k: int = 10) -> RefinedLabels:
-    """``probabilities`` (N, C) of images with ``features`` (N, d) refined on the features: ``mode``
-    "knn" (each image's confidence-weighted neighbour vote, ranked by the vote's share times the
-    prior's probability of that label, since shares are often exactly 1) or "transclip" (the prior's
-    log as TransCLIP's prior; ranked by log z, exact where z rounds to 1)."""
+    """``probabilities`` (N, C) refined on the images' ``features`` (N, d): ``mode`` "knn" (the neighbour vote,
+    ranked by its share times the prior's probability of the label, as shares are often exactly 1) or
+    "transclip" (the prior's log as TransCLIP's prior; ranked by log z, exact where z rounds to 1)."""
     if mode == "knn":
         from coft_fast.neighbors import knn_vote
 
@@ -353,5 +326,5 @@ def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbou
     return z
 
 
-__all__: Sequence[str] = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip",
-                          "transclip_dense"]
+__all__ = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip",
+           "transclip_dense"]

@@ -33,11 +33,9 @@ def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optiona
     """A safetensors file of CPU, contiguous copies of ``tensors``, written atomically (by rank 0)."""
     from safetensors.torch import save_file
 
-    if not is_main():
-        return
-
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+    if is_main():
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 class StageStore:
@@ -64,10 +62,8 @@ class StageStore:
 
 
 def restore_training(path: Optional[Path], model, optimizer, scheduler):
-    """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``.
-
-    Returns (first epoch to run, optimiser steps done, history); (0, 0, []) when there is none.
-    """
+    """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``; returns (first epoch
+    to run, optimiser steps done, history), (0, 0, []) when there is none."""
     state = load_state(path) if path is not None else None
     if state is None:
         return 0, 0, []

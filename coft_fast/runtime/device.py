@@ -27,9 +27,7 @@ def autocast_dtype(precision: str, device: torch.device):
 
 def autocast(precision: str, device: torch.device):
     dtype = autocast_dtype(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,12 +1,9 @@
 """torch.distributed helpers: every one is a no-op in a single-process run.
 
-A run started by ``torchrun`` (WORLD_SIZE, RANK, LOCAL_RANK and MASTER_ADDR/PORT in the
-environment) joins the process group in :func:`init_from_env`: NCCL on GPUs, gloo on CPUs.
-Inference shards the pool into contiguous slices (:func:`shard_range`) and gathers the results
-in rank order (:func:`gather_rows`), so every sample comes back exactly once and in pool order.
-Training splits each global batch into per-rank slices (:func:`batch_part`) and weights each
-rank's loss so that DistributedDataParallel's gradient average equals the single-process
-gradient of the whole batch.
+A ``torchrun`` run joins the process group in :func:`init_from_env` (NCCL on GPUs, gloo on CPUs).
+Inference shards the pool into contiguous slices (:func:`shard`) and gathers results in rank order
+(:func:`gather_rows`); training splits each global batch into weighted per-rank slices
+(:func:`batch_part`) so that DDP's gradient average is the single-process gradient of the batch.
 """
 from __future__ import annotations
 
@@ -38,22 +35,17 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def launch_rank() -> int:
     """This process's rank as torchrun set it (0 without torchrun), also before joining or after leaving."""
     return int(os.environ.get("RANK", "0"))
 
 
 def init_from_env(device_name: str = "auto") -> torch.device:
-    """Join the process group that ``torchrun`` describes in the environment (once), and return
-    this process's device: ``cuda:LOCAL_RANK`` on GPUs (when ``device_name`` is auto or cuda),
-    else ``device_name``. Without torchrun, the plain device choice."""
+    """Join the process group that ``torchrun`` describes in the environment (once); returns this
+    process's device: ``cuda:LOCAL_RANK`` for auto or cuda on GPUs, else (or without torchrun) ``device_name``."""
     from coft_fast.runtime.device import resolve_device
 
-    if not launched_by_torchrun():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
         return resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
@@ -98,37 +90,27 @@ def shard(items: Sequence[Any], shard_id: Optional[int] = None, num_shards: Opti
     return list(items[start:stop])
 
 
-def _gather_on_device(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of ``local`` (on the communication device) concatenated in rank order;
-    ranks may hold different numbers of rows."""
-    device = local.device
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([local.shape[0]], device=device))
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of ``tensor`` from every rank (any number each, zero included) in rank order, on ``tensor``'s
+    device (no gradient; with NCCL no copy through the CPU). One process: ``tensor``."""
+    if world_size() == 1:
+        return tensor
+    local = tensor.to(_communication_device()).contiguous()
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=local.device))
     sizes = [int(c) for c in counts]
-    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+    padded = torch.zeros((max(sizes),) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
     padded[: local.shape[0]] = local
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
-    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)]).to(tensor.device)
 
 
 @torch.no_grad()
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` from every rank concatenated in rank order, on the CPU; ranks may hold
-    different numbers of rows (zero included). One process: ``tensor`` on the CPU."""
-    if world_size() == 1:
-        return tensor.cpu()
-    return _gather_on_device(tensor.to(_communication_device()).contiguous()).cpu()
-
-
-@torch.no_grad()
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` from every rank, concatenated in rank order, on ``tensor``'s device
-    (no gradient; with NCCL no copy through the CPU); ranks may hold different numbers of rows.
-    One process: ``tensor``."""
-    if world_size() == 1:
-        return tensor
-    return _gather_on_device(tensor.to(_communication_device()).contiguous()).to(tensor.device)
+    """:func:`all_gather_rows` on the CPU."""
+    return all_gather_rows(tensor).cpu()
 
 
 def gather_objects(values: List[Any]) -> List[Any]:
@@ -160,10 +142,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BatchPart:
-    """This rank's slice of a global batch: rows ``start:stop`` of it, of which ``real`` count (a rank
-    with no row of a batch smaller than the world gets row 0 with ``real = 0``), and the weight
-    that makes DDP's gradient average equal the gradient of the mean loss over the whole batch."""
-
+    """This rank's slice of a global batch: rows ``start:stop``, of which ``real`` count (a rank with no row
+    gets row 0 with ``real = 0``), and the ``weight`` of its loss (see :func:`batch_part`)."""
     start: int
     stop: int
     real: int
@@ -175,11 +155,8 @@ class BatchPart:
 
 
 def batch_part(count: int, shard_id: Optional[int] = None, num_shards: Optional[int] = None) -> BatchPart:
-    """This rank's part of a global batch of ``count`` rows (the whole batch, weight 1, in one process).
-
-    The loss of the part, a mean over its rows, is multiplied by ``weight = real * W / count``: DDP
-    averages the W ranks' gradients, so the result is the gradient of the mean over all ``count`` rows.
-    """
+    """This rank's part of a global batch of ``count`` rows (all, weight 1, in one process). Its mean loss is
+    weighted ``real * W / count``: DDP averages W ranks' gradients, giving the gradient of the batch mean."""
     shard_id = rank() if shard_id is None else shard_id
     num_shards = world_size() if num_shards is None else num_shards
     if num_shards == 1:

@@ -54,11 +54,7 @@ def remove_stale_temporaries(folder: PathLike) -> int:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
 
 
 def atomic_write_json(path: PathLike, data: Any) -> None:

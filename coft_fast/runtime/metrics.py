@@ -9,11 +9,8 @@ from coft_fast.linear_probe import fit_linear_probe
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
-    """Top-1, top-5 (top-C when C < 5) and mean per-class recall, as fractions in [0, 1].
-
-    ``scores`` is (N, C); ``labels`` is (N,) int64 where -1 marks an unlabelled row, which is
-    ignored. Mean per-class recall averages over the classes that occur in ``labels``.
-    """
+    """Top-1, top-5 (top-C when C < 5) and mean per-class recall (over the classes in ``labels``) as
+    fractions in [0, 1] of ``scores`` (N, C) against ``labels`` (N,) int64, -1 marking an unlabelled row."""
     if scores.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {tuple(scores.shape)}")
     running = RunningClassificationMetrics(scores.shape[1])
@@ -61,19 +58,10 @@ class RunningClassificationMetrics:
         }
 
 
-def linear_probe_accuracy(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    steps: int = 500,
-    lr: float = 1e-2,
-    seed: int = 0,
-) -> float:
-    """Top-1 of :func:`fit_linear_probe` (seeded start) on the test features.
-
-    An oracle ceiling for what the features support; it uses true labels and is never part of a method.
-    """
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                          test_labels: torch.Tensor, steps: int = 500, lr: float = 1e-2, seed: int = 0) -> float:
+    """Top-1 of :func:`fit_linear_probe` (seeded start) on the test features: an oracle ceiling for what
+    the features support (it uses true labels and is never part of a method)."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     predict = fit_linear_probe(train_features, train_labels, num_classes, steps, lr,
                                generator=torch.Generator().manual_seed(seed))

@@ -1,9 +1,8 @@
 """Progress bars that fit where they go: tqdm on a terminal, one plain line every few seconds elsewhere.
 
-Redirected to a log file or a CI console, a tqdm bar writes a carriage-return redraw many times a
-second (megabytes for a long stage). When the stream is not a terminal, :func:`progress_bar`
-writes one newline-terminated line at most every ``COFT_PROGRESS_SECONDS`` seconds (default 10)
-and a last line when the bar closes.
+Redirected to a log file or a CI console, a tqdm bar redraws many times a second (megabytes for a
+long stage); off a terminal, :func:`progress_bar` writes one line at most every
+``COFT_PROGRESS_SECONDS`` seconds (default 10) and a last one when the bar closes.
 """
 from __future__ import annotations
 
@@ -28,13 +27,6 @@ def line_seconds() -> float:
     return max(seconds, 0.0)
 
 
-def is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # closed or stream-like objects without isatty
-        return False
-
-
 class LineProgress(plain_tqdm):
     """tqdm's counting and rate, displayed as whole lines (no redraws), at most one per interval."""
 
@@ -44,10 +36,8 @@ class LineProgress(plain_tqdm):
         if total is None and args and hasattr(args[0], "__len__"):
             total = len(args[0])
         kwargs.setdefault("bar_format", LINE_FORMAT if total else LINE_FORMAT_NO_TOTAL)
-        kwargs["mininterval"] = line_seconds()
-        kwargs["miniters"] = 1
-        kwargs["dynamic_ncols"] = False
-        kwargs["leave"] = False  # lines stay written anyway; no blank line or redraw at the end
+        # leave=False: the lines stay written anyway; no blank line or redraw at the end
+        kwargs.update(mininterval=line_seconds(), miniters=1, dynamic_ncols=False, leave=False)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
@@ -66,6 +56,10 @@ class LineProgress(plain_tqdm):
 def progress_bar(iterable=None, **kwargs):
     """A tqdm bar for a terminal; elsewhere a :class:`LineProgress`. Takes tqdm's arguments."""
     stream = kwargs.get("file") or sys.stderr
-    if kwargs.get("disable") or is_terminal(stream):
+    try:
+        terminal = bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or stream-like objects without isatty
+        terminal = False
+    if kwargs.get("disable") or terminal:
         return terminal_tqdm(iterable, **kwargs)
     return LineProgress(iterable, **kwargs)

@@ -18,7 +18,7 @@ from coft_fast.data.streaming import StreamedImages, resolve_decoder
 from coft_fast.models import ClipModel
 from coft_fast.models.attention import use_batch_major_attention
 from coft_fast.ops.numerics import set_numerics
-from coft_fast.phases.phase1 import PromptModel
+from coft_fast.phases.phase1 import PromptModel, encode_with_models
 from coft_fast.phases.phase2 import FineTunedClassifier
 from coft_fast.pseudo import class_prompts, prompt_names
 from coft_fast.scoring import class_text_embeddings, logit_scale_of
@@ -203,6 +203,17 @@ class RunContext:
             return None
         paths = [self.pool.paths[i] for i in self.state.positions.tolist()]
         return label_issues(paths, self.state.filter, self.given_labels, self.shots, self.names)
+
+    def model_features(self, models: Sequence[PromptModel], source: ImageSource, positions: torch.Tensor,
+                       description: str) -> List[torch.Tensor]:
+        """Each phase-I model's image features of ``source`` at ``positions`` (every image decoded once,
+        shared across ranks); stops if an image that decoded before fails now."""
+        cfg = self.cfg
+        features, found = sharded(lambda shard: encode_with_models(
+            models, source, shard, self.device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
+            self.progress, description=description, decoder=self.decoder, reuse=cfg.run.reuse), positions.tolist())
+        check_same_positions(found, positions, source.origin)
+        return features
 
     def class_text(self, clip: ClipModel) -> torch.Tensor:
         """The class text embeddings of ``clip`` (the ones zero-shot scoring computed, unless run.reuse is off)."""

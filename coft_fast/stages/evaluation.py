@@ -9,7 +9,6 @@ from coft_fast.data import ImageSource
 from coft_fast.data.resident import preprocess_stats
 from coft_fast.inference import ensemble_logits
 from coft_fast.models import ClipModel
-from coft_fast.phases.phase1 import encode_with_models
 from coft_fast.phases.phase2 import model_outputs
 from coft_fast.runtime.metrics import classification_metrics
 from coft_fast.scoring import score_images
@@ -19,12 +18,8 @@ from coft_fast.stages.context import RunContext, check_same_positions, sharded
 def evaluate_prompt_models(run: RunContext, source: ImageSource, positions: torch.Tensor,
                            truth: torch.Tensor) -> None:
     """Each phase-I model's accuracy with its positive prompts."""
-    cfg, phase1 = run.cfg, run.state.metrics["phase1"]
-    features, found = sharded(lambda shard: encode_with_models(
-        run.state.prompt_models, source, shard, run.device, cfg.model.precision, cfg.data.batch_size,
-        cfg.data.num_workers, run.progress, description="evaluating phase I", decoder=run.decoder,
-        reuse=cfg.run.reuse), positions.tolist())
-    check_same_positions(found, positions, source.origin)
+    phase1 = run.state.metrics["phase1"]
+    features = run.model_features(run.state.prompt_models, source, positions, "evaluating phase I")
     for index, (model, feats) in enumerate(zip(run.state.prompt_models, features), start=1):
         with torch.no_grad():
             pos, _ = model.text_features()

@@ -6,11 +6,10 @@ from typing import Dict
 
 import torch
 
-from coft_fast.phases.phase1 import encode_with_models
 from coft_fast.pseudo.filter import FilterResult, ModelView, decide, filter_quality, generate_and_validate, validate_given
 from coft_fast.pseudo.label_issues import label_issue_counts
 from coft_fast.pseudo.probe_detector import probe_detector
-from coft_fast.stages.context import RunContext, check_same_positions, label_accuracy, sharded
+from coft_fast.stages.context import RunContext, label_accuracy
 from coft_fast.stages.prompt_tuning import agreement, record_pool_labels
 
 
@@ -32,11 +31,7 @@ def probe_judgements(run: RunContext) -> Dict:
 def prompt_judgements(run: RunContext) -> Dict:
     """filter.detector=prompts: the phase-I models label the pool and validate each other's labels."""
     cfg, models = run.cfg, run.state.prompt_models
-    features, positions = sharded(lambda shard: encode_with_models(
-        models, run.pool, shard, run.device, cfg.model.precision, cfg.data.batch_size,
-        cfg.data.num_workers, run.progress, description="labelling the pool", decoder=run.decoder,
-        reuse=cfg.run.reuse), run.state.positions.tolist())
-    check_same_positions(positions, run.state.positions, run.pool.origin)
+    features = run.model_features(models, run.pool, run.state.positions, "labelling the pool")
     with torch.no_grad():
         texts = [model.text_features() for model in models]
     views = [ModelView(f, pos.cpu(), neg.cpu()) for f, (pos, neg) in zip(features, texts)]
@@ -44,7 +39,7 @@ def prompt_judgements(run: RunContext) -> Dict:
         result = validate_given(views[0], views[1], run.given_labels, run.logit_scale, cfg.filter.threshold)
     else:
         result = generate_and_validate(views[0], views[1], run.logit_scale, cfg.filter.threshold)
-    return {"result": result.__dict__, "positions": positions}
+    return {"result": result.__dict__, "positions": run.state.positions}
 
 
 def filter_labels(run: RunContext) -> None:

@@ -7,11 +7,11 @@ from typing import Dict, List, Sequence
 import torch
 
 from coft_fast.data.resident import ResidentImages
-from coft_fast.phases.phase1 import PromptModel, encode_with_models, make_prompt_model, train_phase1
+from coft_fast.phases.phase1 import PromptModel, make_prompt_model, train_phase1
 from coft_fast.pseudo.filter import ModelView
 from coft_fast.pseudo.selection import Selection, select_top_k
 from coft_fast.runtime.checkpoint import save_tensors
-from coft_fast.stages.context import RunContext, check_same_positions, label_accuracy, sharded
+from coft_fast.stages.context import RunContext, label_accuracy
 
 
 def agreement(labels1: torch.Tensor, labels2: torch.Tensor) -> float:
@@ -95,14 +95,8 @@ def train_prompt_model(run: RunContext, round_: int, index: int, seed: int, imag
 
 def label_pool_with_models(run: RunContext, round_: int, models: List[PromptModel]) -> Dict:
     """Each model's label, confidence and the peer model's p_clean of it, per pool row (a stage)."""
-    cfg = run.cfg
-
     def compute():
-        features, positions = sharded(lambda shard: encode_with_models(
-            models, run.pool, shard, run.device, cfg.model.precision, cfg.data.batch_size,
-            cfg.data.num_workers, run.progress, description=f"round {round_}: labelling the pool",
-            decoder=run.decoder, reuse=cfg.run.reuse), run.state.positions.tolist())
-        check_same_positions(positions, run.state.positions, run.pool.origin)
+        features = run.model_features(models, run.pool, run.state.positions, f"round {round_}: labelling the pool")
         views, model_views = [], []
         for model, feats in zip(models, features):
             with torch.no_grad():
