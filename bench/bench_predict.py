@@ -6,7 +6,7 @@
 Both sides run in this process, interleaved (zero-shot, predict, predict, zero-shot, ...), on the same
 images (the first --limit of cifar10/test, or --images), from decoding to a written
 predictions.csv:
-- zero-shot scoring: what `coft-fast zeroshot` does per image (coft_fast.pseudo.encode_images with
+- zero-shot scoring: what `coft-fast zeroshot` does per image (coft_fast.scoring.encode_images with
   the model's evaluation transform, the text classifier, predictions.csv);
 - predict: what `coft-fast predict` does (coft_fast.load_run on a run folder, streamed
   predictions.csv). The run folder holds a fine-tuned classifier of the same architecture, written

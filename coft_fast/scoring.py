@@ -9,21 +9,16 @@ import torch
 import torch.nn.functional as F
 from coft_fast.runtime.progress import progress_bar
 
-from coft_fast.data import ImageSource, iterate_batches
+from coft_fast.data import ImageSource
+from coft_fast.data.streaming import eval_batches
 from coft_fast.models import ClipModel
 from coft_fast.pseudo.templates import check_prompts_fit
 from coft_fast.runtime.device import autocast, run_padded
 
 
 @torch.no_grad()
-def class_text_embeddings(
-    clip: ClipModel,
-    prompts: Sequence[Sequence[str]],
-    class_names: Sequence[str],
-    device: torch.device,
-    precision: str = "auto",
-    batch_size: int = 512,
-) -> torch.Tensor:
+def class_text_embeddings(clip: ClipModel, prompts: Sequence[Sequence[str]], class_names: Sequence[str],
+                          device: torch.device, precision: str = "auto", batch_size: int = 512) -> torch.Tensor:
     """(C, d) float32: per class, the mean of its prompts' normalised embeddings, normalised again."""
     check_prompts_fit(clip.tokenizer, prompts, class_names, clip.context_length)
     flat = [prompt for class_prompts in prompts for prompt in class_prompts]
@@ -39,41 +34,57 @@ def class_text_embeddings(
 
 
 @torch.no_grad()
-def encode_images(
-    clip: ClipModel,
-    source: ImageSource,
-    device: torch.device,
-    precision: str = "auto",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    indices: Optional[Sequence[int]] = None,
-    progress: bool = True,
-    description: str = "encoding images",
-    compile_model: bool = False,
-):
+def model_outputs(classifier: torch.nn.Module, source: ImageSource, preprocess, device: torch.device,
+                  precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
+                  indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
+                  decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
+    """(outputs (M, ...) float32, positions (M,)) of a module over ``source``: logits of a classifier,
+    features of an encoder (``decoder="dali"`` only for images decoded before; ``compile_model`` pads
+    the last batch so the shape never changes)."""
+    classifier.eval()
+    forward = torch.compile(classifier) if compile_model else classifier
+    logits, positions = [], []
+    total = len(source) if indices is None else len(indices)
+    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
+        images = batch.images.to(device, non_blocking=True)
+        with autocast(precision, device):
+            output = run_padded(forward, images, batch_size) if compile_model else forward(images)
+        logits.append(output.float().cpu())
+        positions.append(batch.indices)
+        bar.update(len(batch.indices) + len(batch.failed))
+    bar.close()
+    if not logits:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(positions)
+
+
+class _ImageFeatures(torch.nn.Module):
+    """CLIP's normalised float32 image features, as a module ``model_outputs`` can run."""
+
+    def __init__(self, clip: ClipModel):
+        super().__init__()
+        self.model = clip.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+
+
+def encode_images(clip: ClipModel, source: ImageSource, device: torch.device, precision: str = "auto",
+                  batch_size: int = 256, num_workers: int = 0, indices: Optional[Sequence[int]] = None,
+                  progress: bool = True, description: str = "encoding images", compile_model: bool = False):
     """Normalised image features (M, d) float32 and the source positions (M,) they belong to.
 
     Unreadable files are skipped (recorded in ``source.skipped``), so M can be less than asked.
     ``compile_model`` runs the image tower through torch.compile (last batch padded: one shape).
     """
-    features: List[torch.Tensor] = []
-    positions: List[torch.Tensor] = []
-    total = len(source) if indices is None else len(indices)
-    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    pin = device.type == "cuda"
-    encode = torch.compile(clip.model.encode_image) if compile_model else clip.model.encode_image
-    for batch in iterate_batches(source, clip.preprocess_eval, batch_size, num_workers, indices, pin_memory=pin):
-        images = batch.images.to(device, non_blocking=True)
-        with autocast(precision, device):
-            encoded = run_padded(encode, images, batch_size) if compile_model else encode(images)
-        features.append(F.normalize(encoded.float(), dim=-1).cpu())
-        positions.append(batch.indices)
-        bar.update(len(batch.indices) + len(batch.failed))
-    bar.close()
-    if not features:
+    features, positions = model_outputs(_ImageFeatures(clip), source, clip.preprocess_eval, device, precision,
+                                        batch_size, num_workers, indices, progress, description,
+                                        compile_model=compile_model)
+    if not len(positions):
         dim = clip.model.text_projection.shape[-1] if hasattr(clip.model, "text_projection") else 0
-        return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(positions)
+        return torch.empty(0, dim), positions
+    return features, positions
 
 
 def logit_scale_of(clip: ClipModel) -> float:

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from coft_fast.runtime.progress import progress_bar
 
 from coft_fast.config import Phase2Config
-from coft_fast.data import ImageSource
 from coft_fast.data.loading import steps_per_epoch
 from coft_fast.data.resident import ResidentImages
-from coft_fast.data.streaming import StreamedImages, eval_batches
+from coft_fast.data.streaming import StreamedImages
 from coft_fast.models.momentum import MomentumContrast
 from coft_fast.phases.guard import FiniteGuard
 from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
-from coft_fast.runtime.device import autocast, run_padded
+from coft_fast.runtime.device import autocast
 from coft_fast.runtime.distributed import all_reduce_sum, batch_part, data_parallel, world_size
 
 log = logging.getLogger(__name__)
@@ -251,29 +250,3 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     bar.close()
     classifier.eval()
     return {"steps": step, "history": history}
-
-
-@torch.no_grad()
-def model_outputs(classifier: nn.Module, source: ImageSource, preprocess, device: torch.device,
-                  precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                  indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
-                  decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
-    """(outputs (M, ...) float32, positions (M,)) of a module over ``source``: logits of a classifier,
-    features of an encoder (``decoder="dali"`` only for images decoded before; ``compile_model`` pads
-    the last batch so the shape never changes)."""
-    classifier.eval()
-    forward = torch.compile(classifier) if compile_model else classifier
-    logits, positions = [], []
-    total = len(source) if indices is None else len(indices)
-    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
-        images = batch.images.to(device, non_blocking=True)
-        with autocast(precision, device):
-            output = run_padded(forward, images, batch_size) if compile_model else forward(images)
-        logits.append(output.float().cpu())
-        positions.append(batch.indices)
-        bar.update(len(batch.indices) + len(batch.failed))
-    bar.close()
-    if not logits:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(positions)

@@ -9,9 +9,8 @@ from coft_fast.data import ImageSource
 from coft_fast.data.resident import preprocess_stats
 from coft_fast.inference import ensemble_logits
 from coft_fast.models import ClipModel
-from coft_fast.phases.phase2 import model_outputs
 from coft_fast.runtime.metrics import classification_metrics
-from coft_fast.scoring import score_images
+from coft_fast.scoring import model_outputs, score_images
 from coft_fast.stages.context import RunContext, check_same_positions, sharded
 
 
