@@ -7,24 +7,6 @@ from coft_fast.config import Config, ConfigError, DataConfig, ModelConfig, RunCo
 from coft_fast.inference import RunModel, load_run  # noqa: E402
 from coft_fast.models import load_clip  # noqa: E402
 
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "RunModel",
-    "RunConfig",
-    "TestbedConfig",
-    "ZeroShotConfig",
-    "__version__",
-    "clean_labels",
-    "demo",
-    "export",
-    "load_clip",
-    "load_run",
-    "predict",
-    "report",
-    "testbed",
-    "train",
-    "zeroshot",
-]
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "RunModel", "RunConfig", "TestbedConfig",
+           "ZeroShotConfig", "__version__", "clean_labels", "demo", "export", "load_clip", "load_run", "predict",
+           "report", "testbed", "train", "zeroshot"]

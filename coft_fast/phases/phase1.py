@@ -17,7 +17,7 @@ from coft_fast import ops
 from coft_fast.config import Phase1Config
 from coft_fast.data import ImageSource
 from coft_fast.data.resident import ResidentImages, preprocess_stats
-from coft_fast.data.streaming import StreamedImages, eval_batches
+from coft_fast.data.streaming import StreamedImages
 from coft_fast.models import ClipModel
 from coft_fast.models.prompts import DualPromptLearner
 from coft_fast.models.visual_prompts import VisualPrompts
@@ -27,6 +27,7 @@ from coft_fast.phases.schedule import epoch_generator, warmup_cosine
 from coft_fast.runtime.checkpoint import restore_training, save_training
 from coft_fast.runtime.device import autocast
 from coft_fast.runtime.distributed import all_reduce_sum, batch_part, data_parallel, world_size
+from coft_fast.scoring import model_outputs
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,17 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     return {"steps": step, "epochs": epochs, "history": history}
 
 
-@torch.no_grad()
+class _PromptFeatures(nn.Module):
+    """Every phase-I model's image features of one batch, side by side: (B, models, d)."""
+
+    def __init__(self, models: Sequence[PromptModel]):
+        super().__init__()
+        self.models = tuple(models)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([model.image_features(images) for model in self.models], 1)
+
+
 def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indices: Optional[Sequence[int]],
                        device: torch.device, precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
                        progress: bool = True, description: str = "labelling", decoder: str = "pil",
@@ -208,18 +219,10 @@ def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indic
         outputs = [encode_with_models([model], source, indices, device, precision, batch_size, num_workers, progress,
                                       description, decoder) for model in models]
         return [features[0] for features, _ in outputs], outputs[0][1]
-    preprocess = models[0].clip.preprocess_eval
-    stats = preprocess_stats(models[0].clip.model) if decoder == "dali" else None
-    per_model: List[List[torch.Tensor]] = [[] for _ in models]
-    positions = []
-    total = len(source) if indices is None else len(indices)
-    bar = progress_bar(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    for batch in eval_batches(source, indices, preprocess, batch_size, num_workers, decoder, stats, device):
-        images = batch.images.to(device, non_blocking=True)
-        for store, model in zip(per_model, models):
-            with autocast(precision, device):
-                store.append(model.image_features(images).cpu())
-        positions.append(batch.indices)
-        bar.update(len(batch.indices) + len(batch.failed))
-    bar.close()
-    return [torch.cat(store) for store in per_model], torch.cat(positions)
+    clip = models[0].clip
+    stats = preprocess_stats(clip.model) if decoder == "dali" else None
+    features, positions = model_outputs(_PromptFeatures(models), source, clip.preprocess_eval, device, precision,
+                                        batch_size, num_workers, indices, progress, description, decoder, stats)
+    if not len(positions):
+        return [features] * len(models), positions
+    return [each.contiguous() for each in features.unbind(1)], positions
