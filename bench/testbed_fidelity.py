@@ -118,17 +118,8 @@ def train_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     init) or, with ``init``, the same full-batch Adam loop started at weight ``init``, bias 0."""
     from coft_fast.linear_probe import train_linear_head
 
-    if init is None:
-        return train_linear_head(features, labels, num_classes, steps, PROBE_LR, torch.Generator().manual_seed(seed))
-    x = torch.nn.functional.normalize(features.float(), dim=-1)
-    weight, bias = init.float().clone().requires_grad_(), torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=PROBE_LR)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return weight.detach(), bias.detach()
+    generator = torch.Generator().manual_seed(seed) if init is None else None
+    return train_linear_head(features, labels, num_classes, steps, PROBE_LR, generator, init)
 
 
 class Bed:

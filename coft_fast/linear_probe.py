@@ -13,10 +13,13 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500,
-                      lr: float = 1e-2, generator: torch.Generator = None):
-    """(weight (C, d), bias (C,)) of :func:`fit_linear_probe`'s classifier: logits = normalise(x) @ weight.T + bias."""
+                      lr: float = 1e-2, generator: torch.Generator = None, init: torch.Tensor = None):
+    """(weight (C, d), bias (C,)) of :func:`fit_linear_probe`'s classifier: logits = normalise(x) @ weight.T + bias.
+    ``init``: the starting weight (e.g. the zero-shot classifier), bias 0."""
     x = torch.nn.functional.normalize(features.float(), dim=-1)
-    if generator is None:
+    if init is not None:
+        weight = init.float().clone().requires_grad_()
+    elif generator is None:
         weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     else:
         weight = (torch.randn(num_classes, x.shape[1], generator=generator) * 0.01).requires_grad_()
