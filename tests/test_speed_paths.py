@@ -102,7 +102,7 @@ def test_compiled_models_only_ever_see_one_batch_shape(tiny_testbed, digits, tmp
     by_model = {}
     for name, shape in shapes:
         by_model.setdefault(name, set()).add(shape)
-    assert set(by_model) == {"encode_image", "VisionTransformer", "FineTunedClassifier"}, by_model
+    assert set(by_model) == {"_ImageFeatures", "VisionTransformer", "FineTunedClassifier"}, by_model
     assert all(len(found) == 1 for found in by_model.values()), by_model
 
 
