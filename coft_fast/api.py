@@ -243,10 +243,11 @@ def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None
             if out_dir and main:
                 write_partial_metrics(run, out_dir, exc)
             raise
-        metrics = finish_run(run, out_dir)
+        issues = run.label_issues()
+        metrics = finish_run(run, out_dir, issues)
         model = RunModel(out_dir, run.state.classifiers, clip2.preprocess_eval, pool.class_names, cfg, metrics, device,
                          classifier_metadata(clip2, pool.class_names, next(iter(sets))))
-        return TrainResult(metrics, pool, run.state.positions, sets, model, run.label_issues())
+        return TrainResult(metrics, pool, run.state.positions, sets, model, issues)
 
 
 def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> None:

@@ -126,14 +126,14 @@ def write_plots(run, out_dir: Path) -> None:
         plot_per_class_accuracy(out_dir / "pseudo_label_accuracy.png", names, series)
 
 
-def finish_run(run, out_dir: Optional[Path]) -> dict:
+def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
     """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets: metrics.json,
-    pseudo_labels.csv, label issues, plots and report.html."""
+    pseudo_labels.csv, label issues (``issues``: run.label_issues()), plots and report.html."""
     metrics = run.metrics_record()
     if distributed.world_size() > 1:
         metrics["world_size"] = distributed.world_size()
     if out_dir and distributed.is_main():
-        write_train_outputs(run, out_dir, run.label_issues())
+        write_train_outputs(run, out_dir, issues)
         atomic_write_json(out_dir / "metrics.json", metrics)
         (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
         write_report(out_dir)

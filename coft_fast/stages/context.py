@@ -154,8 +154,7 @@ class RunContext:
                                   self.device)
         images = ResidentImages(self.pool, positions.tolist(), size, mean, std, cfg.batch_size, cfg.num_workers,
                                 self.progress, self.device if self.device.type == "cuda" else torch.device("cpu"))
-        if not torch.equal(images.positions, positions):
-            raise RuntimeError("an image that decoded during zero-shot scoring failed to decode again")
+        check_same_positions(images.positions, positions, self.pool.origin)
         return images
 
     def pool_images(self) -> ResidentImages:
