@@ -4,8 +4,10 @@
                               [--threads N] [--stop-after SECONDS]
 
 Methods, all from the same shots: CoFT with the shots (`train --labeled`, the default config),
-self-training with the shots (`--method self-train --labeled`), CoOp (phase I on the shots alone,
-its positive prompts as the classifier) and a linear probe on the shots' frozen test-bed features.
+self-training with the shots (`--method self-train --labeled`), phase I on the shots alone (`phase1`:
+the default config's model 1, dual prompts and deep visual prompts, its positive prompts as the
+classifier; not CoOp, which has no visual prompts and no negative prompts: bench/testbed_fidelity.py
+measures that) and a linear probe on the shots' frozen test-bed features.
 Shots: 0 / 2 / 4 / 8 / 16 per class, drawn at random (seeded) from the pool's own class folders (a
 shot's folder is its label; the rest of the pool stays unlabelled, its folders used for diagnostics
 only); a seed's smaller draws are the first images of its larger ones. One seed for the curve, 3
@@ -36,8 +38,8 @@ from coft_fast.runtime.io import atomic_write_text
 from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, machine, markdown_table, run_cells, testbed_settings
 
 STEM = "e2e_shots"
-METHODS = ("coft", "self-train", "coop", "linear-probe")
-LABELS = {"coft": "CoFT + shots", "self-train": "self-training + shots", "coop": "CoOp (shots only)",
+METHODS = ("coft", "self-train", "phase1", "linear-probe")
+LABELS = {"coft": "CoFT + shots", "self-train": "self-training + shots", "phase1": "phase I (shots only)",
           "linear-probe": "linear probe (shots only)"}
 HEADER = ["method", "shots", "seed", "final", "zero-shot", "S* precision", "clean set size", "filter precision",
           "seconds", "source"]
@@ -47,9 +49,9 @@ def cells() -> list:
     """The order the cells run in: 0 shots (taken from the recipes benchmark when it has them), the
     16-shot comparison (3 seeds, cheap methods first), then the rest of the curve."""
     order = [("self-train", 0, 0), ("coft", 0, 0)]
-    order += [(method, 16, seed) for seed in (0, 1, 2) for method in ("linear-probe", "coop", "self-train", "coft")]
+    order += [(method, 16, seed) for seed in (0, 1, 2) for method in ("linear-probe", "phase1", "self-train", "coft")]
     for shots in (8, 4, 2):
-        order += [(method, shots, 0) for method in ("linear-probe", "coop", "self-train", "coft")]
+        order += [(method, shots, 0) for method in ("linear-probe", "phase1", "self-train", "coft")]
     return [{"method": m, "shots": n, "seed": s} for m, n, s in order]
 
 
@@ -112,7 +114,7 @@ def linear_probe(features: Features, shots: list, seed: int) -> float:
     return linear_probe_accuracy(*features.encode(features.shots(shots)), *features.test, seed=seed)
 
 
-def coop(features: Features, shots: list, seed: int) -> float:
+def phase1(features: Features, shots: list, seed: int) -> float:
     """Phase I (the default config's) on the shots alone, the positive prompts as the classifier: the
     first model of a CoFT run with these shots as S*, evaluated on cifar10/test."""
     from coft_fast.config import Config
@@ -162,8 +164,8 @@ def run_cell(cell: dict, root: Path, testbed: Path, work: Path, features: Featur
     row = {**cell, "source": "this script"}
     if method == "linear-probe":
         row["final"] = pct(linear_probe(features, drawn, seed))
-    elif method == "coop":
-        row["final"] = pct(coop(features, drawn, seed))
+    elif method == "phase1":
+        row["final"] = pct(phase1(features, drawn, seed))
     else:
         labeled = write_shots_csv(work / f"shots_{shots}_seed{seed}.csv", drawn) if shots else None
         overrides = ["run.progress=false", f"seed={seed}"] + (["method=self-train"] if method == "self-train" else [])
@@ -222,8 +224,8 @@ def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> N
              f"{testbed_settings(testbed) or testbed}; pool: cifar10/pool (10,000 images; the shots' folders are "
              "their labels, the rest stays unlabelled); eval: cifar10/test (5,000). Top-1 and precisions in %. "
              "Shots drawn at random per class and seed from the pool. CoFT and self-training run the default "
-             "config (the paper's method) with `--labeled`; CoOp is phase I on the shots alone (positive prompts "
-             "as the classifier); the linear probe is trained on the shots' frozen features. " + SECONDS_NOTE, "",
+             "config (the paper's method) with `--labeled`; phase I is the default config's model 1 on the shots "
+             "alone (dual prompts and visual prompts; its positive prompts as the classifier); the linear probe is trained on the shots' frozen features. " + SECONDS_NOTE, "",
              *markdown_table(HEADER, rows), "", "Means over the seeds done:", "",
              "| method | " + " | ".join(f"{n} shots" for n in (0, 2, 4, 8, 16)) + " |", "|---|" + "---|" * 5]
     for method in METHODS:
@@ -234,7 +236,7 @@ def write(table: CellTable, testbed: Path, stem: str = STEM, tag: str = "") -> N
     lines += ["", "(seeds done in brackets)"]
     sixteen = {m: found.get(m, {}).get(16, []) for m in METHODS}
     if len(sixteen["coft"]) == 3:
-        for other in ("coop", "self-train", "linear-probe"):
+        for other in ("phase1", "self-train", "linear-probe"):
             if len(sixteen[other]) == 3:
                 gap = statistics.mean(sixteen["coft"]) - statistics.mean(sixteen[other])
                 lines.append(f"16 shots, 3-seed means: CoFT minus {LABELS[other]}: {gap:+.2f} points.")
