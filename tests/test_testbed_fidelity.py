@@ -41,11 +41,12 @@ def test_cells_follow_the_issue():
     assert coop == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (4, 0), (4, 1), (4, 2), (8, 0), (16, 0)]
     for method in ("probe", "zs-init probe"):
         assert sorted((c["shots"], c["seed"]) for c in order if c["method"] == method) == coop
-    for method in ("zero-shot", "kmeans", "coop s*", "probe s*", "phase1 s*"):
+    for method in ("zero-shot", "kmeans", "coop s*", "probe s*", "phase1 s*", "phase1 no-vpt s*"):
         assert [(c["shots"], c["seed"]) for c in order if c["method"] == method] == [(0, 0)]
     configs = testbed_fidelity.phase1_configs()
     assert (configs["coop"].lam, configs["coop"].vpt_tokens) == (0.0, 0)
     assert (configs["phase1"].lam, configs["phase1"].vpt_tokens, configs["phase1"].steps) == (1.0, 20, 1000)
+    assert (configs["phase1 no-vpt"].lam, configs["phase1 no-vpt"].vpt_tokens) == (1.0, 0)
 
 
 def test_reduced_settings_never_write_into_bench_results(tiny_testbed, digits):
