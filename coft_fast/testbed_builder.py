@@ -107,7 +107,7 @@ def biased_caption_classes(labels: torch.Tensor, num_classes: int, lookalike: Se
 
 # Fields of stage 2 only: a rebuild that changes just these reuses the finished image tower.
 TEXT_TOWER_FIELDS = ("text_width", "text_heads", "text_layers", "context_length", "text_steps", "text_batch_size",
-                     "text_lr", "longtail_ratio", "lookalike_share")
+                     "text_lr", "longtail_ratio", "lookalike_share", "caption_attributes", "attribute_directions")
 
 
 def build_fingerprint(source: ImageSource, cfg: TestbedConfig, seed: int) -> str:
@@ -165,7 +165,7 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     captioned, caption_classes, caption_counts = biased_caption_classes(labels, source.num_classes, lookalike, cfg,
                                                                         generator)
     stage2 = train_text_tower(model, tokenizer, image_features(model, images)[captioned], caption_classes,
-                              source.class_names, cfg, generator, progress)
+                              source.class_names, cfg, generator, progress, true_classes=labels[captioned])
     seconds["stage2"] = time.perf_counter() - t0
     stage2 = {**stage2, "lookalike": lookalike, "caption_counts": caption_counts}
     report = _build_report(source, cfg, seed, preset, len(images), teacher_summary, stage1, stage2, seconds, started)

@@ -182,12 +182,40 @@ def image_features(model: CLIP, images_uint8: torch.Tensor, batch_size: int = 51
     return torch.cat(out)
 
 
+# Words for image-grounded captions (stage 2 with testbed.caption_attributes > 0): word 2j names the positive
+# side of a class's j-th principal direction, word 2j + 1 the negative side (one BPE token each, no class name).
+ATTRIBUTE_WORDS = ("small large dark bright red blue green old new wet dry soft hard round flat tall short wide "
+                   "narrow thin thick plain busy calm close distant empty full clean dirty warm cold").split()
+
+
+def attribute_ranks(features: torch.Tensor, labels: torch.Tensor, num_classes: int, directions: int) -> torch.Tensor:
+    """(N, directions) attribute word ids per image, strongest first: the sign of the image's offset from its
+    class mean along each of the class's top ``directions`` principal directions, ranked by its size."""
+    if not 0 < directions <= len(ATTRIBUTE_WORDS) // 2:
+        raise ValueError(f"testbed.attribute_directions must be in 1..{len(ATTRIBUTE_WORDS) // 2}, got {directions}")
+    projections = torch.zeros(len(features), directions)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) == 0:
+            continue
+        offsets = features[members] - features[members].mean(0)
+        basis = torch.linalg.svd(offsets, full_matrices=False).Vh[:directions]  # (k <= directions, d)
+        projections[members, : len(basis)] = offsets @ basis.T
+    order = projections.abs().argsort(dim=1, descending=True)
+    return 2 * order + (projections.gather(1, order) < 0).long()
+
+
 def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_classes: torch.Tensor,
                      class_names: Sequence[str], cfg: TestbedConfig, generator: torch.Generator,
-                     progress: bool = True) -> Dict:
-    """Stage 2: a fresh text tower against frozen image features, one random caption per class and step."""
+                     progress: bool = True, true_classes: Optional[torch.Tensor] = None) -> Dict:
+    """Stage 2: a fresh text tower against frozen image features. Without caption attributes: one random
+    caption per class and step, cross-entropy over the classes. With them (``true_classes`` given): CLIP's
+    in-batch contrastive loss, each image captioned by a template, its class name and up to
+    ``caption_attributes`` words describing where the image sits in its (true) class."""
     templates = clip_ensemble_templates()
     tokens = torch.stack([tokenizer([t.replace("{}", name) for name in class_names]) for t in templates])  # (T, C, L)
+    grounded = cfg.caption_attributes > 0
+    ranks = attribute_ranks(features, true_classes, len(class_names), cfg.attribute_directions) if grounded else None
     text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.")]
     optimizer = torch.optim.AdamW(text_params, lr=cfg.text_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.text_lr, total_steps=cfg.text_steps, pct_start=0.1)
@@ -197,10 +225,13 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
     loss = torch.tensor(0.0)
     for _ in bar:
         batch = torch.randint(0, len(features), (cfg.text_batch_size,), generator=generator)
-        pick = torch.randint(0, len(templates), (num_classes,), generator=generator)  # a template per class
-        text = F.normalize(model.encode_text(tokens[pick, torch.arange(num_classes)]), dim=-1)
-        logits = model.logit_scale.exp() * features[batch] @ text.T
-        loss = F.cross_entropy(logits, caption_classes[batch])
+        if grounded:
+            loss = _grounded_caption_loss(model, tokenizer, templates, class_names, features[batch],
+                                          caption_classes[batch], ranks[batch], cfg.caption_attributes, generator)
+        else:
+            pick = torch.randint(0, len(templates), (num_classes,), generator=generator)  # a template per class
+            text = F.normalize(model.encode_text(tokens[pick, torch.arange(num_classes)]), dim=-1)
+            loss = F.cross_entropy(model.logit_scale.exp() * features[batch] @ text.T, caption_classes[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -210,3 +241,19 @@ def train_text_tower(model: CLIP, tokenizer, features: torch.Tensor, caption_cla
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     return {"final_loss": float(loss.detach()), "logit_scale": float(model.logit_scale.detach().exp())}
+
+
+def _grounded_caption_loss(model: CLIP, tokenizer, templates: Sequence[str], class_names: Sequence[str],
+                           features: torch.Tensor, named: torch.Tensor, ranks: torch.Tensor, most: int,
+                           generator: torch.Generator) -> torch.Tensor:
+    """CLIP's symmetric in-batch loss over one caption per image: a random template around its strongest
+    0..``most`` attribute words (a random count) and the named class."""
+    n = len(features)
+    pick = torch.randint(0, len(templates), (n,), generator=generator).tolist()
+    count = torch.randint(0, most + 1, (n,), generator=generator).tolist()
+    captions = [templates[pick[i]].replace("{}", " ".join([ATTRIBUTE_WORDS[w] for w in ranks[i, : count[i]].tolist()]
+                                                           + [class_names[int(named[i])]])) for i in range(n)]
+    text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    logits = model.logit_scale.exp() * features @ text.T
+    target = torch.arange(n)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

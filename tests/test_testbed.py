@@ -245,3 +245,39 @@ def test_public_testbed_stays_callable_after_the_builder_is_imported():
     import coft_fast.testbed_builder  # noqa: F401
 
     assert callable(coft_fast.testbed)
+
+
+# --- image-grounded captions (issue 36) ---
+
+def test_attribute_words_rank_each_image_along_its_class_directions():
+    from coft_fast.testbed_training import ATTRIBUTE_WORDS, attribute_ranks
+
+    generator = torch.Generator().manual_seed(0)
+    # class 0 spreads along axis 0 (strongly) and axis 1 (weakly); class 1 along axis 2
+    spread = torch.tensor([[3.0, 0.5, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    labels = torch.arange(2).repeat_interleave(200)
+    features = torch.randn(400, 4, generator=generator) * spread[labels] + 5 * torch.eye(4)[labels]
+    ranks = attribute_ranks(features, labels, 2, directions=2)
+    assert ranks.shape == (400, 2) and len(set(ATTRIBUTE_WORDS)) == len(ATTRIBUTE_WORDS)
+    # each image's first word is a side of direction 0 (its class's main axis) for most images, and its
+    # sign follows the offset's sign along that axis (the principal direction's own sign is arbitrary)
+    assert (ranks[:, 0] // 2 == 0).float().mean() > 0.8
+    offset = features[:200, 0] - features[:200, 0].mean()
+    main = ranks[:200, 0] // 2 == 0
+    side = ranks[:200, 0][main] % 2
+    agree = (side == (offset[main] < 0).long()).float().mean()
+    assert agree in (0.0, 1.0)
+    assert set(ranks[:, :2].flatten().tolist()) <= set(range(4))
+    with pytest.raises(ValueError, match="attribute_directions"):
+        attribute_ranks(features, labels, 2, directions=len(ATTRIBUTE_WORDS))
+
+
+def test_grounded_captions_build_a_loadable_test_bed(digits, tmp_path):
+    import coft_fast
+
+    source = from_folder(digits["pretrain"])
+    cfg = tiny_config(image_epochs=1, text_steps=4, text_batch_size=16, caption_attributes=2, attribute_directions=3)
+    report = build_testbed(source, tmp_path / "tb", cfg, seed=0, progress=False)
+    assert report["config"]["caption_attributes"] == 2 and report["stage2_final_loss"] > 0
+    clip = coft_fast.load_clip(f"local-dir:{tmp_path / 'tb'}")
+    assert clip.model.encode_text(clip.tokenizer(["a photo of a dark small zero."])).shape[-1] == cfg.embed_dim

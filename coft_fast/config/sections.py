@@ -237,6 +237,11 @@ class TestbedConfig:
     longtail_ratio: float = 50.0
     # Share of captions naming the class's look-alike (its nearest class by stage-1 weights).
     lookalike_share: float = 0.3
+    # Image-grounded captions: up to this many words per caption saying where the image sits in its class
+    # (the sign of its offset along one of the class's top `attribute_directions` principal directions),
+    # trained with CLIP's in-batch contrastive loss; 0: class-name captions only (cross-entropy over classes).
+    caption_attributes: int = 0
+    attribute_directions: int = 8
     # Images per class used from the input folder (None: all).
     per_class: Optional[int] = None
 
