@@ -1,12 +1,7 @@
-"""Pseudo-label statistics, class-balanced top-K selection, and label agreement counts.
-
-Each op pairs a plain-torch ``*_reference`` (the tests' ground truth) with the public function, which
-runs the deterministic C++/CUDA kernels of ``coft_fast._C`` (``torch.ops.coft_fast.*``, csrc/; they
-check their inputs, naming the argument); the fake implementations let torch.compile trace them.
-Shared semantics: logits are taken in float32; the label is the first index of the row maximum; the
-confidence is its softmax probability; confidence bins are floor(confidence * num_bins) in float32,
-1.0 in the last bin. Rows with NaN or +inf, or only -inf, are rejected (-inf entries are allowed).
-"""
+"""Pseudo-label statistics, class-balanced top-K selection and label agreement counts: the deterministic
+C++/CUDA kernels of ``coft_fast._C`` (csrc/), each with a plain-torch ``*_reference`` and a fake kernel.
+Logits are taken in float32; the label is the first index of the row maximum, the confidence its softmax
+probability, binned as floor(confidence * num_bins). Rows with NaN, +inf or only -inf are rejected."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
@@ -25,7 +20,6 @@ class PseudoLabelStats(NamedTuple):
 
 
 def _check_logits(logits, num_bins: int) -> None:
-    """What the reference and the fake kernel check (the number of columns aside)."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D (N, C) tensor, got {got}")
@@ -44,8 +38,7 @@ def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> Ps
     probabilities = x.softmax(dim=1)
     if probabilities.isnan().any():
         raise ValueError("logits must be finite (no NaN or +inf, and not a row of only -inf)")
-    # arg-max of the logits themselves (torch.argmax returns the first maximal index): the softmax
-    # arg-max in exact arithmetic, without ties that rounding of the probabilities could create
+    # the logits' own arg-max: no ties that rounding of the probabilities could create
     labels = x.argmax(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
     confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
     counts = torch.bincount(labels, minlength=num_classes)
@@ -55,7 +48,6 @@ def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> Ps
 
 
 def _check_topk_args(labels, scores, k: int, num_classes: int) -> None:
-    """What class_balanced_topk's reference and fake kernel check (not the values)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     check_labels("labels", labels)
@@ -106,17 +98,15 @@ def _check_tensors(**values) -> None:
 
 
 def pseudo_label_stats(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelStats:
-    """Arg-max labels, confidences, per-class counts and confidence histograms of ``logits`` (N, C, any
-    float dtype, computed in float32) in one pass: ``PseudoLabelStats(labels (N,) int64, confidence (N,)
-    float32, class_counts (C,) int64, confidence_hist (C, num_bins) int64)``."""
+    """Arg-max labels, confidences, per-class counts and confidence histograms of ``logits`` (N, C) in one pass."""
     _check_tensors(logits=logits)
     _extension.require("pseudo_label_stats", logits.device)
     return PseudoLabelStats(*torch.ops.coft_fast.pseudo_label_stats(logits.detach(), num_bins))
 
 
 def class_balanced_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per class the indices of its k best-scoring samples (all when fewer; ties: lower index first) as one
-    int64 tensor ordered by class then descending score, and the (C,) int64 count each class got."""
+    """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class then
+    descending score, and the (C,) count each class got."""
     _check_tensors(labels=labels, scores=scores)
     _extension.require("class_balanced_topk", labels.device)
     return tuple(torch.ops.coft_fast.class_balanced_topk(labels, scores.detach(), k, num_classes))
@@ -124,8 +114,7 @@ def class_balanced_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_
 
 def agreement_matrix(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes: int,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs over the rows where ``mask`` is true
-    (all rows when None). See :func:`agreement_matrix_reference`."""
+    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs over the rows where ``mask`` is true."""
     _check_tensors(labels_a=labels_a, labels_b=labels_b)
     if mask is not None:
         _check_tensors(mask=mask)
@@ -133,7 +122,7 @@ def agreement_matrix(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes
     return torch.ops.coft_fast.agreement_matrix(labels_a, labels_b, num_classes, mask)
 
 
-# ---- fake (meta) implementations: output metadata only, for torch.compile / FakeTensor tracing ----
+# fake implementations (output metadata only) for torch.compile
 if _extension.available():
 
     @torch.library.register_fake("coft_fast::pseudo_label_stats")
