@@ -245,7 +245,7 @@ def _templates_command(args) -> int:
 
     from coft_fast.data.sources import read_class_names
     from coft_fast.pseudo import llm_templates
-    from coft_fast.runtime.io import atomic_write_text
+    from coft_fast.runtime.io import atomic_write_json, atomic_write_text
 
     if bool(args.llm_url) != bool(args.llm_model):
         raise ValueError("--llm-url and --llm-model go together: give the endpoint and the model name to ask")
@@ -259,7 +259,7 @@ def _templates_command(args) -> int:
     prompt_path = out.with_name(f"{stem}.prompt.txt")
     atomic_write_text(prompt_path, llm_templates.llm_prompt(names, args.per_class, args.dataset_hint))
     if not args.llm_url:
-        llm_templates.write_templates(out, llm_templates.template_skeleton(names))
+        atomic_write_json(out, {name: [] for name in names})
         print(f"prompt:   {prompt_path}")
         print(f"skeleton: {out} ({len(names)} classes, empty lists)")
         print(f"next: paste the prompt into an LLM, save its JSON answer to {out}, "
@@ -270,7 +270,7 @@ def _templates_command(args) -> int:
           f"sentences for each of {len(names)} classes{'' if api_key else f' (no API key: ${args.api_key_env} unset)'}")
     sentences = llm_templates.ask_llm(args.llm_url, args.llm_model, names, args.per_class, args.dataset_hint,
                                       api_key=api_key, timeout=args.timeout)
-    llm_templates.write_templates(out, sentences)
+    atomic_write_json(out, sentences)
     counts = [len(v) for v in sentences.values()]
     spread = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
     print(f"templates: {out} ({len(names)} classes, {spread} sentences per class); prompt: {prompt_path}")

@@ -16,8 +16,7 @@ class TemplateError(ValueError):
 
 
 def prompt_name(class_name: str) -> str:
-    """The name that goes into prompts: underscores read as spaces ("sea_lion" -> "sea lion"), as CoOp
-    and DeFT write class names into prompts. Files, metrics and exports keep the original name."""
+    """The name that goes into prompts: underscores as spaces ("sea_lion" -> "sea lion"), as CoOp and DeFT."""
     return class_name.replace("_", " ")
 
 
@@ -31,8 +30,7 @@ def class_name_mapping(class_names: Sequence[str]) -> dict:
 
 
 def templates_record(spec: Union[str, Path]):
-    """What metrics.json records as the zero-shot templates: "single", "ensemble", or
-    {"file": path, "sha256": hash of its bytes} for a template file."""
+    """metrics.json's record of the templates: "single", "ensemble", or {"file": path, "sha256": its hash}."""
     if str(spec) in ("single", "ensemble", "auto"):
         return str(spec)
     path = Path(spec)
@@ -49,10 +47,8 @@ def clip_ensemble_templates() -> List[str]:
 
 
 def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[str]) -> List[List[str]]:
-    """The prompts of every class, from "single", "ensemble", a list of templates or a JSON file: a list
-    of templates with "{}" (the same for every class), or a mapping from class name (the original
-    names) to sentences (used as they are; "{}" in them is filled in). Class names go into prompts as
-    :func:`prompt_name` writes them (underscores as spaces)."""
+    """The prompts of every class, from "single", "ensemble", a list of templates with "{}", or a JSON file of
+    either a template list or a mapping class name -> sentences; names go in as :func:`prompt_name` writes them."""
     if str(spec) == "auto":
         raise TemplateError("zeroshot.templates=auto must be resolved first (coft_fast.config.resolve_auto)")
     if isinstance(spec, (list, tuple)):
@@ -96,9 +92,8 @@ def _listing(names: Sequence[str], limit: int = 10) -> str:
 
 
 def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
-    """Check a mapping class -> sentences covers exactly ``class_names`` with non-empty lists of
-    non-empty strings; returns it in class order. Errors are TemplateErrors that start with ``origin``
-    (a file or URL) and name the classes at fault."""
+    """A mapping class -> sentences checked to cover exactly ``class_names`` with non-empty lists of
+    non-empty strings, in class order; a TemplateError starts with ``origin`` and names the classes at fault."""
     if not isinstance(data, dict):
         raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
     known = set(class_names)

@@ -119,7 +119,7 @@ class _Gaussians:
         self.variance = torch.full((dim,), 1.0 / dim, dtype=torch.float64, device=means.device)
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
-        """-0.5 Σ_d (x - μ_c)² / σ_d less the row's own Σ_d x² / σ_d (it cancels in z): x @ (μ/σ)ᵀ - 0.5 Σ_d μ_cd² / σ_d."""
+        """-0.5 Σ_d (x - μ_c)² / σ_d less the row's own Σ_d x² / σ_d (it cancels in z): x (μ/σ)ᵀ - Σ_d μ_cd² / 2σ_d."""
         scaled = (self.means / self.variance).float()
         column = (0.5 * (self.means ** 2 / self.variance).sum(1)).float()
         return features @ scaled.T - column

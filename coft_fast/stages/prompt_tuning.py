@@ -102,7 +102,7 @@ def label_pool_with_models(run: RunContext, round_: int, models: List[PromptMode
             with torch.no_grad():
                 pos, neg = model.text_features()
             model_views.append(ModelView(feats, pos.cpu(), neg.cpu()))
-            probabilities = model_views[-1].positive_logits(run.logit_scale).softmax(1)
+            probabilities = (run.logit_scale * feats @ pos.cpu().T).softmax(1)
             confidence, labels = run.ranked_labels(probabilities)
             views.append({"labels": labels, "confidence": confidence})
         for index, view in enumerate(views):  # the peer model's p_clean of each label (round_ranking=peer)
