@@ -98,8 +98,7 @@ def _images_under(folder: Path) -> List[Path]:
 
 
 def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> ImageSource:
-    """A folder of class sub-folders (labelled; matched to ``class_names`` ignoring case, '_' and '-', or
-    their sorted names are the classes) or a flat folder of images (unlabelled)."""
+    """A folder of class sub-folders (matched to ``class_names`` ignoring case, '_' and '-') or of images."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
@@ -132,8 +131,7 @@ def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> 
 
 
 def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
-    """A CSV of ``path[,label]`` rows (optional header ``path,label``); paths relative to the CSV's
-    folder; a label is a class name, a class index, or empty (unlabelled)."""
+    """A CSV of ``path[,label]`` rows (paths relative to it; a label: a class name or index, or empty)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"CSV file not found: {csv_path}")
@@ -255,8 +253,7 @@ def require_labels(source: ImageSource, purpose: str) -> None:
 
 
 def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
-    """(the pool with the labelled ``shots`` it lacks appended, each position's shot label or -1).
-    An image in both (same real path) keeps its pool label for diagnostics and trains on the shot's."""
+    """(the pool with the ``shots`` it lacks appended, each position's shot label or -1)."""
     if list(shots.class_names) != list(pool.class_names):
         raise DataError(f"{shots.origin}: the labelled shots have classes {shots.class_names[:5]}..., "
                         f"not the pool's {pool.class_names[:5]}...")
@@ -277,8 +274,7 @@ def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
 
 
 def combine_sources(sources: Sequence[ImageSource], classes_given: bool = False) -> ImageSource:
-    """One source from several, their images in order. Without ``classes_given`` all must have the
-    same classes; with it, each class needs images in some source. A file in two sources is an error."""
+    """One source from several with the same classes (``classes_given``: each class needs images somewhere)."""
     if not sources:
         raise DataError("no image sources given")
     first = sources[0]

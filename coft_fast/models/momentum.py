@@ -1,9 +1,5 @@
-"""CoFT+'s momentum contrast: an EMA copy of the visual encoder, an optional projection, a key queue.
-
-Queries come from the trained encoder (plus the projection), keys from the momentum copy, updated
-as theta_m <- mu * theta_m + (1 - mu) * theta with one fused ``torch._foreach_lerp_`` call. The
-queue and its pointer are buffers, so they are part of ``state_dict()`` and resume from checkpoints.
-"""
+"""CoFT+'s momentum contrast: an EMA copy of the visual encoder (one ``torch._foreach_lerp_`` per step),
+an optional projection, and a key queue whose buffers resume from checkpoints."""
 from __future__ import annotations
 
 import copy

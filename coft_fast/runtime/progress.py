@@ -1,9 +1,5 @@
-"""Progress bars that fit where they go: tqdm on a terminal, one plain line every few seconds elsewhere.
-
-Redirected to a log file or a CI console, a tqdm bar redraws many times a second (megabytes for a
-long stage); off a terminal, :func:`progress_bar` writes one line at most every
-``COFT_PROGRESS_SECONDS`` seconds (default 10) and a last one when the bar closes.
-"""
+"""Progress bars: tqdm on a terminal; elsewhere (a log file, CI) one plain line at most every
+``COFT_PROGRESS_SECONDS`` seconds (default 10) and a last one when the bar closes."""
 from __future__ import annotations
 
 import os
@@ -18,7 +14,6 @@ LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}]"
 
 
 def line_seconds() -> float:
-    """Seconds between two progress lines when the output is not a terminal."""
     raw = os.environ.get("COFT_PROGRESS_SECONDS", "10")
     try:
         seconds = float(raw)

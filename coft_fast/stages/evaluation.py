@@ -28,8 +28,7 @@ def evaluate_prompt_models(run: RunContext, source: ImageSource, positions: torc
 
 def evaluate_classifiers(run: RunContext, clip2: ClipModel, source: ImageSource, positions: torch.Tensor,
                          truth: torch.Tensor) -> None:
-    """Each phase II classifier's accuracy (two: also their logit ensemble); ``final`` is the ensemble's
-    or the one classifier's."""
+    """Each phase II classifier's accuracy and, for two, their logit ensemble's (then ``final``'s)."""
     cfg, final = run.cfg, run.state.metrics.setdefault("final", {})
     all_logits = {}
     for tag, classifier in run.state.classifiers.items():

@@ -1,5 +1,5 @@
-"""Phase II: full fine-tuning of the visual tower plus a linear head on each training set (CoFT+:
-with the momentum-contrastive term over the whole pool)."""
+"""Phase II: the visual tower and a linear head fine-tuned on each training set (CoFT+: plus the
+momentum-contrastive term over the pool)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -36,7 +36,7 @@ def contrastive_on(run: RunContext) -> bool:
 
 
 def queue_size(run: RunContext) -> int:
-    """CoFT+'s key queue length: the configured size, capped by a share of the pool, at least one global batch."""
+    """CoFT+'s key queue length: capped by a share of the pool, at least one global batch."""
     cfg = run.cfg.contrastive
     pool_size = len(run.state.positions)
     return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), run.cfg.phase2.batch_size)
@@ -53,8 +53,7 @@ def contrastive_term(run: RunContext, classifier: FineTunedClassifier, dim: int)
 
 def fit_probe_head(run: RunContext, classifier: FineTunedClassifier, data: Dict[str, torch.Tensor],
                    scale: float) -> None:
-    """phase2.head_init=probe (LP-FT): the head becomes a linear probe fit on the frozen tower's
-    features of the training rows (the zero-shot stage's), at the head's fixed scale."""
+    """phase2.head_init=probe (LP-FT): the head becomes a linear probe on the rows' zero-shot features."""
     features = run.state.zs_features
     if features is None:
         raise RuntimeError("phase2.head_init=probe needs the zero-shot stage's image features, which its checkpoint "
