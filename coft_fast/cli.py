@@ -13,7 +13,6 @@ from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, ConfigError
 
 IMAGES_HELP = "a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON"
 DEVICE_HELP = "auto, cpu, cuda, cuda:1 ..."
-# The sub-commands in the order of `coft-fast --help`, each with its one line there.
 COMMANDS = {
     "zeroshot": "zero-shot CLIP classification of a folder of images",
     "testbed": "build the offline test-bed model from labelled images",
@@ -80,8 +79,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[List[str]] = None) -> None:
-    """`zeroshot`, and with ``methods`` `train` and `clean-labels`: the data, the model, the output
-    folder (and the training run's options), the config."""
+    """`zeroshot`, and with ``methods`` `train` and `clean-labels`: data, model, output folder, config."""
     parser.add_argument("--images", required=True, help=IMAGES_HELP)
     parser.add_argument("--classes", help="class names: a text file with one per line (optional for class folders)")
     parser.add_argument("--split", help="split of a CoOp JSON file: train, val or test")
@@ -106,7 +104,7 @@ def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[
 
 
 def _run_folder_args(pr: argparse.ArgumentParser, ex: argparse.ArgumentParser, rp: argparse.ArgumentParser) -> None:
-    """`predict`, `export` and `report`: they read a finished run folder (--run)."""
+    """`predict`, `export` and `report`: they read a finished run folder."""
     for parser in (pr, ex, rp):
         parser.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
     pr.add_argument("--images", required=True, help=IMAGES_HELP)
@@ -228,7 +226,6 @@ def _run_folder_command(api, args) -> int:
 
 
 def _recipes_command() -> int:
-    """`coft-fast recipes`: every named recipe, one line each."""
     from coft_fast.config import list_recipes
 
     recipes = list_recipes()
@@ -240,7 +237,7 @@ def _recipes_command() -> int:
 
 
 def _templates_command(args) -> int:
-    """`coft-fast templates`: prompt + skeleton to fill in by hand, or the answer of --llm-url."""
+    """`coft-fast templates`: a prompt and a skeleton to fill in, or --llm-url's answer."""
     from pathlib import Path
 
     from coft_fast.data.sources import read_class_names
@@ -311,7 +308,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         sys.exit(run(argv))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        # input and setup errors: one clear line, no traceback (use --verbose for it)
         if "--verbose" in (argv if argv is not None else sys.argv):
             raise
         print(f"coft-fast: error: {exc}", file=sys.stderr)

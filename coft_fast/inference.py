@@ -1,5 +1,5 @@
-"""A finished run as a model, rebuilt from its run folder alone: each ``finetuned_<set>.safetensors``
-holds the image tower and head with the class names and open_clip config in its metadata."""
+"""A finished run as a model, rebuilt from its folder alone: each ``finetuned_<set>.safetensors`` holds the
+image tower and head, with the class names and open_clip config in its metadata."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,8 @@ from coft_fast.data.streaming import eval_batches
 from coft_fast.phases.phase2 import FineTunedClassifier, ScaledLinearHead
 from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime.device import autocast, resolve_device
-from coft_fast.runtime.io import PathLike, atomic_csv_writer, atomic_write_csv, atomic_write_json
+from coft_fast.run_outputs import write_skipped
+from coft_fast.runtime.io import PathLike, atomic_csv_writer, atomic_write_json
 from coft_fast.runtime.metrics import RunningClassificationMetrics
 from coft_fast.runtime.progress import progress_bar
 
@@ -29,14 +30,14 @@ TRAINING_SETS = ("s1", "s2", "s_star")  # phase II's clean sets (s_star: self-tr
 
 
 def classifier_metadata(clip, class_names: Sequence[str], tag: str) -> Dict[str, str]:
-    """What :func:`load_run` needs beside the weights: the class names and the open_clip config."""
+    """What :func:`load_run` needs beside the weights."""
     config = json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg})
     return {"format": FORMAT, "training_set": tag, "class_names": "\n".join(class_names), "model": clip.name,
             "pretrained": clip.pretrained or "", "open_clip_config": config}
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
+    """The mean of several heads' logits (``phase2.train_on=both``)."""
     return torch.stack(list(logits)).mean(0)
 
 
@@ -74,7 +75,7 @@ def _missing_stage(run_dir: Path, config: Config, tag: str) -> str:
 
 
 def _load_classifier(path: Path):
-    """(a FineTunedClassifier of the file's architecture and weights, its evaluation transform, metadata)."""
+    """(the file's FineTunedClassifier, its evaluation transform, metadata)."""
     import open_clip
     from safetensors import safe_open
 
@@ -137,8 +138,7 @@ class RunModel:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, with_features: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Float32 (logits (B, C), features (B, d) or None): the classifiers' normalised image features,
-        concatenated and normalised again (so their cosine is the classifiers' mean cosine)."""
+        """Float32 (logits (B, C), features (B, d) or None): the classifiers' normalised features, concatenated."""
         images = images.to(self.device, non_blocking=True)
         logits, features = [], []
         with autocast(self.config.model.precision, self.device):
@@ -151,9 +151,8 @@ class RunModel:
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(positions in ``source``, probabilities, the classifier's own probabilities) on the CPU, batch by batch
-        in bounded memory; unreadable files go to ``source.skipped``. With ``transductive`` all images are scored
-        first and TransCLIP refines the probabilities over the whole set (the classifier as prior), as one batch."""
+        """(positions in ``source``, probabilities, the classifier's own probabilities) per batch, on the CPU.
+        ``transductive``: one batch, TransCLIP refining all images' probabilities (the classifier as prior)."""
         batch_size = batch_size or self.config.data.batch_size
         num_workers = self.config.data.num_workers if num_workers is None else num_workers
         rows, probabilities, features = [], [], []
@@ -175,8 +174,7 @@ class RunModel:
             yield torch.cat(rows), refined.probabilities, inductive
 
     def source(self, images, split: Optional[str] = None) -> ImageSource:
-        """An ImageSource of a folder, CSV or CoOp split JSON path (its ``split``, by default the run's
-        ``data.eval_split``), or of a list of image files."""
+        """An ImageSource of a path (``split`` default: the run's ``data.eval_split``) or a list of files."""
         if isinstance(images, (list, tuple)):
             return ImageSource([str(p) for p in images], [-1] * len(images), self.class_names, "image list")
         return load_source(images, self.class_names, split=split or self.config.data.eval_split,
@@ -231,9 +229,8 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
                       num_workers: Optional[int] = None, top5: bool = False, progress: bool = True,
                       split: Optional[str] = None, transductive: bool = False) -> Dict:
     """Stream predictions into ``out``/predictions.csv (``path,prediction,confidence[,top5,top5_confidence]``),
-    skipped.csv and, for labelled images, metrics.json; returns the metrics (zeroshot's keys). ``transductive``
-    (see ``RunModel.batches``) adds ``inductive_prediction,inductive_confidence`` columns and always writes
-    metrics.json, with ``"predictions": "transductive"`` and the classifier's own metrics under ``inductive``."""
+    skipped.csv and, for labelled images, metrics.json; returns the metrics. ``transductive`` adds the
+    classifier's own ``inductive_*`` columns and metrics and always writes metrics.json."""
     started = time.perf_counter()
     source = model.source(images, split)
     out_dir = Path(out) if out else None
@@ -270,9 +267,7 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
             metrics["inductive"] = running_inductive.result()
     metrics["seconds"] = time.perf_counter() - started
     if out_dir:
-        if source.skipped:
-            atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
-                             ((s["path"], s["reason"]) for s in source.skipped))
+        write_skipped(out_dir, source.skipped)
         if labels is not None or source.skipped or transductive:
             atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

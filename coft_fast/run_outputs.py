@@ -1,6 +1,5 @@
-"""What a run writes into its folder, in one place: metrics.json (and metrics_partial.json when it
-stops), pseudo_labels.csv, label_issues.csv, skipped.csv, the plots and report.html; and what
-``zeroshot`` writes (predictions.csv, metrics.json)."""
+"""What a run writes into its folder (metrics.json or metrics_partial.json, pseudo_labels.csv,
+label_issues.csv, skipped.csv, plots, report.html), and what ``zeroshot`` writes."""
 from __future__ import annotations
 
 import logging
@@ -17,8 +16,7 @@ log = logging.getLogger("coft_fast")
 
 
 def start_folder(out_dir: Path, cfg, class_names) -> None:
-    """A run folder's first files: the resolved config.yaml and class_names.json (the class order
-    of every output)."""
+    """A run folder's first files: the resolved config.yaml and class_names.json (every output's class order)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     atomic_write_json(out_dir / "class_names.json", class_name_mapping(class_names))
@@ -64,12 +62,6 @@ def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
               exc, out_dir / PARTIAL_METRICS)
 
 
-def log_summary(metrics: dict) -> None:
-    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
-    if "acc1" in zs and "acc1" in final:
-        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"], 100 * final["acc1"])
-
-
 def write_train_outputs(run, out_dir: Path, issues=None) -> None:
     """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
     from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
@@ -89,7 +81,6 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
     zs_names = [names[i] for i in zs_labels.tolist()]
     confidences = [f"{c:.6f}" for c in confidence.tolist()]
-    # the pool's own labels (class folders), for diagnostics and the report only; empty where unknown
     pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
     shots = run.shots
     shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
@@ -107,8 +98,7 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
 
 
 def write_plots(run, out_dir: Path) -> None:
-    """rounds.png (CoFT+), clean_probability.png (the filter) and, where the pool's labels are known,
-    pseudo_label_accuracy.png (per class: zero-shot, model 1, the clean sets)."""
+    """rounds.png (CoFT+), clean_probability.png and, where the pool's labels are known, pseudo_label_accuracy.png."""
     from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
 
     state, names, truth, result = run.state, run.names, run.truth, run.state.filter
@@ -127,8 +117,7 @@ def write_plots(run, out_dir: Path) -> None:
 
 
 def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
-    """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets: metrics.json,
-    pseudo_labels.csv, label issues (``issues``: run.label_issues()), plots and report.html."""
+    """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets."""
     metrics = run.metrics_record()
     if distributed.world_size() > 1:
         metrics["world_size"] = distributed.world_size()
@@ -138,5 +127,8 @@ def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
         (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
         write_report(out_dir)
     distributed.barrier()  # every rank returns once the outputs are written
-    log_summary(metrics)
+    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
+    if "acc1" in zs and "acc1" in final:
+        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"],
+                 100 * final["acc1"])
     return metrics

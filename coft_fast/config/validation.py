@@ -1,5 +1,4 @@
-"""What types alone cannot check (:meth:`Config.validate`): the allowed values of each key, its bounds,
-and the combinations of keys that cannot run together. Each error is a ConfigError naming the key."""
+"""What types alone cannot check (:meth:`Config.validate`): allowed values, bounds and combinations of keys."""
 from __future__ import annotations
 
 import functools
@@ -74,8 +73,7 @@ def in_interval(value: float, interval: str) -> bool:
 
 
 def validate_config(cfg) -> None:
-    """Raise a ConfigError naming the first key whose value cannot run: each key against its table
-    (CHOICES, MINIMUMS, INTERVALS and BOOLEANS), then the rules that combine keys."""
+    """Raise a ConfigError naming the first key whose value cannot run."""
     for key, allowed in CHOICES.items():
         value = value_of(cfg, key)
         if value not in allowed and not (value is None and key in MAY_BE_NONE):
