@@ -229,8 +229,7 @@ def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None
 
 
 def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> None:
-    """Rank 0 checks that ``out_dir`` holds no other run (or, resuming, one with the same config) and
-    clears temporaries an interrupted write left; every rank stops when it refuses."""
+    """Rank 0 checks ``out_dir`` holds no other run (resuming: the same config); every rank stops if it refuses."""
     refused = None
     if out_dir and distributed.is_main():
         checkpoints, saved = out_dir / "checkpoints", out_dir / "config.yaml"

@@ -1,5 +1,4 @@
-"""A finished run as a model, rebuilt from its folder alone: each ``finetuned_<set>.safetensors`` holds the
-image tower and head, with the class names and open_clip config in its metadata."""
+"""A finished run as a model, rebuilt from its ``finetuned_<set>.safetensors`` files (weights and metadata)."""
 from __future__ import annotations
 
 import json

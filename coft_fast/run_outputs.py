@@ -1,5 +1,4 @@
-"""What a run writes into its folder (metrics.json or metrics_partial.json, pseudo_labels.csv,
-label_issues.csv, skipped.csv, plots, report.html), and what ``zeroshot`` writes."""
+"""What a run and ``zeroshot`` write into their folders."""
 from __future__ import annotations
 
 import logging

@@ -52,8 +52,7 @@ def _thumbnail(path: str) -> Optional[str]:
 
 
 class PoolSummary:
-    """Per-class counts over pseudo_labels.csv's rows and a seeded reservoir sample of each class's kept
-    and dropped rows (``per_strip`` each)."""
+    """Per-class counts of pseudo_labels.csv and a seeded reservoir of each class's kept and dropped rows."""
 
     def __init__(self, seed: int = 0, per_strip: int = THUMBNAILS_PER_STRIP):
         self.zero_shot, self.truth, self.kept, self.correct = Counter(), Counter(), Counter(), Counter()

@@ -1,5 +1,4 @@
-"""One runner per method, composing the stages over a run context: CoFT and CoFT+ (also clean-labels,
-on the given labels), self-training (S* straight into phase II)."""
+"""One runner per method, composing the stages over a run context."""
 from __future__ import annotations
 
 from typing import Dict, Tuple

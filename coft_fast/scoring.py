@@ -1,5 +1,4 @@
-"""Zero-shot scoring, shared by the run, its evaluation and ``zeroshot``: class text embeddings, image
-features, class probabilities."""
+"""Zero-shot scoring (class text embeddings, image features, probabilities) for runs and ``zeroshot``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +37,7 @@ def model_outputs(classifier: torch.nn.Module, source: ImageSource, preprocess, 
                   precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
                   indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
                   decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
-    """(outputs (M, ...) float32, positions (M,)) of a module over ``source`` (``compile_model`` pads the last
-    batch: one shape)."""
+    """(outputs (M, ...) float32, positions (M,)) of a module over ``source`` (compiled: the last batch padded)."""
     classifier.eval()
     forward = torch.compile(classifier) if compile_model else classifier
     logits, positions = [], []

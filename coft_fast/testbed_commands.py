@@ -1,5 +1,4 @@
-"""The test-bed entry points: ``testbed`` (build an offline stand-in for CLIP from labelled images)
-and ``demo`` (digits: build one, then run CoFT on it)."""
+"""``testbed`` (an offline stand-in for CLIP built from labelled images) and ``demo`` (CoFT on digits)."""
 from __future__ import annotations
 
 import logging

@@ -12,8 +12,7 @@ SPLITS = {"pretrain": 0.4, "pool": 0.3, "test": 0.3}
 
 
 def write_digits(out_dir, image_size: int = 16, seed: int = 0) -> Dict[str, Path]:
-    """The 1,797 digits as RGB ``image_size`` PNGs in class folders ``pretrain/``, ``pool/`` and ``test/`` (a
-    seeded, stratified 40/30/30 split) under ``out_dir``; returns each split's folder."""
+    """The digits as PNG class folders ``pretrain/``, ``pool/``, ``test/`` (a stratified 40/30/30 split)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

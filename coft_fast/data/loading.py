@@ -1,5 +1,4 @@
-"""Batched, multi-worker decoding of an :class:`ImageSource`: a file that cannot be decoded is left
-out of its batch and recorded (path and reason) in ``source.skipped``."""
+"""Batched, multi-worker decoding of an :class:`ImageSource`; undecodable files go to ``source.skipped``."""
 from __future__ import annotations
 
 import logging

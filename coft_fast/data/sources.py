@@ -1,5 +1,4 @@
-"""Image sources (class folders, flat folders, CSV files, CoOp split JSON) as :class:`ImageSource`;
-input problems raise :class:`DataError` before any image is decoded."""
+"""Image sources (class folders, flat folders, CSV files, CoOp split JSON); problems raise :class:`DataError`."""
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,4 @@
-"""Choosing a decoder, evaluation batches, and training images decoded anew every epoch
-(:class:`StreamedImages`, with the ``epoch_batches`` of :class:`ResidentImages`)."""
+"""Choosing a decoder, evaluation batches, and training images decoded anew every epoch."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence

@@ -40,8 +40,7 @@ class Float32Attention(BatchMajorAttention):
 
 
 def use_batch_major_attention(model: nn.Module, float32: bool = False) -> int:
-    """Switch every batch-first ``nn.MultiheadAttention`` in ``model`` to :class:`BatchMajorAttention` (or
-    :class:`Float32Attention`), state dict unchanged; returns how many."""
+    """Switch ``model``'s batch-first attention modules to :class:`BatchMajorAttention`; returns how many."""
     modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.batch_first]
     for module in modules:
         module.__class__ = Float32Attention if float32 else BatchMajorAttention

@@ -1,5 +1,4 @@
-"""CoFT+'s momentum contrast: an EMA copy of the visual encoder (one ``torch._foreach_lerp_`` per step),
-an optional projection, and a key queue whose buffers resume from checkpoints."""
+"""CoFT+'s momentum contrast: an EMA copy of the visual encoder, an optional projection, a key queue."""
 from __future__ import annotations
 
 import copy
@@ -24,8 +23,7 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
 
 
 class MomentumContrast(nn.Module):
-    """The momentum key encoder (+ projection) of ``encoder``, and a FIFO queue of past keys.
-    ``gather`` collects the keys of all ranks before they are queued (the identity in one process)."""
+    """The momentum key encoder (+ projection) of ``encoder`` and a FIFO queue of every rank's (``gather``) keys."""
 
     def __init__(self, encoder: nn.Module, dim: int, queue_size: int, momentum: float, projection_dim: int = 0,
                  seed: int = 0, gather: Callable[[torch.Tensor], torch.Tensor] = lambda keys: keys):

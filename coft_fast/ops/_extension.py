@@ -1,5 +1,4 @@
-"""Loads ``coft_fast._C``, the C++/CUDA extension registering ``torch.ops.coft_fast.*``. Without it the
-package imports, but the ops that need it raise an ImportError saying how to build it (no silent fallback)."""
+"""Loads ``coft_fast._C`` (``torch.ops.coft_fast.*``); without it, its ops raise an error saying how to build it."""
 from __future__ import annotations
 
 from typing import Optional

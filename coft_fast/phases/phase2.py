@@ -130,8 +130,7 @@ def optimizer_options(device: torch.device) -> Dict:
 
 def phase2_optimizer(classifier: FineTunedClassifier, cfg: Phase2Config, device: torch.device,
                      contrastive: Optional[ContrastiveTerm], per_epoch: int, total: int):
-    """(the trained module, SGD, warm-up then cosine): the tower at lr, the head (and CoFT+'s projection) at
-    lr * head_lr_scale."""
+    """(the trained module, SGD, warm-up then cosine); the head (and projection) at lr * head_lr_scale."""
     groups = [
         {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
         {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},

@@ -62,8 +62,7 @@ class FilterResult:
         return cls(**{name: value for name, value in state.items() if name in cls.__dataclass_fields__})
 
     def with_shots(self, shots: torch.Tensor) -> "FilterResult":
-        """Rows holding a labelled shot (``shots`` >= 0; -1 elsewhere) kept in both sets, training on
-        the shot's label, whatever the models said."""
+        """Rows holding a labelled shot (``shots`` >= 0) kept in both sets, training on the shot's label."""
         is_shot = shots >= 0
         if not bool(is_shot.any()):
             return self
@@ -102,8 +101,7 @@ FILTER_RULES = ("paper", "mixture")
 
 
 def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterResult:
-    """The keep decisions of ``rule``: ``paper`` as computed (p_clean > threshold), or ``mixture`` (see
-    :func:`mixture_keep`); shots are applied afterwards."""
+    """The keep decisions of ``rule``: ``paper`` (p_clean > threshold) or ``mixture`` (:func:`mixture_keep`)."""
     if rule == "paper":
         return result
     if rule == "mixture":

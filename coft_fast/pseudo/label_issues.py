@@ -1,5 +1,4 @@
-"""Label issues of a pool that came with labels (``pseudo.source=given``): the labels the filter dropped,
-ranked by the issue score 1 - min(p_clean_model1, p_clean_model2). Labelled shots never are (score 0)."""
+"""Label issues (``pseudo.source=given``): the given labels the filter dropped, by 1 - min(p_clean)."""
 from __future__ import annotations
 
 from pathlib import Path

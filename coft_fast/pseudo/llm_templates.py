@@ -55,8 +55,7 @@ def _excerpt(text: str, limit: int = 300) -> str:
 
 def ask_llm(url: str, model: str, class_names: Sequence[str], per_class: int = 10, dataset_hint: Optional[str] = None,
             api_key: Optional[str] = None, timeout: float = 120.0) -> Dict[str, List[str]]:
-    """Ask an OpenAI-compatible chat endpoint for the sentences of every class; returns them validated.
-    Any failure is a TemplateError naming the endpoint and what was wrong."""
+    """The validated sentences of every class from an OpenAI-compatible chat endpoint (else a TemplateError)."""
     endpoint = chat_completions_url(url)
     messages = [{"role": "system", "content": SYSTEM_MESSAGE},
                 {"role": "user", "content": llm_prompt(class_names, per_class, dataset_hint)}]

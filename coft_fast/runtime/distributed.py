@@ -1,5 +1,4 @@
-"""torch.distributed helpers, each a no-op in one process: inference shards the pool into contiguous slices
-gathered in rank order; training splits each global batch into weighted per-rank slices (:func:`batch_part`)."""
+"""torch.distributed helpers, each a no-op in one process."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,4 @@
-"""PNG plots of a run: per-class pseudo-label accuracy, p_clean of kept versus dropped samples, CoFT+ rounds,
-and the issue scores of given labels."""
+"""PNG plots of a run: per-class pseudo-label accuracy, p_clean, CoFT+ rounds, issue scores."""
 from __future__ import annotations
 
 import contextlib

@@ -1,2 +1,1 @@
-"""A run's stages, each a checkpoint boundary, over a :class:`~coft_fast.stages.context.RunContext`:
-``labels``, ``prompt_tuning`` (phase I), ``filtering``, ``finetune`` (phase II) and ``evaluation``."""
+"""A run's stages, each a checkpoint boundary, over a :class:`~coft_fast.stages.context.RunContext`."""

@@ -1,5 +1,4 @@
-"""The run context every stage reads and writes: config, data, frozen CLIP, the stage store (a killed run
-resumes after its last finished stage), timings, decoded images, the pool's true, given and shot labels."""
+"""The run context every stage reads and writes: config, data, frozen CLIP, stage store, labels."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,4 @@
-"""Phase II: the visual tower and a linear head fine-tuned on each training set (CoFT+: plus the
-momentum-contrastive term over the pool)."""
+"""Phase II: the visual tower and a linear head fine-tuned on each training set."""
 from __future__ import annotations
 
 from typing import Dict
