@@ -1,5 +1,5 @@
 """Pseudo-label statistics, class-balanced top-K selection and label agreement counts: the deterministic
-C++/CUDA kernels of ``coft_fast._C`` (csrc/), each with a plain-torch ``*_reference`` and a fake kernel.
+C++/CUDA kernels of ``coft_fast._C`` (csrc/; the tests hold plain-torch references), with fake kernels.
 Logits are taken in float32; the label is the first index of the row maximum, the confidence its softmax
 probability, binned as floor(confidence * num_bins). Rows with NaN, +inf or only -inf are rejected."""
 from __future__ import annotations
@@ -29,24 +29,6 @@ def _check_logits(logits, num_bins: int) -> None:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
 
 
-def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelStats:
-    _check_logits(logits, num_bins)
-    if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one class column, got shape {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    x = logits.float()
-    probabilities = x.softmax(dim=1)
-    if probabilities.isnan().any():
-        raise ValueError("logits must be finite (no NaN or +inf, and not a row of only -inf)")
-    # the logits' own arg-max: no ties that rounding of the probabilities could create
-    labels = x.argmax(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
-    confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
-    counts = torch.bincount(labels, minlength=num_classes)
-    bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
-    hist = torch.bincount(labels * num_bins + bins, minlength=num_classes * num_bins).view(num_classes, num_bins)
-    return PseudoLabelStats(labels, confidence, counts, hist)
-
-
 def _check_topk_args(labels, scores, k: int, num_classes: int) -> None:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -56,39 +38,6 @@ def _check_topk_args(labels, scores, k: int, num_classes: int) -> None:
         raise ValueError(f"scores must be a float tensor of shape {tuple(labels.shape)}, got {got}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-
-
-def class_balanced_topk_reference(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class
-    then by descending score; and the (C,) count each class got."""
-    _check_topk_args(labels, scores, k, num_classes)
-    check_labels("labels", labels, num_classes=num_classes)
-    if scores.isnan().any():
-        raise ValueError("scores must not contain NaN")
-    # sort by (class, -score, index): stable sorts, least significant key first
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(labels[order], stable=True)]
-    sorted_labels = labels[order]
-    counts_all = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts_all, 0) - counts_all
-    rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
-    chosen = order[rank < k]
-    return chosen, torch.clamp(counts_all, max=k)
-
-
-def agreement_matrix_reference(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes: int,
-                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs, over the rows where ``mask`` is true."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    check_labels("labels_a", labels_a, num_classes=num_classes)
-    check_labels("labels_b", labels_b, labels_a.shape[0], num_classes)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != labels_a.shape:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(labels_a.shape)}")
-        labels_a, labels_b = labels_a[mask], labels_b[mask]
-    pairs = labels_a * num_classes + labels_b
-    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def _check_tensors(**values) -> None:
