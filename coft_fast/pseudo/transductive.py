@@ -6,7 +6,7 @@ paper (z by ``inner_iterations`` Jacobi steps, the means, the variance; ``outer_
     z_i ∝ ŷ_i^λ · exp( log N(x_i; μ, Σ) / T + Σ_j (w_ij + w_ji) z_j / (2k) )
 
 with the public code's T = 50 and w_ij = cos(x_i, x_j) over i's k nearest neighbours. Memory is linear
-in N (chunked passes, the graph as sparse CSR row blocks); ``transclip_dense`` is the reference.
+in N (chunked passes, the graph as sparse CSR row blocks); bench/bench_transductive.py holds the dense reference.
 """
 from __future__ import annotations
 
@@ -275,44 +275,4 @@ def refine_labels(mode: str, probabilities: torch.Tensor, features: torch.Tensor
                          {"graph": result.graph, "empty_classes": result.empty_classes})
 
 
-@torch.no_grad()
-def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbours: int = NEIGHBOURS,
-                    outer_iterations: int = OUTER_ITERATIONS, inner_iterations: int = INNER_ITERATIONS,
-                    lam: float = LAMBDA, confident_per_class: int = CONFIDENT_PER_CLASS,
-                    broadcast_rows: int = 2500) -> torch.Tensor:
-    """The reference z (N, C): TransCLIP as the public code computes it (an N x N affinity, an (N, C, d) broadcast)."""
-    x = F.normalize(features.float(), dim=1)
-    rows, dim = x.shape
-    affinity = x @ x.T
-    affinity.fill_diagonal_(-math.inf)
-    values, columns = affinity.topk(neighbours, dim=1)
-    del affinity
-    w = torch.sparse_coo_tensor(torch.stack([torch.arange(rows).repeat_interleave(neighbours), columns.reshape(-1)]),
-                                values.reshape(-1), (rows, rows), check_invariants=True).coalesce()
-    y_hat = log_prior.float().exp()
-    z = y_hat.clone()
-    mu = _init_means(x, z, confident_per_class).float()
-    std = torch.full((dim,), 1.0 / dim)
-    for outer in range(outer_iterations + 1):
-        likelihood = torch.empty(rows, mu.shape[0])
-        for start in range(0, rows, broadcast_rows):
-            block = x[start:start + broadcast_rows, None, :] - mu[None]
-            likelihood[start:start + broadcast_rows] = -0.5 * (block ** 2 / std).sum(2)
-        for _ in range(inner_iterations):
-            logits = likelihood + (LIKELIHOOD_TEMPERATURE / (2 * neighbours)) * (w.T @ z + w @ z)
-            logits = logits - logits.max(1, keepdim=True).values
-            z = y_hat ** lam * torch.exp(logits / LIKELIHOOD_TEMPERATURE)
-            z = z / z.sum(1, keepdim=True)
-        if outer == outer_iterations:
-            break
-        mu = F.normalize(z.T @ x / z.sum(0)[:, None], dim=1)
-        spread = torch.zeros(dim)
-        for start in range(0, rows, broadcast_rows):
-            block = x[start:start + broadcast_rows, None, :] - mu[None]
-            spread += torch.einsum("nc,ncd->d", z[start:start + broadcast_rows], block ** 2)
-        std = spread / z.sum()
-    return z
-
-
-__all__ = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip",
-           "transclip_dense"]
+__all__ = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip"]
