@@ -119,7 +119,13 @@ def _check_count(name: str, value, low: int = 1, high=math.inf, bounds: str = ""
         raise ValueError(f"{name} must be {expected}, got {value}")
 
 
-def _check_search_args(queries, database, k, backend, chunk_size, database_chunk_size, exclude_self) -> None:
+def knn_search(queries: torch.Tensor, database: torch.Tensor, k: int, backend: str = "auto",
+               chunk_size: int = 1024, database_chunk_size: Optional[int] = None,
+               exclude_self: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scores (Q, k), indices (Q, k)) of the exact k nearest rows of ``database`` (N, d) for each row of
+    ``queries`` (Q, d). backend: "torch" (chunked matmul + topk; ``chunk_size`` / ``database_chunk_size``
+    rows per matmul), "faiss" (IndexFlatIP) or "auto" (``pick_backend``). exclude_self: queries and
+    database are the same rows and each query's own row (by index) is left out."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_matrix("queries", queries)
@@ -134,6 +140,14 @@ def _check_search_args(queries, database, k, backend, chunk_size, database_chunk
     _check_count("chunk_size", chunk_size)
     if database_chunk_size is not None:
         _check_count("database_chunk_size", database_chunk_size)
+    if backend == "auto":
+        backend = pick_backend(queries, database)
+    if backend == "torch":
+        return _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude_self)
+    index = build_flat_index(database)
+    if not exclude_self:
+        return search_index(index, queries, k)
+    return drop_self(*search_index(index, queries, k + 1), k)
 
 
 def pick_backend(queries: torch.Tensor, database: torch.Tensor) -> str:
@@ -182,24 +196,6 @@ def drop_self(scores, indices, k):
     drop[:, -1] |= ~drop.any(dim=1)
     keep = ~drop
     return scores[keep].view(-1, k), indices[keep].view(-1, k)
-
-
-def knn_search(queries: torch.Tensor, database: torch.Tensor, k: int, backend: str = "auto",
-               chunk_size: int = 1024, database_chunk_size: Optional[int] = None,
-               exclude_self: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores (Q, k), indices (Q, k)) of the exact k nearest rows of ``database`` (N, d) for each row of
-    ``queries`` (Q, d). backend: "torch" (chunked matmul + topk; ``chunk_size`` / ``database_chunk_size``
-    rows per matmul), "faiss" (IndexFlatIP) or "auto" (``pick_backend``). exclude_self: queries and
-    database are the same rows and each query's own row (by index) is left out."""
-    _check_search_args(queries, database, k, backend, chunk_size, database_chunk_size, exclude_self)
-    if backend == "auto":
-        backend = pick_backend(queries, database)
-    if backend == "torch":
-        return _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude_self)
-    index = build_flat_index(database)
-    if not exclude_self:
-        return search_index(index, queries, k)
-    return drop_self(*search_index(index, queries, k + 1), k)
 
 
 def knn_vote(probabilities: torch.Tensor, features: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from coft_fast.pseudo import class_name_mapping
+from coft_fast.run_report import build_report
 from coft_fast.runtime import distributed
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
 from coft_fast.scoring import ZeroShotResult
@@ -38,16 +39,6 @@ def write_zeroshot_outputs(result: ZeroShotResult, out_dir: Path) -> None:
     write_skipped(out_dir, result.source.skipped)
     if result.source.has_labels or result.source.skipped:
         atomic_write_json(out_dir / "metrics.json", result.metrics)
-
-
-def write_report(out_dir: Path) -> None:
-    """report.html of a finished run; a failure is logged, never fatal (`coft-fast report` retries it)."""
-    from coft_fast.run_report import build_report
-
-    try:
-        log.info("report: %s", build_report(out_dir))
-    except Exception:
-        log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir, out_dir)
 
 
 def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
@@ -124,7 +115,11 @@ def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
         write_train_outputs(run, out_dir, issues)
         atomic_write_json(out_dir / "metrics.json", metrics)
         (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
-        write_report(out_dir)
+        try:  # a failed report is logged, never fatal (`coft-fast report` retries it)
+            log.info("report: %s", build_report(out_dir))
+        except Exception:
+            log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir,
+                          out_dir)
     distributed.barrier()  # every rank returns once the outputs are written
     zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
     if "acc1" in zs and "acc1" in final:

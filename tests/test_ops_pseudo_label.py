@@ -51,7 +51,8 @@ def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> Ps
     return PseudoLabelStats(labels, confidence, counts, hist)
 
 
-def class_balanced_topk_reference(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def class_balanced_topk_reference(labels: torch.Tensor, scores: torch.Tensor, k: int,
+                                  num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class
     then by descending score; and the (C,) count each class got."""
     _check_topk_args(labels, scores, k, num_classes)

@@ -64,14 +64,6 @@ def value_of(cfg, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
-def in_interval(value: float, interval: str) -> bool:
-    """Whether ``value`` lies in ``interval``, written as in INTERVALS (false for NaN)."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return above and below
-
-
 def validate_config(cfg) -> None:
     """Raise a ConfigError naming the first key whose value cannot run."""
     for key, allowed in CHOICES.items():
@@ -84,7 +76,9 @@ def validate_config(cfg) -> None:
             raise ConfigError(f"config key {key!r} must be at least {minimum}, got {value}")
     for key, interval in INTERVALS.items():
         value = value_of(cfg, key)
-        if not in_interval(value, interval):
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        if not (above and (value <= high if interval[-1] == "]" else value < high)):  # false for NaN
             raise ConfigError(f"config key {key!r} must be in {interval}, got {value}")
     for key in BOOLEANS:
         value = value_of(cfg, key)

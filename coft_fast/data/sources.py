@@ -92,10 +92,6 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p))
-
-
 def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> ImageSource:
     """A folder of class sub-folders (matched to ``class_names`` ignoring case, '_' and '-') or of images."""
     root = Path(root)
@@ -103,7 +99,7 @@ def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> 
         raise DataError(f"image folder not found: {root}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
-    found = {d: images for d in subdirs if (images := _images_under(d))}  # the class folders and their images
+    found = {d: images for d in subdirs if (images := sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p)))}
     if found and loose:
         raise DataError(f"{root} mixes class sub-folders ({', '.join(d.name for d in list(found)[:3])}...) with "
                         f"{len(loose)} loose images: use one layout (class sub-folders, or a flat folder)")
