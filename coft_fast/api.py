@@ -149,8 +149,7 @@ class TrainResult:
         self.pool = pool
         self.out_dir = model.run_dir
         self.model = model  # the fine-tuned classifier(s), as load_run(out_dir) would return them
-        # pseudo.source=given (clean_labels): a LabelIssue per pool image, most likely wrong first
-        self.label_issues = label_issues
+        self.label_issues = label_issues  # clean_labels: a LabelIssue per pool image, most likely wrong first
         self.clean_sets = {
             name: [(pool.paths[int(positions[r])], pool.class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()

@@ -12,7 +12,6 @@ from coft_fast import __version__
 from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, ConfigError
 
 IMAGES_HELP = "a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON"
-DEVICE_HELP = "auto, cpu, cuda, cuda:1 ..."
 COMMANDS = {
     "zeroshot": "zero-shot CLIP classification of a folder of images",
     "testbed": "build the offline test-bed model from labelled images",
@@ -92,7 +91,7 @@ def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[
     if methods:
         parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
         parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
-    parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--out", required=True, help=out_help)
     if methods:
         parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")

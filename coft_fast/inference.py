@@ -115,8 +115,7 @@ class RunModel:
         self.class_names = list(class_names)
         self.config = config
         self.metrics = metrics
-        # the last classifier file's metadata: model source and open_clip config (None in memory)
-        self.metadata = metadata
+        self.metadata = metadata  # the last classifier file's: model source, open_clip config (None in memory)
         self.to(device)
 
     @property
@@ -150,8 +149,7 @@ class RunModel:
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(positions in ``source``, probabilities, the classifier's own probabilities) per batch, on the CPU.
-        ``transductive``: one batch, TransCLIP refining all images' probabilities (the classifier as prior)."""
+        """(positions, probabilities, the classifier's own) per batch; ``transductive``: one, TransCLIP's."""
         batch_size = batch_size or self.config.data.batch_size
         num_workers = self.config.data.num_workers if num_workers is None else num_workers
         rows, probabilities, features = [], [], []

@@ -127,8 +127,7 @@ def zeroshot_probabilities(image_features: torch.Tensor, text_embeddings: torch.
 def score_images(clip: ClipModel, source: ImageSource, text: torch.Tensor, device: torch.device, precision: str,
                  batch_size: int, num_workers: int, indices: Optional[Sequence[int]] = None, progress: bool = True,
                  description: str = "zero-shot scoring", compile_model: bool = False, gather=None):
-    """(image features, positions, zero-shot probabilities) of ``source`` against class embeddings ``text``;
-    ``gather``: how ``encode(indices)`` runs (sharded across ranks)."""
+    """(image features, positions, zero-shot probabilities) of ``source``; ``gather`` shards the encoding."""
     def encode(chosen):
         return encode_images(clip, source, device, precision, batch_size, num_workers, indices=chosen,
                              progress=progress, description=description, compile_model=compile_model)

@@ -78,8 +78,7 @@ def resolve_filter(cfg: Config) -> Config:
 
 
 def resolve_auto(cfg: Config, command: str = "train") -> Config:
-    """Resolve in place the values that depend on others, so a saved config shows what a run uses:
-    ``zeroshot.templates``, ``filter.detector`` and ``filter.rule`` at auto, an unset ``phase2.pretrained``."""
+    """Resolve the auto values and an unset ``phase2.pretrained`` in place, so a saved config shows what runs."""
     if cfg.zeroshot.templates == "auto":
         if command != "zeroshot" and cfg.method == "coft+":
             logging.getLogger("coft_fast").warning(

@@ -138,18 +138,12 @@ def read_yaml(path: Union[str, os.PathLike], what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def config_file_settings(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The mapping a YAML config file holds (an error naming the file when it is not one)."""
+def apply_file(cfg, path: Union[str, os.PathLike]):
+    """Apply a YAML config file over ``cfg`` (the file's keys win); returns ``cfg``."""
     data = read_yaml(path, "config file")
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def apply_file(cfg, path: Union[str, os.PathLike]):
-    """Apply a YAML config file over ``cfg`` (the file's keys win); returns ``cfg``."""
-    data = config_file_settings(path)
     try:
         _update(cfg, data, prefix="")
     except ConfigError as exc:

@@ -80,8 +80,7 @@ class ResidentImages:
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False,
                       augment: str = "random_resized_crop"):
-        """One pass over ``rows``: (augmented images, or a tuple of ``views``, positions in ``rows``) per batch;
-        in a distributed run the images are this rank's part, cut as one process would cut them."""
+        """One pass over ``rows``: (augmented images, or a tuple of ``views``, positions in ``rows``) per batch."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]

@@ -22,8 +22,7 @@ def check_matrix(name: str, tensor, columns: Optional[int] = None, dtypes: Seque
 
 def check_labels(name: str, labels, rows: Optional[int] = None, num_classes: Optional[int] = None,
                  check_range: bool = True) -> None:
-    """An int64 tensor of shape (``rows``,); with ``num_classes`` and ``check_range`` its values too (a host
-    sync; skipped under torch.compile)."""
+    """An int64 tensor of shape (``rows``,); with ``num_classes`` and ``check_range``, in range (a host sync)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:

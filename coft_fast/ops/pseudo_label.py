@@ -54,8 +54,7 @@ def pseudo_label_stats(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelS
 
 
 def class_balanced_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class then
-    descending score, and the (C,) count each class got."""
+    """(per class the indices of its k best-scoring samples, by class then score; the (C,) counts)."""
     _check_tensors(labels=labels, scores=scores)
     _extension.require("class_balanced_topk", labels.device)
     return tuple(torch.ops.coft_fast.class_balanced_topk(labels, scores.detach(), k, num_classes))

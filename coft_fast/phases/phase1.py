@@ -63,8 +63,7 @@ class PromptModel:
 
 
 class PromptTraining(nn.Module):
-    """The trained parts of a :class:`PromptModel` as one module for DDP (the frozen CLIP is not a submodule);
-    forward gives (image features, positive and negative class features)."""
+    """The trained parts of a :class:`PromptModel` as one module for DDP: (image, positive, negative features)."""
 
     def __init__(self, model: PromptModel):
         super().__init__()
@@ -149,7 +148,6 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
-        # the paper's complement labels: uniform over the other classes, drawn once per epoch
         complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
                                                          augment=cfg.augment):

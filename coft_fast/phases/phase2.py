@@ -91,8 +91,7 @@ def _pool_views(images, pool_rows: torch.Tensor, count: int, steps: int, generat
 
 
 class Phase2Training(nn.Module):
-    """One phase II forward pass as a module for DDP: (logits of the first ``labelled`` images, the query
-    embeddings of the pool views after them, or None). ``encoder``: ``classifier.visual``, maybe compiled."""
+    """One phase II forward pass for DDP: (logits of the first ``labelled`` images, queries of the rest or None)."""
 
     def __init__(self, classifier: FineTunedClassifier, encoder: nn.Module,
                  contrast: Optional[MomentumContrast] = None):

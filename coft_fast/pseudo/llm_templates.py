@@ -1,5 +1,4 @@
-"""Per-class prompt sentences written by an LLM: the prompt to paste, and :func:`ask_llm`, the only network
-call (an OpenAI-compatible ``/chat/completions`` endpoint, standard library only)."""
+"""Per-class prompt sentences written by an LLM: the prompt to paste, and :func:`ask_llm`'s client."""
 from __future__ import annotations
 
 import http.client

@@ -37,8 +37,7 @@ def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_
 def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int, seeds: Sequence[int],
                    folds: int = 5, rounds: int = 2, threshold: float = 0.5,
                    trusted: Optional[torch.Tensor] = None) -> FilterResult:
-    """The two models' out-of-fold views of the ``given`` labels as a FilterResult; the probes train on
-    ``features``' device; ``trusted`` (M,) rows always train (labelled shots)."""
+    """The two models' out-of-fold views of the ``given`` labels; ``trusted`` (M,) rows always train."""
     if folds < 2 or rounds < 1:
         raise ValueError(f"probe detector: folds must be >= 2 and rounds >= 1, got {folds} and {rounds}")
     device = features.device

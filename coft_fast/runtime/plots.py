@@ -92,7 +92,6 @@ def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
                 plot_percent([entry[model].get(key) for entry in rounds], style,
                              f"{model}, {key.replace('_label_accuracy', '')}")
             size_ax.plot(numbers, [entry[model]["subset_size"] for entry in rounds], "-o", label=model)
-        # label-free: the two models' agreement on the pool
         plot_percent([entry.get("agreement") for entry in rounds], ":^k", "models agree on the pool")
         acc_ax.set(xlabel="round", ylabel="label accuracy, agreement (%)", xticks=numbers)
         if acc_ax.lines:

@@ -1,5 +1,4 @@
-"""Progress bars: tqdm on a terminal; elsewhere (a log file, CI) one plain line at most every
-``COFT_PROGRESS_SECONDS`` seconds (default 10) and a last one when the bar closes."""
+"""Progress bars: tqdm on a terminal, else a line at most every ``COFT_PROGRESS_SECONDS`` (10) seconds."""
 from __future__ import annotations
 
 import os

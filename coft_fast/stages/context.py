@@ -65,8 +65,7 @@ class RunState:
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
     zs_features: Optional[torch.Tensor] = None  # kept only where needed (RunContext.keep_features)
-    # the pool's labels for every later stage: the zero-shot probabilities, or pseudo.refine's
-    pool_probabilities: Optional[torch.Tensor] = None
+    pool_probabilities: Optional[torch.Tensor] = None  # the pool's labels for later stages (zero-shot or refined)
     pool_ranking: Optional[torch.Tensor] = None  # pseudo.refine: what ranks S* (None: the probability)
     text_embeddings: Optional[torch.Tensor] = None
     filter: Optional[FilterResult] = None

@@ -41,15 +41,6 @@ def queue_size(run: RunContext) -> int:
     return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), run.cfg.phase2.batch_size)
 
 
-def contrastive_term(run: RunContext, classifier: FineTunedClassifier, dim: int) -> ContrastiveTerm:
-    """CoFT+'s momentum encoder and key queue for ``classifier``, over every scored pool image."""
-    cfg = run.cfg.contrastive
-    module = MomentumContrast(classifier.visual, dim, queue_size(run), cfg.momentum, cfg.projection_dim,
-                              seed=run.cfg.seed, gather=all_gather_rows).to(run.device)
-    return ContrastiveTerm(module, torch.arange(len(run.state.positions)), cfg.gamma, cfg.temperature,
-                           run.cfg.run.op_backend)
-
-
 def fit_probe_head(run: RunContext, classifier: FineTunedClassifier, data: Dict[str, torch.Tensor],
                    scale: float) -> None:
     """phase2.head_init=probe (LP-FT): the head becomes a linear probe on the rows' zero-shot features."""
@@ -73,8 +64,11 @@ def train_classifier(run: RunContext, clip2: ClipModel, classifier: FineTunedCla
     contrastive = None
     if contrastive_on(run):  # labelled rows and contrastive batches come from the whole pool
         images = run.pool_images() if clip2 is run.clip else run.training_images(run.state.positions, clip2.model)
-        rows = data["rows"]
-        contrastive = contrastive_term(run, classifier, text.shape[1])
+        rows, con = data["rows"], cfg.contrastive  # CoFT+'s momentum encoder and key queue over the whole pool
+        module = MomentumContrast(classifier.visual, text.shape[1], queue_size(run), con.momentum, con.projection_dim,
+                                  seed=cfg.seed, gather=all_gather_rows).to(run.device)
+        contrastive = ContrastiveTerm(module, torch.arange(len(run.state.positions)), con.gamma, con.temperature,
+                                      cfg.run.op_backend)
     else:
         images = run.training_images(run.state.positions[data["rows"]], clip2.model)
         rows = torch.arange(len(data["rows"]))

@@ -1,5 +1,4 @@
-"""Phase I: the two prompt-tuned models on S* (CoFT), or over ``phase1.rounds`` rounds, each on the
-previous round's models' own top-K of the pool (CoFT+)."""
+"""Phase I: two prompt-tuned models on S* (CoFT), or over ``phase1.rounds`` rounds (CoFT+)."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -91,9 +90,11 @@ def train_prompt_model(run: RunContext, round_: int, index: int, seed: int, imag
     return model, state["seconds"]
 
 
-def label_pool_with_models(run: RunContext, round_: int, models: List[PromptModel]) -> Dict:
-    """Each model's label, confidence and the peer model's p_clean of it, per pool row (a stage)."""
-    def compute():
+def next_round_subsets(run: RunContext, round_: int, models: List[PromptModel], entry: Dict):
+    """CoFT+: [(rows, labels)] per model for the next round, its top-K of the pool (see round_ranking)."""
+    cfg = run.cfg
+
+    def compute():  # each model's label, confidence and the peer model's p_clean of it, per pool row
         features = run.model_features(models, run.pool, run.state.positions, f"round {round_}: labelling the pool")
         views, model_views = [], []
         for model, feats in zip(models, features):
@@ -107,14 +108,7 @@ def label_pool_with_models(run: RunContext, round_: int, models: List[PromptMode
             view["peer_p_clean"] = model_views[1 - index].clean_probability(view["labels"], run.logit_scale)
         return {"views": views}
 
-    return run.stage(f"round{round_}_labels", "round_labels", compute)
-
-
-def next_round_subsets(run: RunContext, round_: int, models: List[PromptModel], entry: Dict):
-    """CoFT+: [(rows, labels)] per model, its top-K of the pool (ranked by its confidence, times the other
-    model's p_clean with round_ranking=peer), for the next round."""
-    cfg = run.cfg
-    state = label_pool_with_models(run, round_, models)
+    state = run.stage(f"round{round_}_labels", "round_labels", compute)
     entry["seconds"] += state["seconds"]
     subsets = []
     for index, view in enumerate(state["views"], start=1):
