@@ -53,13 +53,14 @@ def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
 
 
 def write_train_outputs(run, out_dir: Path, issues=None) -> None:
-    """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
+    """pseudo_labels.csv, label_issues.csv (``issues``: run.label_issues()), skipped.csv, and the plots: rounds.png
+    (CoFT+), clean_probability.png and, where the pool's labels are known, pseudo_label_accuracy.png."""
     from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
-    from coft_fast.runtime.plots import plot_issue_scores
+    from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
+                                         plot_per_class_accuracy, plot_rounds)
 
-    state, names = run.state, run.names
-    probabilities = state.zs_probabilities
-    confidence, zs_labels = probabilities.max(1)
+    state, names, truth = run.state, run.names, run.truth
+    confidence, zs_labels = state.zs_probabilities.max(1)
     result = state.filter
     paths = [run.pool.paths[i] for i in state.positions.tolist()]
     empty = [""] * len(paths)  # the columns a method does not produce stay empty
@@ -71,7 +72,7 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
     zs_names = [names[i] for i in zs_labels.tolist()]
     confidences = [f"{c:.6f}" for c in confidence.tolist()]
-    pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
+    pool_labels = [names[i] if i >= 0 else "" for i in truth.tolist()]
     shots = run.shots
     shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
     given = [names[i] for i in run.given_labels.tolist()] if run.given else empty
@@ -84,15 +85,6 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,
                           issue_scores(result, shots), ~result.keep1, run.cfg.filter.threshold)
     write_skipped(out_dir, run.pool.skipped)
-    write_plots(run, out_dir)
-
-
-def write_plots(run, out_dir: Path) -> None:
-    """rounds.png (CoFT+), clean_probability.png and, where the pool's labels are known, pseudo_label_accuracy.png."""
-    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
-
-    state, names, truth, result = run.state, run.names, run.truth, run.state.filter
-    zs_labels = state.zs_probabilities.argmax(1)
     if state.metrics.get("rounds"):
         plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
     if result is not None and not run.given:

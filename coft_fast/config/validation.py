@@ -84,11 +84,7 @@ def validate_config(cfg) -> None:
         value = value_of(cfg, key)
         if not isinstance(value, bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    _check_combinations(cfg)
-
-
-def _check_combinations(cfg) -> None:
-    """The rules that involve more than one key (or, for the seeds, more than one value)."""
+    # the rules that involve more than one key (or, for the seeds, more than one value)
     if cfg.phase2.head_init == "probe" and cfg.phase2.model:
         raise ConfigError("config key 'phase2.head_init' is probe, which fits the head on the phase I model's "
                           f"features, but phase2.model is {cfg.phase2.model}: use zeroshot or random")

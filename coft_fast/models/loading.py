@@ -74,29 +74,23 @@ def _local_dir(name: str) -> Optional[Path]:
     return Path(name[len(LOCAL_DIR_PREFIX):]) if name.startswith(LOCAL_DIR_PREFIX) else None
 
 
-def _check_source(name: str, pretrained: Optional[str]) -> None:
+def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device | str = "cpu",
+              quick_gelu: Optional[bool] = None, cache_dir: Optional[str] = None) -> ClipModel:
+    """An open_clip model in eval mode on ``device``; see the module docstring for the forms."""
     folder = _local_dir(name)
     if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
             raise WeightsUnavailableError(
                 f"model {name!r}: {folder} is not an open_clip model folder (expected open_clip_config.json "
                 f"and a weights file such as open_clip_model.safetensors inside it)")
-        return
-    if open_clip.get_model_config(name) is None:
+        pretrained = None
+    elif open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models() for the choices")
-    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained) and not os.path.isfile(pretrained):
+    elif pretrained and not open_clip.get_pretrained_cfg(name, pretrained) and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise WeightsUnavailableError(
             f"pretrained {pretrained!r} for model {name!r} is neither a known open_clip tag "
             f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file")
-
-
-def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device | str = "cpu",
-              quick_gelu: Optional[bool] = None, cache_dir: Optional[str] = None) -> ClipModel:
-    """An open_clip model in eval mode on ``device``; see the module docstring for the forms."""
-    _check_source(name, pretrained)
-    if _local_dir(name) is not None:
-        pretrained = None
     force_quick_gelu = needs_quick_gelu(name, pretrained) if quick_gelu is None else quick_gelu
     try:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(

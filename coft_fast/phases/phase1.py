@@ -92,18 +92,6 @@ def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.G
     return (labels + shift) % num_classes
 
 
-def phase1_optimizer(model: PromptModel, cfg: Phase1Config, total: int):
-    """SGD over the text contexts (lr) and the visual prompts (lr * vpt_lr_scale), warm-up then cosine."""
-    optimizer = torch.optim.SGD(
-        [
-            {"params": list(model.prompts.parameters()), "lr": cfg.lr},
-            {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale},
-        ],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total)
-
-
 def log_phase1_step(history: List[Dict], loss, l1, l2, weight: float, step: int, bar, writer, tag: str,
                     scheduler) -> None:
     """The whole batch's mean losses (summed over ranks) into ``history``, the progress bar and TensorBoard."""
@@ -133,7 +121,10 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
     per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = max(cfg.steps, cfg.min_epochs * per_epoch)
     epochs = math.ceil(total / per_epoch)
-    optimizer, scheduler = phase1_optimizer(model, cfg, total)
+    optimizer = torch.optim.SGD([{"params": list(model.prompts.parameters()), "lr": cfg.lr},
+                                 {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale}],
+                                lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
     if step:
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)

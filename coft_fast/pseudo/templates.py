@@ -58,32 +58,26 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
     elif str(spec) == "ensemble":
         templates, origin = clip_ensemble_templates(), "CLIP template ensemble"
     else:
-        templates, origin = _read_template_file(Path(spec), class_names), str(Path(spec))
+        path = origin = Path(spec)
+        if not path.is_file():
+            raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
+        try:
+            templates = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise TemplateError(f"template file {path} is not valid JSON: {exc}") from None
         if isinstance(templates, dict):  # class -> sentences
-            return [[s.replace("{}", prompt_name(name)) for s in templates[name]] for name in class_names]
+            sentences = validate_class_sentences(templates, class_names, f"template file {path}")
+            return [[s.replace("{}", prompt_name(name)) for s in sentences[name]] for name in class_names]
+        if not isinstance(templates, list):
+            raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
+        if not templates or not all(isinstance(t, str) for t in templates):
+            raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
     if not templates:
         raise TemplateError(f"{origin}: no templates")
     for template in templates:
         if "{}" not in template:
             raise TemplateError(f"{origin}: template {template!r} has no '{{}}' where the class name goes")
     return [[t.replace("{}", prompt_name(name)) for t in templates] for name in class_names]
-
-
-def _read_template_file(path: Path, class_names: Sequence[str]) -> Union[List[str], Dict[str, List[str]]]:
-    """A template file's list of templates, or its mapping class -> sentences (validated)."""
-    if not path.is_file():
-        raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TemplateError(f"template file {path} is not valid JSON: {exc}") from None
-    if isinstance(data, list):
-        if not data or not all(isinstance(t, str) for t in data):
-            raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
-        return data
-    if not isinstance(data, dict):
-        raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
-    return validate_class_sentences(data, class_names, f"template file {path}")
 
 
 def _listing(names: Sequence[str], limit: int = 10) -> str:
