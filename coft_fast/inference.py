@@ -17,8 +17,7 @@ from coft_fast.data.streaming import eval_batches
 from coft_fast.phases.phase2 import FineTunedClassifier, ScaledLinearHead
 from coft_fast.pseudo.transductive import refine_labels
 from coft_fast.runtime.device import autocast, resolve_device
-from coft_fast.run_outputs import write_skipped
-from coft_fast.runtime.io import PathLike, atomic_csv_writer, atomic_write_json
+from coft_fast.runtime.io import PathLike, atomic_csv_writer, atomic_write_csv, atomic_write_json
 from coft_fast.runtime.metrics import RunningClassificationMetrics
 from coft_fast.runtime.progress import progress_bar
 
@@ -264,7 +263,9 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
             metrics["inductive"] = running_inductive.result()
     metrics["seconds"] = time.perf_counter() - started
     if out_dir:
-        write_skipped(out_dir, source.skipped)
+        if source.skipped:
+            atomic_write_csv(out_dir / "skipped.csv", ["path", "reason"],
+                             ((s["path"], s["reason"]) for s in source.skipped))
         if labels is not None or source.skipped or transductive:
             atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

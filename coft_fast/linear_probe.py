@@ -6,8 +6,7 @@ import torch
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500,
                      lr: float = 1e-2, generator: torch.Generator = None):
-    """``predict(features) -> logits`` of a linear classifier trained full-batch with Adam on frozen
-    features (normalised here), its weights started at N(0, 0.01^2) from ``generator``, or at zero."""
+    """``predict(features) -> logits`` of a linear head trained full-batch with Adam on normalised features."""
     weight, bias = train_linear_head(features, labels, num_classes, steps, lr, generator)
     return lambda rows: torch.nn.functional.normalize(rows.float(), dim=-1) @ weight.T + bias
 

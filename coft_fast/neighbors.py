@@ -101,8 +101,7 @@ def add_rows(index, rows: torch.Tensor) -> None:
 
 
 def search_index(index, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores (Q, k), indices (Q, k)) of the ``k`` best rows of a faiss ``index`` (-1 where an IVF index's
-    probed lists held fewer), on the CPU or, for a GPU index, the device of ``queries``."""
+    """(scores (Q, k), indices (Q, k)) of the ``k`` best rows of a faiss ``index`` (-1 where an IVF index has fewer)."""
     check_matrix("queries", queries, columns=index.d)
     _check_count("k", k, 1, index.ntotal, "at most the rows in the index")
     scores, indices = index.search(_as_faiss_array(queries), k)

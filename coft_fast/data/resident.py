@@ -1,5 +1,4 @@
-"""Training images decoded once into memory (uint8, a little above the input size but never above their own)
-and augmented per batch by matrix products resampling as PIL's bicubic (bilinear cost 2-3 points on CIFAR-10)."""
+"""Training images decoded once into memory (uint8) and augmented per batch by matrices resampling as PIL's bicubic."""
 from __future__ import annotations
 
 import math

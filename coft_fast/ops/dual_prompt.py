@@ -60,8 +60,7 @@ def _dual_prompt_op(
     complement_labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float, lam: float,
     detach_image_in_neg: bool, detach_pos_in_l2: bool, splits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels, at logit scale ``scale`` (0-dim, read on the
-    device) or, when None, ``scale_value``; the detach flags matter to the backward only."""
+    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels at logit scale ``scale`` (0-dim) or ``scale_value``."""
     from coft_fast.kernels.dual_prompt import dual_forward_triton
 
     return dual_forward_triton(image_feats, pos_text, neg_text, labels, complement_labels,

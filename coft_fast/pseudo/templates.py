@@ -86,8 +86,7 @@ def _listing(names: Sequence[str], limit: int = 10) -> str:
 
 
 def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
-    """A mapping class -> sentences checked to cover exactly ``class_names`` with non-empty lists of
-    non-empty strings, in class order; a TemplateError starts with ``origin`` and names the classes at fault."""
+    """``data`` checked to map exactly ``class_names`` to non-empty lists of sentences, in class order."""
     if not isinstance(data, dict):
         raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
     known = set(class_names)

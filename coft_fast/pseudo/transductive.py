@@ -77,8 +77,7 @@ def _chunks(rows: int, size: int):
 
 
 def neighbour_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """(weights (N, k), indices (N, k), kind) of each row's k nearest other rows by cosine similarity: exact
-    up to EXACT_GRAPH_MAX_ROWS rows, else a faiss IVF index (a missing neighbour weighs 0)."""
+    """(weights (N, k), indices (N, k), kind) of each row's k nearest other rows: exact, or a faiss IVF index."""
     from coft_fast.neighbors import build_ivf_index, drop_self, faiss_available, knn_search, search_index
 
     rows = features.shape[0]
