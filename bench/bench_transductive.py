@@ -20,6 +20,7 @@ Resumable per cell: bench/results/transductive_speed_<device>[_TAG].csv and .md.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import threading
 import time
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from common import RESULTS, CellTable, machine, markdown_table
-from coft_fast.pseudo.transductive import INNER_ITERATIONS, NEIGHBOURS, OUTER_ITERATIONS, TextPrior, transclip, transclip_dense
+from coft_fast.pseudo.transductive import (CONFIDENT_PER_CLASS, INNER_ITERATIONS, LAMBDA, LIKELIHOOD_TEMPERATURE,
+                                           NEIGHBOURS, OUTER_ITERATIONS, TextPrior, _init_means, transclip)
 
 HEADER = ["N", "C", "d", "method", "seconds", "peak memory (GB)", "dense / ours time", "dense / ours memory",
           "agreement with dense", "graph s", "likelihood s", "z steps s", "gaussians s", "z steps GB/s", "copy GB/s"]
@@ -83,6 +85,45 @@ def clustered(rows: int, classes: int, dim: int, device: torch.device, seed: int
         features[start:stop] = F.normalize(centres[labels] + 0.04 * torch.randn(stop - start, dim, generator=generator), dim=1)
     text = F.normalize(centres + 0.05 * torch.randn(classes, dim, generator=generator), dim=1)
     return features.to(device), text.to(device)
+
+
+@torch.no_grad()
+def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbours: int = NEIGHBOURS,
+                    outer_iterations: int = OUTER_ITERATIONS, inner_iterations: int = INNER_ITERATIONS,
+                    lam: float = LAMBDA, confident_per_class: int = CONFIDENT_PER_CLASS,
+                    broadcast_rows: int = 2500) -> torch.Tensor:
+    """The reference z (N, C): TransCLIP as the public code computes it (an N x N affinity, an (N, C, d) broadcast)."""
+    x = F.normalize(features.float(), dim=1)
+    rows, dim = x.shape
+    affinity = x @ x.T
+    affinity.fill_diagonal_(-math.inf)
+    values, columns = affinity.topk(neighbours, dim=1)
+    del affinity
+    w = torch.sparse_coo_tensor(torch.stack([torch.arange(rows).repeat_interleave(neighbours), columns.reshape(-1)]),
+                                values.reshape(-1), (rows, rows), check_invariants=True).coalesce()
+    y_hat = log_prior.float().exp()
+    z = y_hat.clone()
+    mu = _init_means(x, z, confident_per_class).float()
+    std = torch.full((dim,), 1.0 / dim)
+    for outer in range(outer_iterations + 1):
+        likelihood = torch.empty(rows, mu.shape[0])
+        for start in range(0, rows, broadcast_rows):
+            block = x[start:start + broadcast_rows, None, :] - mu[None]
+            likelihood[start:start + broadcast_rows] = -0.5 * (block ** 2 / std).sum(2)
+        for _ in range(inner_iterations):
+            logits = likelihood + (LIKELIHOOD_TEMPERATURE / (2 * neighbours)) * (w.T @ z + w @ z)
+            logits = logits - logits.max(1, keepdim=True).values
+            z = y_hat ** lam * torch.exp(logits / LIKELIHOOD_TEMPERATURE)
+            z = z / z.sum(1, keepdim=True)
+        if outer == outer_iterations:
+            break
+        mu = F.normalize(z.T @ x / z.sum(0)[:, None], dim=1)
+        spread = torch.zeros(dim)
+        for start in range(0, rows, broadcast_rows):
+            block = x[start:start + broadcast_rows, None, :] - mu[None]
+            spread += torch.einsum("nc,ncd->d", z[start:start + broadcast_rows], block ** 2)
+        std = spread / z.sum()
+    return z
 
 
 def copy_bandwidth(rows: int, classes: int, device: torch.device) -> float:

@@ -35,7 +35,8 @@ import torch
 import coft_fast
 from coft_fast.runtime.io import atomic_write_text
 
-from common import RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, machine, markdown_table, run_cells, testbed_settings
+from common import (RESULTS, SECONDS_NOTE, CellTable, cell_bench_args, linear_probe_accuracy, machine, markdown_table,
+                    run_cells, testbed_settings)
 
 STEM = "e2e_shots"
 METHODS = ("coft", "self-train", "phase1", "linear-probe")
@@ -109,8 +110,6 @@ class Features:
 
 
 def linear_probe(features: Features, shots: list, seed: int) -> float:
-    from coft_fast.runtime.metrics import linear_probe_accuracy
-
     return linear_probe_accuracy(*features.encode(features.shots(shots)), *features.test, seed=seed)
 
 

@@ -34,11 +34,10 @@ PathLike = Union[str, os.PathLike]
 def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iterable[str] = (),
                    recipe: Optional[PathLike] = None, command: str = "train", preset: Optional[dict] = None,
                    **fields) -> Config:
-    """A validated Config, each layer over the one before: the defaults, ``recipe`` (a name from
-    `coft-fast recipes` or a recipe file), ``preset`` (dotted keys and values), ``config`` (a YAML
-    file; or a Config object, which replaces the defaults and takes no recipe or preset),
-    ``overrides`` ("a.b=v"), then ``fields`` (``model__name=...``: ``__`` for the dots; each is set,
-    None included: see ``given_fields``); the values that depend on others resolved for ``command``."""
+    """A validated Config, each layer over the one before: the defaults, ``recipe`` (a name or file),
+    ``preset`` (dotted keys), ``config`` (a YAML file, or a Config that replaces the defaults and takes
+    no recipe or preset), ``overrides`` ("a.b=v"), ``fields`` (``model__name=...``, None included);
+    auto values resolved for ``command``."""
     if isinstance(config, Config):
         if recipe is not None:
             raise ConfigError("give a recipe or a Config object, not both (a recipe's Config is "
@@ -59,10 +58,9 @@ def resolve_config(config: Union[None, Config, PathLike] = None, overrides: Iter
 
 
 def given_fields(**arguments) -> dict:
-    """The ``resolve_config`` fields of an entry point's arguments (dotted keys with ``__``): one left
-    at None is dropped, so the config's (or recipe's) value stands. ``model__pretrained="none"`` (or
-    "") becomes None (random weights); ``run__out_dir=""`` and ``data__labeled=""`` become None (no
-    run folder, no shots, even where the config names them); other paths become strings."""
+    """The ``resolve_config`` fields of an entry point's arguments: None is dropped (the config's value
+    stands); ``model__pretrained`` "none"/"" (random weights), ``run__out_dir=""`` and ``data__labeled=""``
+    become None; other paths become strings."""
     fields = {}
     for key, value in arguments.items():
         if value is None:
@@ -76,8 +74,7 @@ def given_fields(**arguments) -> dict:
 
 
 def load_images(images: PathLike, classes=None, cfg: Optional[Config] = None, evaluation: bool = False) -> ImageSource:
-    """An ImageSource from a folder, CSV or CoOp split JSON, with the data settings of ``cfg``
-    (``data.eval_split`` instead of ``data.split`` for evaluation images)."""
+    """An ImageSource with ``cfg``'s data settings (``data.eval_split`` for evaluation images)."""
     cfg = cfg or Config()
     split = cfg.data.eval_split if evaluation else cfg.data.split
     return load_source(images, classes, split=split, image_root=cfg.data.image_root)
@@ -91,16 +88,14 @@ def zeroshot(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = N
     ``path[,label]`` or a CoOp split JSON) into ``classes`` (a list of names or a text file with one
     per line; optional for class folders). With ``out``, writes ``predictions.csv``, ``metrics.json``
     (when labels exist), ``class_names.json`` and ``config.yaml``. ``recipe``: a named recipe under
-    ``config`` (see ``resolve_config``). ``model``, ``pretrained``, ``templates`` and ``out`` left at
-    None take the config's value (after ``recipe``, ``config`` and ``overrides``); an explicit value
-    sets that key over them:
+    ``config``. ``model``, ``pretrained``, ``templates`` and ``out`` left at None take the config's
+    value (after ``recipe``, ``config`` and ``overrides``); an explicit value sets that key over them:
 
     - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
     - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
     - ``templates``: ``zeroshot.templates`` (default ``"auto"``, here CLIP's 80-template ensemble),
       ``"single"``, ``"ensemble"`` or a JSON file.
-    - ``out``: ``run.out_dir`` (default none: nothing written); ``""``: none even where the config names one.
-    """
+    - ``out``: ``run.out_dir`` (default none: nothing written); ``""``: none even where the config names one."""
     cfg = resolve_config(config, overrides, recipe=recipe, command="zeroshot", **given_fields(
         model__name=model, model__pretrained=pretrained, zeroshot__templates=templates, run__out_dir=out))
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
@@ -153,10 +148,8 @@ class TrainResult:
         self.class_names = pool.class_names
         self.pool = pool
         self.out_dir = model.run_dir
-        # the fine-tuned classifier(s) as load_run(out_dir) would return them, without reading the folder
-        self.model = model
-        # pseudo.source=given (clean_labels): a LabelIssue per pool image, most likely wrong first
-        self.label_issues = label_issues
+        self.model = model  # the fine-tuned classifier(s), as load_run(out_dir) would return them
+        self.label_issues = label_issues  # clean_labels: a LabelIssue per pool image, most likely wrong first
         self.clean_sets = {
             name: [(pool.paths[int(positions[r])], pool.class_names[int(l)]) for r, l in zip(data["rows"], data["labels"])]
             for name, data in train_sets.items()
@@ -173,19 +166,6 @@ class TrainResult:
         return self.model.predict(images)
 
 
-def _check_resume(out_dir: Path, cfg: Config, resume: bool) -> None:
-    checkpoints = out_dir / "checkpoints"
-    started = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
-    if started and not resume:
-        raise ConfigError(f"{out_dir} already holds a run: pass --resume (resume=True) to continue it, or choose another output folder")
-    saved = out_dir / "config.yaml"
-    if resume and started and saved.is_file():
-        previous, current = Config.load(saved).to_dict(), cfg.to_dict()
-        changed = [k for k in current if k != "run" and current[k] != previous.get(k)]  # run.* may change
-        if changed:
-            raise ConfigError(f"cannot resume {out_dir}: the config differs from the saved one in {', '.join(changed)}")
-
-
 def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None, model: Optional[str] = None,
           pretrained: Optional[str] = None, method: Optional[str] = None, out: Optional[PathLike] = None,
           eval_images: Optional[PathLike] = None, config: Union[None, Config, PathLike] = None,
@@ -199,18 +179,15 @@ def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None
     (labelled), zero-shot and final accuracy are measured there. With ``out``, the run folder gets
     metrics.json, pseudo_labels.csv, config.yaml, checkpoints, TensorBoard logs and plots, and a
     killed run continues with ``resume=True``. ``recipe``: a named recipe (`coft-fast recipes`) under
-    ``config`` and ``overrides``; the defaults are the paper's (``paper-coft``).
-    ``model``, ``pretrained``, ``method``, ``out``, ``labeled`` and ``labeled_split`` left at None
-    take the config's value (after ``recipe``, ``config`` and ``overrides``); an explicit value sets
-    that key over them:
+    ``config`` and ``overrides``; the defaults are the paper's (``paper-coft``). The arguments below
+    left at None take the config's value; an explicit value sets that key over it:
 
     - ``model``: ``model.name`` (default ``"ViT-B-16"``), or ``"local-dir:PATH"``.
     - ``pretrained``: ``model.pretrained`` (default ``"openai"``); ``"none"``: random weights.
     - ``method``: ``method`` (default ``"coft"``; ``"coft+"``, ``"self-train"``).
     - ``out``: ``run.out_dir`` (default none: nothing written); ``""``: none even where the config names one.
     - ``labeled``: ``data.labeled`` (default none: no shots); ``""``: none even where the config names some.
-    - ``labeled_split``: ``data.labeled_split`` (default none), the split of a CoOp JSON ``labeled``.
-    """
+    - ``labeled_split``: ``data.labeled_split`` (default none), the split of a CoOp JSON ``labeled``."""
     cfg = resolve_config(config, overrides, recipe=recipe, **given_fields(
         model__name=model, model__pretrained=pretrained, method=method, run__out_dir=out, data__labeled=labeled,
         data__labeled_split=labeled_split))
@@ -251,12 +228,21 @@ def train(images: PathLike, classes: Union[None, PathLike, Sequence[str]] = None
 
 
 def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> None:
-    """Rank 0 checks that ``out_dir`` holds no other run (or, resuming, one with the same config) and
-    clears temporaries an interrupted write left; every rank stops when it refuses."""
+    """Rank 0 checks ``out_dir`` holds no other run (resuming: the same config); every rank stops if it refuses."""
     refused = None
     if out_dir and distributed.is_main():
+        checkpoints, saved = out_dir / "checkpoints", out_dir / "config.yaml"
+        started = checkpoints.is_dir() and any(checkpoints.glob("*.pt"))
         try:
-            _check_resume(out_dir, cfg, resume)
+            if started and not resume:
+                raise ConfigError(f"{out_dir} already holds a run: pass --resume (resume=True) to continue it, "
+                                  "or choose another output folder")
+            if started and saved.is_file():
+                previous, current = Config.load(saved).to_dict(), cfg.to_dict()
+                changed = [k for k in current if k != "run" and current[k] != previous.get(k)]  # run.* may change
+                if changed:
+                    raise ConfigError(f"cannot resume {out_dir}: the config differs from the saved one in "
+                                      f"{', '.join(changed)}")
         except ConfigError as exc:
             refused = str(exc)
         if not refused and resume and out_dir.is_dir() and remove_stale_temporaries(out_dir):
@@ -267,8 +253,7 @@ def _claim_run_folder(out_dir: Optional[Path], cfg: Config, resume: bool) -> Non
 
 
 def _load_pool(images: PathLike, classes, cfg: Config):
-    """(the pool, per pool position the class of a labelled shot or None): data.labeled's shots join
-    the pool."""
+    """(the pool, with data.labeled's shots joined, per position the shot's class or None)."""
     pool = load_images(images, classes, cfg)
     if cfg.pseudo.source == "given":
         require_labels(pool, "pseudo.source=given (clean-labels)")
@@ -308,10 +293,9 @@ def clean_labels(images: PathLike, classes: Union[None, PathLike, Sequence[str]]
 def predict(run: PathLike, images, out: Optional[PathLike] = None, classifier: Optional[str] = None,
             device: str = "auto", batch_size: Optional[int] = None, num_workers: Optional[int] = None,
             split: Optional[str] = None, top5: bool = False, progress: bool = True, transductive: bool = False) -> dict:
-    """Classify ``images`` with a finished run's model (``load_run``), streaming ``predictions.csv``
-    (and ``metrics.json`` when the images carry labels, ``skipped.csv`` for unreadable files) into
-    ``out``. Returns the metrics (zero-shot's keys). ``transductive``: the images are labelled
-    together by TransCLIP, the run's classifier as its prior (``predict_to_folder``)."""
+    """Classify ``images`` with a finished run's model, streaming ``predictions.csv`` (``metrics.json``
+    for labelled images, ``skipped.csv``) into ``out``; returns the metrics. ``transductive``: the
+    images are labelled together by TransCLIP, the run's classifier as its prior."""
     model = load_run(run, classifier=classifier, device=device)
     out_dir = Path(out) if out else None
     with log_to_file(out_dir / "predict.log" if out_dir else None):
@@ -321,8 +305,7 @@ def predict(run: PathLike, images, out: Optional[PathLike] = None, classifier: O
 
 
 def export(run: PathLike, fmt: str, out: PathLike, classifier: Optional[str] = None) -> Path:
-    """Export a finished run's fine-tuned model as an open_clip folder (``fmt="open_clip"``) or
-    ``model.onnx`` (``fmt="onnx"``) into ``out``; ``classifier`` s1 (default) or s2."""
+    """Export a finished run's model into ``out``: ``fmt`` "open_clip" (a folder) or "onnx"; ``classifier`` s1 or s2."""
     from coft_fast.exporters import export_run
 
     return export_run(load_run(run, classifier=classifier, device="cpu"), out, fmt, classifier)

@@ -12,8 +12,6 @@ from coft_fast import __version__
 from coft_fast.config import TESTBED_PRESET_HELP, TESTBED_PRESETS, ConfigError
 
 IMAGES_HELP = "a folder (class sub-folders or flat), a CSV of path[,label], or a CoOp split JSON"
-DEVICE_HELP = "auto, cpu, cuda, cuda:1 ..."
-# The sub-commands in the order of `coft-fast --help`, each with its one line there.
 COMMANDS = {
     "zeroshot": "zero-shot CLIP classification of a folder of images",
     "testbed": "build the offline test-bed model from labelled images",
@@ -80,8 +78,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[List[str]] = None) -> None:
-    """`zeroshot`, and with ``methods`` `train` and `clean-labels`: the data, the model, the output
-    folder (and the training run's options), the config."""
+    """`zeroshot`, and with ``methods`` `train` and `clean-labels`: data, model, output folder, config."""
     parser.add_argument("--images", required=True, help=IMAGES_HELP)
     parser.add_argument("--classes", help="class names: a text file with one per line (optional for class folders)")
     parser.add_argument("--split", help="split of a CoOp JSON file: train, val or test")
@@ -94,7 +91,7 @@ def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[
     if methods:
         parser.add_argument("--method", choices=methods, help="config key `method` (default coft)")
         parser.add_argument("--eval-images", help="labelled images to measure zero-shot and final accuracy on")
-    parser.add_argument("--device", help=DEVICE_HELP)
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--out", required=True, help=out_help)
     if methods:
         parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -106,7 +103,7 @@ def _run_args(parser: argparse.ArgumentParser, out_help: str, methods: Optional[
 
 
 def _run_folder_args(pr: argparse.ArgumentParser, ex: argparse.ArgumentParser, rp: argparse.ArgumentParser) -> None:
-    """`predict`, `export` and `report`: they read a finished run folder (--run)."""
+    """`predict`, `export` and `report`: they read a finished run folder."""
     for parser in (pr, ex, rp):
         parser.add_argument("--run", required=True, help="a finished training run folder (coft-fast train --out)")
     pr.add_argument("--images", required=True, help=IMAGES_HELP)
@@ -228,7 +225,6 @@ def _run_folder_command(api, args) -> int:
 
 
 def _recipes_command() -> int:
-    """`coft-fast recipes`: every named recipe, one line each."""
     from coft_fast.config import list_recipes
 
     recipes = list_recipes()
@@ -240,12 +236,12 @@ def _recipes_command() -> int:
 
 
 def _templates_command(args) -> int:
-    """`coft-fast templates`: prompt + skeleton to fill in by hand, or the answer of --llm-url."""
+    """`coft-fast templates`: a prompt and a skeleton to fill in, or --llm-url's answer."""
     from pathlib import Path
 
     from coft_fast.data.sources import read_class_names
     from coft_fast.pseudo import llm_templates
-    from coft_fast.runtime.io import atomic_write_text
+    from coft_fast.runtime.io import atomic_write_json, atomic_write_text
 
     if bool(args.llm_url) != bool(args.llm_model):
         raise ValueError("--llm-url and --llm-model go together: give the endpoint and the model name to ask")
@@ -259,7 +255,7 @@ def _templates_command(args) -> int:
     prompt_path = out.with_name(f"{stem}.prompt.txt")
     atomic_write_text(prompt_path, llm_templates.llm_prompt(names, args.per_class, args.dataset_hint))
     if not args.llm_url:
-        llm_templates.write_templates(out, llm_templates.template_skeleton(names))
+        atomic_write_json(out, {name: [] for name in names})
         print(f"prompt:   {prompt_path}")
         print(f"skeleton: {out} ({len(names)} classes, empty lists)")
         print(f"next: paste the prompt into an LLM, save its JSON answer to {out}, "
@@ -270,7 +266,7 @@ def _templates_command(args) -> int:
           f"sentences for each of {len(names)} classes{'' if api_key else f' (no API key: ${args.api_key_env} unset)'}")
     sentences = llm_templates.ask_llm(args.llm_url, args.llm_model, names, args.per_class, args.dataset_hint,
                                       api_key=api_key, timeout=args.timeout)
-    llm_templates.write_templates(out, sentences)
+    atomic_write_json(out, sentences)
     counts = [len(v) for v in sentences.values()]
     spread = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
     print(f"templates: {out} ({len(names)} classes, {spread} sentences per class); prompt: {prompt_path}")
@@ -311,7 +307,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         sys.exit(run(argv))
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        # input and setup errors: one clear line, no traceback (use --verbose for it)
         if "--verbose" in (argv if argv is not None else sys.argv):
             raise
         print(f"coft-fast: error: {exc}", file=sys.stderr)

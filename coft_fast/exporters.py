@@ -71,8 +71,7 @@ def _write_classes_and_readme(out_dir: Path, model: RunModel, readme: str, **fie
 
 
 def export_open_clip(model: RunModel, out: PathLike, tag: Optional[str] = None) -> Path:
-    """``out`` becomes an open_clip ``local-dir:`` folder: the fine-tuned image tower with the text tower
-    of the run's pre-trained model source, ``classifier.safetensors``, ``classes.txt`` and a README."""
+    """``out`` becomes an open_clip ``local-dir:`` folder with ``classifier.safetensors``, ``classes.txt``, a README."""
     from coft_fast.models import load_clip
 
     tag, classifier = _classifier(model, tag)

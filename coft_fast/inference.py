@@ -1,5 +1,4 @@
-"""A finished run as a model, rebuilt from its run folder alone: each ``finetuned_<set>.safetensors``
-holds the image tower and head with the class names and open_clip config in its metadata."""
+"""A finished run as a model, rebuilt from its ``finetuned_<set>.safetensors`` files (weights and metadata)."""
 from __future__ import annotations
 
 import json
@@ -29,14 +28,14 @@ TRAINING_SETS = ("s1", "s2", "s_star")  # phase II's clean sets (s_star: self-tr
 
 
 def classifier_metadata(clip, class_names: Sequence[str], tag: str) -> Dict[str, str]:
-    """What :func:`load_run` needs beside the weights: the class names and the open_clip config."""
+    """What :func:`load_run` needs beside the weights."""
     config = json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg})
     return {"format": FORMAT, "training_set": tag, "class_names": "\n".join(class_names), "model": clip.name,
             "pretrained": clip.pretrained or "", "open_clip_config": config}
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The logit ensemble of several heads (``phase2.train_on=both``): the mean of their logits."""
+    """The mean of several heads' logits (``phase2.train_on=both``)."""
     return torch.stack(list(logits)).mean(0)
 
 
@@ -74,7 +73,7 @@ def _missing_stage(run_dir: Path, config: Config, tag: str) -> str:
 
 
 def _load_classifier(path: Path):
-    """(a FineTunedClassifier of the file's architecture and weights, its evaluation transform, metadata)."""
+    """(the file's FineTunedClassifier, its evaluation transform, metadata)."""
     import open_clip
     from safetensors import safe_open
 
@@ -115,8 +114,7 @@ class RunModel:
         self.class_names = list(class_names)
         self.config = config
         self.metrics = metrics
-        # the last classifier file's metadata: model source and open_clip config (None in memory)
-        self.metadata = metadata
+        self.metadata = metadata  # the last classifier file's: model source, open_clip config (None in memory)
         self.to(device)
 
     @property
@@ -137,8 +135,7 @@ class RunModel:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, with_features: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Float32 (logits (B, C), features (B, d) or None): the classifiers' normalised image features,
-        concatenated and normalised again (so their cosine is the classifiers' mean cosine)."""
+        """Float32 (logits (B, C), features (B, d) or None): the classifiers' normalised features, concatenated."""
         images = images.to(self.device, non_blocking=True)
         logits, features = [], []
         with autocast(self.config.model.precision, self.device):
@@ -151,9 +148,7 @@ class RunModel:
     def batches(self, source: ImageSource, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
                 progress: bool = False, transductive: bool = False
                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(positions in ``source``, probabilities, the classifier's own probabilities) on the CPU, batch by batch
-        in bounded memory; unreadable files go to ``source.skipped``. With ``transductive`` all images are scored
-        first and TransCLIP refines the probabilities over the whole set (the classifier as prior), as one batch."""
+        """(positions, probabilities, the classifier's own) per batch; ``transductive``: one, TransCLIP's."""
         batch_size = batch_size or self.config.data.batch_size
         num_workers = self.config.data.num_workers if num_workers is None else num_workers
         rows, probabilities, features = [], [], []
@@ -175,8 +170,7 @@ class RunModel:
             yield torch.cat(rows), refined.probabilities, inductive
 
     def source(self, images, split: Optional[str] = None) -> ImageSource:
-        """An ImageSource of a folder, CSV or CoOp split JSON path (its ``split``, by default the run's
-        ``data.eval_split``), or of a list of image files."""
+        """An ImageSource of a path (``split`` default: the run's ``data.eval_split``) or a list of files."""
         if isinstance(images, (list, tuple)):
             return ImageSource([str(p) for p in images], [-1] * len(images), self.class_names, "image list")
         return load_source(images, self.class_names, split=split or self.config.data.eval_split,
@@ -231,9 +225,8 @@ def predict_to_folder(model: RunModel, images, out: Optional[PathLike], batch_si
                       num_workers: Optional[int] = None, top5: bool = False, progress: bool = True,
                       split: Optional[str] = None, transductive: bool = False) -> Dict:
     """Stream predictions into ``out``/predictions.csv (``path,prediction,confidence[,top5,top5_confidence]``),
-    skipped.csv and, for labelled images, metrics.json; returns the metrics (zeroshot's keys). ``transductive``
-    (see ``RunModel.batches``) adds ``inductive_prediction,inductive_confidence`` columns and always writes
-    metrics.json, with ``"predictions": "transductive"`` and the classifier's own metrics under ``inductive``."""
+    skipped.csv and, for labelled images, metrics.json; returns the metrics. ``transductive`` adds the
+    classifier's own ``inductive_*`` columns and metrics and always writes metrics.json."""
     started = time.perf_counter()
     source = model.source(images, split)
     out_dir = Path(out) if out else None

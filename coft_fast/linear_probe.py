@@ -6,16 +6,14 @@ import torch
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500,
                      lr: float = 1e-2, generator: torch.Generator = None):
-    """``predict(features) -> logits`` of a linear classifier trained full-batch with Adam on frozen
-    features (normalised here), its weights started at N(0, 0.01^2) from ``generator``, or at zero."""
+    """``predict(features) -> logits`` of a linear head trained full-batch with Adam on normalised features."""
     weight, bias = train_linear_head(features, labels, num_classes, steps, lr, generator)
     return lambda rows: torch.nn.functional.normalize(rows.float(), dim=-1) @ weight.T + bias
 
 
 def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 500,
                       lr: float = 1e-2, generator: torch.Generator = None, init: torch.Tensor = None):
-    """(weight (C, d), bias (C,)) of :func:`fit_linear_probe`'s classifier: logits = normalise(x) @ weight.T + bias.
-    ``init``: the starting weight (e.g. the zero-shot classifier), bias 0."""
+    """(weight (C, d), bias (C,)) of :func:`fit_linear_probe`'s classifier; ``init``: the starting weight."""
     x = torch.nn.functional.normalize(features.float(), dim=-1)
     if init is not None:
         weight = init.float().clone().requires_grad_()

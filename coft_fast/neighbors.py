@@ -1,12 +1,6 @@
-"""Nearest neighbours over L2-normalised features (inner product = cosine similarity).
-
-``knn_search``: exact k nearest neighbours (chunked matmul + topk in torch, or a flat faiss index;
-``exclude_self`` for a set against itself). ``build_flat_index`` / ``build_ivf_index`` +
-``search_index``: faiss indexes, to time build and search apart, and the approximate IVF index for
-very large databases. ``knn_vote``: pseudo-labels refined by a vote of each sample's neighbours.
-Results are detached: float32 scores and int64 indices by descending score, on the device of
-``queries`` (torch, or a faiss GPU index) or on the CPU (faiss).
-"""
+"""Nearest neighbours over L2-normalised features (inner product = cosine similarity): exact search
+(torch or a flat faiss index), faiss indexes (flat, approximate IVF), and ``knn_vote``. Results are
+detached float32 scores and int64 indices by descending score."""
 from __future__ import annotations
 
 import functools
@@ -17,9 +11,8 @@ import torch
 
 from coft_fast.ops._checks import check_matrix
 
-# backend="auto": torch up to this many database rows, faiss above. On CPUs a flat faiss index took 3.0-3.7x
-# torch's time at 10k to 1M rows (bench/results/bench_knn_cpu.md), so torch runs at every size; on GPUs
-# it is one GEMM + top-k either way, and nothing is measured yet.
+# backend="auto": torch up to this many database rows, faiss above. On CPUs faiss took 3.0-3.7x torch's time
+# at 10k to 1M rows (bench/results/bench_knn_cpu.md); on GPUs nothing is measured yet.
 TORCH_MAX_DATABASE = math.inf
 TORCH_MAX_DATABASE_CUDA = math.inf
 
@@ -29,7 +22,6 @@ BLOCK_ELEMENTS = 1 << 24
 
 
 def _load_faiss():
-    """The faiss module, or None when it does not import."""
     try:
         import faiss
     except ImportError:
@@ -42,7 +34,6 @@ def faiss_available() -> bool:
 
 
 def faiss_gpu_available() -> bool:
-    """True on a faiss build with GPU support that sees at least one GPU."""
     faiss = _load_faiss()
     return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -60,13 +51,11 @@ def _gpu_res():
 
 
 def _as_faiss_array(tensor: torch.Tensor):
-    """A C-contiguous float32 numpy array on the host (no copy for a contiguous float32 CPU tensor)."""
     return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def build_flat_index(database: torch.Tensor):
-    """An exact inner-product faiss index (IndexFlatIP) holding a copy of ``database`` (N, d).
-    On a faiss build with GPU support and a CUDA ``database``, a GpuIndexFlatIP on its device."""
+    """An exact inner-product faiss index (IndexFlatIP; on a CUDA ``database``, a GPU one if faiss has GPUs)."""
     faiss = _require_faiss()
     check_matrix("database", database)
     dim = database.shape[1]
@@ -82,11 +71,9 @@ def build_flat_index(database: torch.Tensor):
 
 def build_ivf_index(database: torch.Tensor, nlist: int, nprobe: int = 1, train_size: Optional[int] = None,
                     seed: int = 0, add: bool = True):
-    """An approximate inner-product faiss index (IndexIVFFlat) holding a copy of ``database`` (N, d):
-    spherical k-means on ``train_size`` random rows (default min(N, 64 * nlist)) splits the rows into
-    ``nlist`` lists, of which a search scans the ``nprobe`` nearest (``index.nprobe = nlist``: exact).
-    Trained on the CPU (then moved to a CUDA ``database``'s GPU on a faiss build with GPU support);
-    add=False returns it empty (to time training apart; fill it with ``add_rows``)."""
+    """An approximate inner-product faiss index (IndexIVFFlat): spherical k-means on ``train_size`` random
+    rows (default min(N, 64 * nlist)) makes ``nlist`` lists, a search scans the ``nprobe`` nearest. Trained
+    on the CPU (then moved to a CUDA ``database``'s GPU); add=False returns it empty (see ``add_rows``)."""
     faiss = _require_faiss()
     check_matrix("database", database)
     rows, dim = database.shape
@@ -108,14 +95,13 @@ def build_ivf_index(database: torch.Tensor, nlist: int, nprobe: int = 1, train_s
 
 
 def add_rows(index, rows: torch.Tensor) -> None:
-    """Append ``rows`` (n, d) to a faiss ``index`` (their ids continue from ``index.ntotal``)."""
+    """Append ``rows`` (n, d) to a faiss ``index`` (ids continue from ``index.ntotal``)."""
     check_matrix("rows", rows, columns=index.d)
     index.add(_as_faiss_array(rows))
 
 
 def search_index(index, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores (Q, k) float32, indices (Q, k) int64) of the ``k`` best rows of a faiss ``index``, on the CPU
-    (a GPU index: the device of ``queries``); -1 (score -inf) where an IVF index's probed lists held fewer."""
+    """(scores (Q, k), indices (Q, k)) of the ``k`` best rows of a faiss ``index`` (-1 where an IVF index has fewer)."""
     check_matrix("queries", queries, columns=index.d)
     _check_count("k", k, 1, index.ntotal, "at most the rows in the index")
     scores, indices = index.search(_as_faiss_array(queries), k)
@@ -132,7 +118,13 @@ def _check_count(name: str, value, low: int = 1, high=math.inf, bounds: str = ""
         raise ValueError(f"{name} must be {expected}, got {value}")
 
 
-def _check_search_args(queries, database, k, backend, chunk_size, database_chunk_size, exclude_self) -> None:
+def knn_search(queries: torch.Tensor, database: torch.Tensor, k: int, backend: str = "auto",
+               chunk_size: int = 1024, database_chunk_size: Optional[int] = None,
+               exclude_self: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scores (Q, k), indices (Q, k)) of the exact k nearest rows of ``database`` (N, d) for each row of
+    ``queries`` (Q, d). backend: "torch" (chunked matmul + topk; ``chunk_size`` / ``database_chunk_size``
+    rows per matmul), "faiss" (IndexFlatIP) or "auto" (``pick_backend``). exclude_self: queries and
+    database are the same rows and each query's own row (by index) is left out."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_matrix("queries", queries)
@@ -147,11 +139,18 @@ def _check_search_args(queries, database, k, backend, chunk_size, database_chunk
     _check_count("chunk_size", chunk_size)
     if database_chunk_size is not None:
         _check_count("database_chunk_size", database_chunk_size)
+    if backend == "auto":
+        backend = pick_backend(queries, database)
+    if backend == "torch":
+        return _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude_self)
+    index = build_flat_index(database)
+    if not exclude_self:
+        return search_index(index, queries, k)
+    return drop_self(*search_index(index, queries, k + 1), k)
 
 
 def pick_backend(queries: torch.Tensor, database: torch.Tensor) -> str:
-    """What backend="auto" runs: torch up to the device's size threshold (``TORCH_MAX_DATABASE``, now
-    infinite), faiss above it when faiss (for CUDA tensors: with GPU support) is there."""
+    """What backend="auto" runs: torch up to the device's ``TORCH_MAX_DATABASE*``, faiss above when it is there."""
     if database.is_cuda:
         return "faiss" if database.shape[0] > TORCH_MAX_DATABASE_CUDA and faiss_gpu_available() else "torch"
     return "faiss" if database.shape[0] > TORCH_MAX_DATABASE and faiss_available() else "torch"
@@ -159,8 +158,7 @@ def pick_backend(queries: torch.Tensor, database: torch.Tensor) -> str:
 
 @torch.no_grad()
 def _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude_self):
-    """Exact search: for each chunk of queries, matmul + topk over chunks of the database, merging
-    the running best k (memory O(chunk_size * database_chunk_size))."""
+    """Exact search: per chunk of queries, matmul + topk over database chunks, merging the running best k."""
     compute = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
     rows, device = database.shape[0], queries.device
     db_chunk = database_chunk_size or max(k, BLOCK_ELEMENTS // chunk_size)
@@ -191,8 +189,7 @@ def _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude
 
 
 def drop_self(scores, indices, k):
-    """From k + 1 results of a set searched against itself, drop each query's own row (matched by
-    index, so ties keep their order); where it is missing (duplicates tied above it), the last one."""
+    """From k + 1 results of a set searched against itself, drop each query's own row (by index), else the last."""
     own = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
     drop = indices == own
     drop[:, -1] |= ~drop.any(dim=1)
@@ -200,31 +197,9 @@ def drop_self(scores, indices, k):
     return scores[keep].view(-1, k), indices[keep].view(-1, k)
 
 
-def knn_search(queries: torch.Tensor, database: torch.Tensor, k: int, backend: str = "auto",
-               chunk_size: int = 1024, database_chunk_size: Optional[int] = None,
-               exclude_self: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scores (Q, k) float32, indices (Q, k) int64) of the exact k nearest rows of ``database`` (N, d)
-    by inner product for each row of ``queries`` (Q, d), by descending score. backend: "torch"
-    (chunked matmul + topk), "faiss" (IndexFlatIP; a GPU index for CUDA inputs on a faiss build with
-    GPU support) or "auto" (``pick_backend``). chunk_size / database_chunk_size (torch only): query /
-    database rows per matmul (default: a block of ``BLOCK_ELEMENTS`` scores). exclude_self: queries
-    and database are the same rows and each query's own row is left out (by index: an exact duplicate
-    elsewhere is still a neighbour)."""
-    _check_search_args(queries, database, k, backend, chunk_size, database_chunk_size, exclude_self)
-    if backend == "auto":
-        backend = pick_backend(queries, database)
-    if backend == "torch":
-        return _torch_search(queries, database, k, chunk_size, database_chunk_size, exclude_self)
-    index = build_flat_index(database)
-    if not exclude_self:
-        return search_index(index, queries, k)
-    return drop_self(*search_index(index, queries, k + 1), k)
-
-
 def knn_vote(probabilities: torch.Tensor, features: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
-    """Pseudo-labels refined by a vote of each sample's k nearest neighbours (itself excluded), each for its
-    argmax class with weight max_c p_jc: (N, C) float32 vote shares on ``probabilities``' device (argmax:
-    label, max: confidence); a sample whose neighbours all have confidence 0 keeps its own probabilities."""
+    """(N, C) float32 vote shares of each sample's k nearest neighbours (itself excluded), each voting for its
+    argmax class with weight max_c p_jc; a sample whose neighbours all have confidence 0 keeps its own."""
     check_matrix("features", features)
     check_matrix("probabilities", probabilities)
     if probabilities.shape[0] != features.shape[0]:

@@ -1,6 +1,4 @@
-"""What a run writes into its folder, in one place: metrics.json (and metrics_partial.json when it
-stops), pseudo_labels.csv, label_issues.csv, skipped.csv, the plots and report.html; and what
-``zeroshot`` writes (predictions.csv, metrics.json)."""
+"""What a run and ``zeroshot`` write into their folders."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from coft_fast.pseudo import class_name_mapping
+from coft_fast.run_report import build_report
 from coft_fast.runtime import distributed
 from coft_fast.runtime.io import atomic_write_csv, atomic_write_json
 from coft_fast.scoring import ZeroShotResult
@@ -17,8 +16,7 @@ log = logging.getLogger("coft_fast")
 
 
 def start_folder(out_dir: Path, cfg, class_names) -> None:
-    """A run folder's first files: the resolved config.yaml and class_names.json (the class order
-    of every output)."""
+    """A run folder's first files: the resolved config.yaml and class_names.json (every output's class order)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     atomic_write_json(out_dir / "class_names.json", class_name_mapping(class_names))
@@ -43,16 +41,6 @@ def write_zeroshot_outputs(result: ZeroShotResult, out_dir: Path) -> None:
         atomic_write_json(out_dir / "metrics.json", result.metrics)
 
 
-def write_report(out_dir: Path) -> None:
-    """report.html of a finished run; a failure is logged, never fatal (`coft-fast report` retries it)."""
-    from coft_fast.run_report import build_report
-
-    try:
-        log.info("report: %s", build_report(out_dir))
-    except Exception:
-        log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir, out_dir)
-
-
 def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
     """What a failed run had measured, and why it stopped (metrics_partial.json); resume continues it."""
     partial = {**run.metrics_record(), "error": {"type": type(exc).__name__, "message": str(exc)}}
@@ -64,20 +52,15 @@ def write_partial_metrics(run, out_dir: Path, exc: Exception) -> None:
               exc, out_dir / PARTIAL_METRICS)
 
 
-def log_summary(metrics: dict) -> None:
-    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
-    if "acc1" in zs and "acc1" in final:
-        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"], 100 * final["acc1"])
-
-
 def write_train_outputs(run, out_dir: Path, issues=None) -> None:
-    """pseudo_labels.csv, the plots, and label_issues.csv when ``issues`` (run.label_issues()) are given."""
+    """pseudo_labels.csv, label_issues.csv (``issues``: run.label_issues()), skipped.csv, and the plots: rounds.png
+    (CoFT+), clean_probability.png and, where the pool's labels are known, pseudo_label_accuracy.png."""
     from coft_fast.pseudo.label_issues import LABEL_ISSUES_FILE, issue_scores, write_label_issues
-    from coft_fast.runtime.plots import plot_issue_scores
+    from coft_fast.runtime.plots import (per_class_accuracy, plot_clean_probability, plot_issue_scores,
+                                         plot_per_class_accuracy, plot_rounds)
 
-    state, names = run.state, run.names
-    probabilities = state.zs_probabilities
-    confidence, zs_labels = probabilities.max(1)
+    state, names, truth = run.state, run.names, run.truth
+    confidence, zs_labels = state.zs_probabilities.max(1)
     result = state.filter
     paths = [run.pool.paths[i] for i in state.positions.tolist()]
     empty = [""] * len(paths)  # the columns a method does not produce stay empty
@@ -89,8 +72,7 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         kept1, kept2 = result.keep1.int().tolist(), result.keep2.int().tolist()
     zs_names = [names[i] for i in zs_labels.tolist()]
     confidences = [f"{c:.6f}" for c in confidence.tolist()]
-    # the pool's own labels (class folders), for diagnostics and the report only; empty where unknown
-    pool_labels = [names[i] if i >= 0 else "" for i in run.truth.tolist()]
+    pool_labels = [names[i] if i >= 0 else "" for i in truth.tolist()]
     shots = run.shots
     shot_column = (shots >= 0).int().tolist() if shots is not None else [0] * len(paths)
     given = [names[i] for i in run.given_labels.tolist()] if run.given else empty
@@ -103,16 +85,6 @@ def write_train_outputs(run, out_dir: Path, issues=None) -> None:
         plot_issue_scores(out_dir / "label_issue_scores.png", result.p_clean1, result.p_clean2,
                           issue_scores(result, shots), ~result.keep1, run.cfg.filter.threshold)
     write_skipped(out_dir, run.pool.skipped)
-    write_plots(run, out_dir)
-
-
-def write_plots(run, out_dir: Path) -> None:
-    """rounds.png (CoFT+), clean_probability.png (the filter) and, where the pool's labels are known,
-    pseudo_label_accuracy.png (per class: zero-shot, model 1, the clean sets)."""
-    from coft_fast.runtime.plots import per_class_accuracy, plot_clean_probability, plot_per_class_accuracy, plot_rounds
-
-    state, names, truth, result = run.state, run.names, run.truth, run.state.filter
-    zs_labels = state.zs_probabilities.argmax(1)
     if state.metrics.get("rounds"):
         plot_rounds(out_dir / "rounds.png", state.metrics["rounds"])
     if result is not None and not run.given:
@@ -127,8 +99,7 @@ def write_plots(run, out_dir: Path) -> None:
 
 
 def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
-    """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets: metrics.json,
-    pseudo_labels.csv, label issues (``issues``: run.label_issues()), plots and report.html."""
+    """The finished run's metrics; with ``out_dir`` (rank 0), everything the folder gets."""
     metrics = run.metrics_record()
     if distributed.world_size() > 1:
         metrics["world_size"] = distributed.world_size()
@@ -136,7 +107,14 @@ def finish_run(run, out_dir: Optional[Path], issues=None) -> dict:
         write_train_outputs(run, out_dir, issues)
         atomic_write_json(out_dir / "metrics.json", metrics)
         (out_dir / PARTIAL_METRICS).unlink(missing_ok=True)
-        write_report(out_dir)
+        try:  # a failed report is logged, never fatal (`coft-fast report` retries it)
+            log.info("report: %s", build_report(out_dir))
+        except Exception:
+            log.exception("could not write %s/report.html (rebuild it with coft-fast report --run %s)", out_dir,
+                          out_dir)
     distributed.barrier()  # every rank returns once the outputs are written
-    log_summary(metrics)
+    zs, final = metrics.get("zero_shot", {}), metrics.get("final", {})
+    if "acc1" in zs and "acc1" in final:
+        log.info("%s: zero-shot acc1 %.2f %% -> final acc1 %.2f %%", metrics["method"], 100 * zs["acc1"],
+                 100 * final["acc1"])
     return metrics

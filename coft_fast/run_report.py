@@ -1,5 +1,4 @@
-"""report.html: one self-contained page (images inline, no network) of what a run did, built from the
-run folder's files alone, so ``coft-fast report --run DIR`` rebuilds it at any time."""
+"""report.html: one self-contained page of what a run did, built from the run folder's files alone."""
 from __future__ import annotations
 
 import base64
@@ -52,13 +51,8 @@ def _thumbnail(path: str) -> Optional[str]:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
 class PoolSummary:
-    """Per-class counts over pseudo_labels.csv's rows and a seeded reservoir sample of each class's kept
-    and dropped rows (``per_strip`` each), so memory stays bounded for any pool size."""
+    """Per-class counts of pseudo_labels.csv and a seeded reservoir of each class's kept and dropped rows."""
 
     def __init__(self, seed: int = 0, per_strip: int = THUMBNAILS_PER_STRIP):
         self.zero_shot, self.truth, self.kept, self.correct = Counter(), Counter(), Counter(), Counter()
@@ -93,8 +87,7 @@ class PoolSummary:
 
 
 def class_table(summary: PoolSummary, metrics: Dict, names: List[str]) -> List[Dict]:
-    """One entry per class: pool images (by zero-shot label, and by true label where the pool has
-    labels), S* size, kept by the filter (model 1's labels validated by model 2) and their precision."""
+    """One entry per class: pool images (by zero-shot, true and given label), S* size, kept, precision."""
     selection = metrics.get("selection", {}).get("per_class", {})
     table = []
     for name in names:
@@ -194,7 +187,8 @@ def build_report(run_dir: PathLike) -> Path:
                 summary.add(row)
     names_path = run_dir / "class_names.json"  # older runs lack it: the classes in the order they occur
     names = list(json.loads(names_path.read_text(encoding="utf-8")) if names_path.is_file() else summary.zero_shot)
-    plots = "".join(f"<h3>{html.escape(name)}</h3><img src='{_png(run_dir / name)}' alt='{html.escape(name)}'>"
+    plots = "".join(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,"
+                    f"{base64.b64encode((run_dir / name).read_bytes()).decode('ascii')}' alt='{html.escape(name)}'>"
                     for name in PLOTS if (run_dir / name).is_file())
     legend = ("By the given label; green: kept (both phase I models accept it), red: dropped (a label issue). "
               if summary.given else "By model 1's label; green: kept (model 2 validated the label), red: dropped. ")

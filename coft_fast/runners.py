@@ -1,6 +1,4 @@
-"""One runner per method, each composing the stages (``coft_fast.stages``) over a run context:
-CoFT and CoFT+ (phase I, the filter, phase II), self-training (S* straight into phase II) and
-clean-labels (CoFT's runner on the labels the pool came with, ``pseudo.source=given``)."""
+"""One runner per method, composing the stages over a run context."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -26,8 +24,7 @@ def finish(run: RunContext, sets: TrainingSets) -> Tuple[TrainingSets, ClipModel
 
 
 def run_coft(run: RunContext) -> Tuple[TrainingSets, ClipModel]:
-    """CoFT (one round of phase I) and CoFT+ (``phase1.rounds`` rounds, contrastive phase II); with
-    given labels, clean-labels. The probe detector needs no phase I."""
+    """CoFT and CoFT+ (with given labels, clean-labels); the probe detector needs no phase I."""
     selection = label_pool(run)
     if run.cfg.filter.detector == "prompts":
         phase1(run, selection)
@@ -36,7 +33,7 @@ def run_coft(run: RunContext) -> Tuple[TrainingSets, ClipModel]:
 
 
 def run_self_train(run: RunContext) -> Tuple[TrainingSets, ClipModel]:
-    """Self-training: phase II on S*, the class-balanced top-K of the pool's labels."""
+    """Self-training: phase II on S*."""
     selection = label_pool(run)
     return finish(run, {"s_star": {"rows": selection.rows, "labels": selection.labels}})
 

@@ -1,5 +1,4 @@
-"""Zero-shot scoring, the one routine the run, its evaluation and ``zeroshot`` share: class text
-embeddings (computed once), image features, class probabilities."""
+"""Zero-shot scoring (class text embeddings, image features, probabilities) for runs and ``zeroshot``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +37,7 @@ def model_outputs(classifier: torch.nn.Module, source: ImageSource, preprocess, 
                   precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
                   indices: Optional[Sequence[int]] = None, progress: bool = True, description: str = "predicting",
                   decoder: str = "pil", stats: Optional[tuple] = None, compile_model: bool = False):
-    """(outputs (M, ...) float32, positions (M,)) of a module over ``source``: logits of a classifier,
-    features of an encoder (``decoder="dali"`` only for images decoded before; ``compile_model`` pads
-    the last batch so the shape never changes)."""
+    """(outputs (M, ...) float32, positions (M,)) of a module over ``source`` (compiled: the last batch padded)."""
     classifier.eval()
     forward = torch.compile(classifier) if compile_model else classifier
     logits, positions = [], []
@@ -60,7 +57,6 @@ def model_outputs(classifier: torch.nn.Module, source: ImageSource, preprocess, 
 
 
 class _ImageFeatures(torch.nn.Module):
-    """CLIP's normalised float32 image features, as a module ``model_outputs`` can run."""
 
     def __init__(self, clip: ClipModel):
         super().__init__()
@@ -73,11 +69,7 @@ class _ImageFeatures(torch.nn.Module):
 def encode_images(clip: ClipModel, source: ImageSource, device: torch.device, precision: str = "auto",
                   batch_size: int = 256, num_workers: int = 0, indices: Optional[Sequence[int]] = None,
                   progress: bool = True, description: str = "encoding images", compile_model: bool = False):
-    """Normalised image features (M, d) float32 and the source positions (M,) they belong to.
-
-    Unreadable files are skipped (recorded in ``source.skipped``), so M can be less than asked.
-    ``compile_model`` runs the image tower through torch.compile (last batch padded: one shape).
-    """
+    """(normalised image features (M, d) float32, source positions (M,)); unreadable files are skipped."""
     features, positions = model_outputs(_ImageFeatures(clip), source, clip.preprocess_eval, device, precision,
                                         batch_size, num_workers, indices, progress, description,
                                         compile_model=compile_model)
@@ -102,12 +94,11 @@ class ZeroShotResult:
     text_embeddings: torch.Tensor  # (C, d) normalised class embeddings
     image_features: torch.Tensor  # (M, d) normalised image features
     metrics: Optional[dict] = None
-    # pseudo.refine other than none: the labels refined over the scored images (the set is its own pool)
     refined_probabilities: Optional[torch.Tensor] = None
 
     @property
     def label_probabilities(self) -> torch.Tensor:
-        """What predictions come from: the refined probabilities where there are some, else zero-shot's."""
+        """What predictions come from: pseudo.refine's probabilities where there are some, else zero-shot's."""
         return self.probabilities if self.refined_probabilities is None else self.refined_probabilities
 
     @property
@@ -136,8 +127,7 @@ def zeroshot_probabilities(image_features: torch.Tensor, text_embeddings: torch.
 def score_images(clip: ClipModel, source: ImageSource, text: torch.Tensor, device: torch.device, precision: str,
                  batch_size: int, num_workers: int, indices: Optional[Sequence[int]] = None, progress: bool = True,
                  description: str = "zero-shot scoring", compile_model: bool = False, gather=None):
-    """(image features, positions, zero-shot probabilities) of ``source`` against class embeddings
-    ``text``. ``gather``: how ``encode(indices)`` runs (a distributed run shards it across ranks)."""
+    """(image features, positions, zero-shot probabilities) of ``source``; ``gather`` shards the encoding."""
     def encode(chosen):
         return encode_images(clip, source, device, precision, batch_size, num_workers, indices=chosen,
                              progress=progress, description=description, compile_model=compile_model)

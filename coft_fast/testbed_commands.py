@@ -1,5 +1,4 @@
-"""The test-bed entry points: ``testbed`` (build an offline stand-in for CLIP from labelled images)
-and ``demo`` (digits: build one, then run CoFT on it)."""
+"""``testbed`` (an offline stand-in for CLIP built from labelled images) and ``demo`` (CoFT on digits)."""
 from __future__ import annotations
 
 import logging
@@ -22,12 +21,10 @@ def testbed(images: Union[PathLike, Sequence[PathLike]], out: PathLike,
     """Build the offline test-bed model from labelled images into ``out`` (an open_clip local-dir folder).
 
     ``images``: one labelled source (class folders, CSV or CoOp JSON) or a list of them, pooled.
-    ``preset``: a named test bed (``coft_fast.config.TESTBED_PRESETS``: default, strong, digits,
-    tiny); its ``testbed.*`` fields sit over the recipe and under ``config`` and ``overrides``.
-    ``per_class``: only the first N images of each class (sorted by file name). A killed build
-    resumes when called again with the same arguments. ``per_class`` and ``seed`` left at None
-    take the config's value (``testbed.per_class``, default none: every image; ``seed``, default
-    0); an explicit value sets that key over ``config`` and ``overrides``."""
+    ``preset``: a named test bed (``TESTBED_PRESETS``: default, strong, digits, tiny); its ``testbed.*``
+    fields sit over the recipe, under ``config`` and ``overrides``. ``per_class``: only the first N
+    images of each class (by file name). A killed build resumes when called again. ``per_class`` and
+    ``seed`` left at None take the config's value (``testbed.per_class``, ``seed``)."""
     from coft_fast.data import combine_sources
     from coft_fast.testbed_builder import build_testbed, preset_fields
 
@@ -63,10 +60,8 @@ def first_per_class(source: ImageSource, per_class: int) -> ImageSource:
 
 def demo(out: PathLike = "coft_demo", seed: int = 0, progress: bool = True, overrides: Iterable[str] = (),
          recipe: Optional[PathLike] = "testbed") -> dict:
-    """The offline demo: scikit-learn's digits as image folders, a test bed pre-trained on 40 % of
-    them, then CoFT on a 30 % unlabelled pool, evaluated on the last 30 %. Returns the run's metrics.
-    It runs the ``testbed`` recipe (settings tuned on the test beds) unless ``recipe`` names another
-    (None: the defaults, the paper's)."""
+    """The offline demo: a test bed pre-trained on 40 % of scikit-learn's digits, then CoFT on a 30 % pool,
+    evaluated on the last 30 %; returns the metrics. ``recipe``: ``testbed`` by default (None: the paper's)."""
     import shutil
 
     from coft_fast.data.demo import digit_class_names, write_digits

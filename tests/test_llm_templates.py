@@ -11,10 +11,9 @@ from coft_fast.pseudo.llm_templates import (
     ask_llm,
     chat_completions_url,
     llm_prompt,
-    template_skeleton,
-    write_templates,
 )
 from coft_fast.pseudo.templates import validate_class_sentences
+from coft_fast.runtime.io import atomic_write_json
 
 NAMES = ["sea lion", "golden retriever", "Boeing 737"]
 SENTENCES = {
@@ -79,7 +78,6 @@ def test_prompt_asks_for_exact_names_json_and_short_sentences():
     assert "JSON" in text and "77 tokens" in text and "visual" in text
     with pytest.raises(ValueError, match="at least 1"):
         llm_prompt(NAMES, per_class=0)
-    assert template_skeleton(NAMES) == {name: [] for name in NAMES}
 
 
 def test_endpoint_url():
@@ -104,7 +102,7 @@ def test_valid_fenced_reply_is_written_and_loads(llm, tmp_path):
     assert llm.requests[-1]["headers"]["Authorization"] == "Bearer sk-test"
 
     path = tmp_path / "t.json"
-    write_templates(path, got)
+    atomic_write_json(path, got)
     assert class_prompts(path, NAMES) == [SENTENCES[name] for name in NAMES]
 
 

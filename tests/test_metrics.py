@@ -1,10 +1,16 @@
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from coft_fast.linear_probe import fit_linear_probe
-from coft_fast.runtime.metrics import classification_metrics, linear_probe_accuracy
+from coft_fast.runtime.metrics import classification_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from common import linear_probe_accuracy  # noqa: E402  (a benchmark's oracle ceiling)
 
 
 def test_metrics_against_hand_computed_values():

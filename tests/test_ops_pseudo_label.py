@@ -1,5 +1,5 @@
 """coft_fast.ops pseudo-label ops: the C++/CUDA kernels (coft_fast._C) against the plain-torch
-references in coft_fast/ops/pseudo_label.py and against NumPy.
+references below and against NumPy.
 
 Tolerances: labels, counts, histograms and indices must be identical; confidences (float32) agree
 to rtol 1e-5, atol 1e-7 (different but equally accurate summation orders and exp implementations).
@@ -9,6 +9,8 @@ own confidences exactly.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,8 @@ from hypothesis import strategies as st
 
 import coft_fast.ops as ops
 from coft_fast.ops import _extension
-from coft_fast.ops.pseudo_label import (
-    agreement_matrix_reference,
-    class_balanced_topk_reference,
-    pseudo_label_stats_reference,
-)
+from coft_fast.ops._checks import check_labels
+from coft_fast.ops.pseudo_label import PseudoLabelStats, _check_logits, _check_topk_args
 
 RTOL, ATOL = 1e-5, 1e-7
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -31,6 +30,59 @@ CUDA_SKIP = pytest.mark.skipif(
     reason="needs a GPU and coft_fast._C built with its CUDA kernels (COFT_BUILD_CUDA=1 or auto with a GPU)",
 )
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
+
+
+# the references: plain torch, the kernels' ground truth
+def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelStats:
+    _check_logits(logits, num_bins)
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one class column, got shape {tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    x = logits.float()
+    probabilities = x.softmax(dim=1)
+    if probabilities.isnan().any():
+        raise ValueError("logits must be finite (no NaN or +inf, and not a row of only -inf)")
+    # the logits' own arg-max: no ties that rounding of the probabilities could create
+    labels = x.argmax(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
+    confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
+    counts = torch.bincount(labels, minlength=num_classes)
+    bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
+    hist = torch.bincount(labels * num_bins + bins, minlength=num_classes * num_bins).view(num_classes, num_bins)
+    return PseudoLabelStats(labels, confidence, counts, hist)
+
+
+def class_balanced_topk_reference(labels: torch.Tensor, scores: torch.Tensor, k: int,
+                                  num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class
+    then by descending score; and the (C,) count each class got."""
+    _check_topk_args(labels, scores, k, num_classes)
+    check_labels("labels", labels, num_classes=num_classes)
+    if scores.isnan().any():
+        raise ValueError("scores must not contain NaN")
+    # sort by (class, -score, index): stable sorts, least significant key first
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]
+    sorted_labels = labels[order]
+    counts_all = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts_all, 0) - counts_all
+    rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
+    chosen = order[rank < k]
+    return chosen, torch.clamp(counts_all, max=k)
+
+
+def agreement_matrix_reference(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes: int,
+                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs, over the rows where ``mask`` is true."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    check_labels("labels_a", labels_a, num_classes=num_classes)
+    check_labels("labels_b", labels_b, labels_a.shape[0], num_classes)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != labels_a.shape:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(labels_a.shape)}")
+        labels_a, labels_b = labels_a[mask], labels_b[mask]
+    pairs = labels_a * num_classes + labels_b
+    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def cpu_isas():

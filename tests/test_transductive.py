@@ -2,13 +2,19 @@
 import json
 import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from coft_fast.config import Config, ConfigError
-from coft_fast.pseudo.transductive import TextPrior, transclip, transclip_dense
+from coft_fast.pseudo.transductive import TextPrior, transclip
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from bench_transductive import transclip_dense  # noqa: E402  (the dense reference)
 
 
 def planted(rows=800, classes=8, dim=128, noise=0.6, seed=0):

@@ -1,5 +1,4 @@
-""":class:`Config`, the whole run configuration, and the values resolved from others before a run
-(:func:`resolve_auto`)."""
+""":class:`Config`, the whole run configuration, and the values resolved from others (:func:`resolve_auto`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +52,7 @@ class Config:
         return apply_file(cls(), path)
 
     def validate(self) -> "Config":
-        """Check values that types alone cannot (coft_fast/config/validation.py); returns self."""
+        """Check values that types alone cannot (validation.py); returns self."""
         validate_config(self)
         return self
 
@@ -68,10 +67,8 @@ class Config:
         return self
 
 
-# ---------------------------------------------------------------------------------------- auto values
 def resolve_filter(cfg: Config) -> Config:
-    """``filter.detector`` and ``filter.rule`` at auto replaced by what they resolve to (in place; see
-    FilterConfig); the pipeline calls it too, for configs that skipped :func:`resolve_auto`."""
+    """``filter.detector`` and ``filter.rule`` at auto resolved in place (the pipeline calls it too)."""
     if cfg.filter.detector == "auto":
         probe = cfg.pseudo.source == "given" and cfg.method == "coft"
         cfg.filter.detector = "probe" if probe else "prompts"
@@ -81,10 +78,7 @@ def resolve_filter(cfg: Config) -> Config:
 
 
 def resolve_auto(cfg: Config, command: str = "train") -> Config:
-    """Replace the values that depend on others by what they resolve to (in place; returns ``cfg``),
-    so that a printed or saved config shows what a run uses: ``zeroshot.templates``,
-    ``filter.detector`` and ``filter.rule`` at auto, and an unset ``phase2.pretrained`` (their fields'
-    comments in sections.py say how; a phase II backbone with random weights is never built by accident)."""
+    """Resolve the auto values and an unset ``phase2.pretrained`` in place, so a saved config shows what runs."""
     if cfg.zeroshot.templates == "auto":
         if command != "zeroshot" and cfg.method == "coft+":
             logging.getLogger("coft_fast").warning(

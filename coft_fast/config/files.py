@@ -1,5 +1,4 @@
-"""Setting fields by dotted key, with the value checked against the field's type; YAML config files;
-and the keys that were removed (a saved run config may still carry them at their old "off" value)."""
+"""Setting fields by dotted key, the value checked against the field's type; YAML files; removed keys."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +34,7 @@ REMOVED_KEYS: Dict[str, Tuple[Tuple[Any, ...], str]] = {
 
 
 def check_removed(key: str, value: Any, explicit: bool) -> bool:
-    """True when ``key`` was removed and ``value`` may be ignored (a saved config's old off value);
-    a ConfigError naming the key and its replacement when the key was set otherwise."""
+    """True when ``key`` was removed and ``value`` is a saved config's old off value; an error when set otherwise."""
     if key not in REMOVED_KEYS:
         return False
     offs, instead = REMOVED_KEYS[key]
@@ -79,14 +77,12 @@ def set_value(cfg: Any, dotted_key: str, value: Any) -> None:
 
 
 def _update(cfg: Any, data: Dict[str, Any], prefix: str) -> None:
-    """Set each key of ``data`` under the section ``prefix`` ("" or "phase1.") of ``cfg``; a removed key
-    at its old off value is skipped (a saved run config may carry it)."""
+    """Set each key of ``data`` under the section ``prefix`` ("" or "phase1.") of ``cfg``."""
     for key, value in data.items():
         if not check_removed(prefix + str(key), value, explicit=False):
             set_value(cfg, prefix + str(key), value)
 
 
-# What a value of each plain type must be, for the error that names the key.
 EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -132,8 +128,7 @@ def _is_number_text(value: Any) -> bool:
 
 
 def read_yaml(path: Union[str, os.PathLike], what: str) -> Any:
-    """What the YAML file ``path`` holds; a ConfigError calling it ``what`` ("config file", "recipe
-    file") when it is missing or not YAML."""
+    """What the YAML file ``path`` holds; a ConfigError calling it ``what`` when it is missing or not YAML."""
     try:
         with open(path, "r", encoding="utf-8") as handle:
             return yaml.safe_load(handle)
@@ -143,18 +138,12 @@ def read_yaml(path: Union[str, os.PathLike], what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
-def config_file_settings(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The mapping a YAML config file holds (an error naming the file when it is not one)."""
+def apply_file(cfg, path: Union[str, os.PathLike]):
+    """Apply a YAML config file over ``cfg`` (the file's keys win); returns ``cfg``."""
     data = read_yaml(path, "config file")
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def apply_file(cfg, path: Union[str, os.PathLike]):
-    """Apply a YAML config file over ``cfg`` (the file's keys win); returns ``cfg``."""
-    data = config_file_settings(path)
     try:
         _update(cfg, data, prefix="")
     except ConfigError as exc:

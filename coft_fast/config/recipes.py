@@ -16,8 +16,7 @@ RECIPE_KEYS = ("recipe", "version", "summary", "config")
 
 @dataclass
 class Recipe:
-    """A named, versioned config shipped with the package (coft_fast/recipes/NAME.yaml): ``config``
-    holds the fields it sets over the defaults, each with a comment saying where its value comes from."""
+    """A recipe: ``settings``, the fields it sets over the defaults (each file comments their sources)."""
 
     name: str
     version: int

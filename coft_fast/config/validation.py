@@ -1,5 +1,4 @@
-"""What types alone cannot check (:meth:`Config.validate`): the allowed values of each key, its bounds,
-and the combinations of keys that cannot run together. Each error is a ConfigError naming the key."""
+"""What types alone cannot check (:meth:`Config.validate`): allowed values, bounds and combinations of keys."""
 from __future__ import annotations
 
 import functools
@@ -65,17 +64,8 @@ def value_of(cfg, key: str) -> Any:
     return functools.reduce(getattr, key.split("."), cfg)
 
 
-def in_interval(value: float, interval: str) -> bool:
-    """Whether ``value`` lies in ``interval``, written as in INTERVALS (false for NaN)."""
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return above and below
-
-
 def validate_config(cfg) -> None:
-    """Raise a ConfigError naming the first key whose value cannot run: each key against its table
-    (CHOICES, MINIMUMS, INTERVALS and BOOLEANS), then the rules that combine keys."""
+    """Raise a ConfigError naming the first key whose value cannot run."""
     for key, allowed in CHOICES.items():
         value = value_of(cfg, key)
         if value not in allowed and not (value is None and key in MAY_BE_NONE):
@@ -86,17 +76,15 @@ def validate_config(cfg) -> None:
             raise ConfigError(f"config key {key!r} must be at least {minimum}, got {value}")
     for key, interval in INTERVALS.items():
         value = value_of(cfg, key)
-        if not in_interval(value, interval):
+        low, high = (float(bound) for bound in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        if not (above and (value <= high if interval[-1] == "]" else value < high)):  # false for NaN
             raise ConfigError(f"config key {key!r} must be in {interval}, got {value}")
     for key in BOOLEANS:
         value = value_of(cfg, key)
         if not isinstance(value, bool):
             raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    _check_combinations(cfg)
-
-
-def _check_combinations(cfg) -> None:
-    """The rules that involve more than one key (or, for the seeds, more than one value)."""
+    # the rules that involve more than one key (or, for the seeds, more than one value)
     if cfg.phase2.head_init == "probe" and cfg.phase2.model:
         raise ConfigError("config key 'phase2.head_init' is probe, which fits the head on the phase I model's "
                           f"features, but phase2.model is {cfg.phase2.model}: use zeroshot or random")

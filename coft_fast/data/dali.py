@@ -1,8 +1,6 @@
-"""Decoding with NVIDIA DALI (nvJPEG on a GPU, CPU operators elsewhere) and its torchvision twin, both
-yielding normalised (B, 3, S, S): evaluation resizes the shorter side to S (bicubic) and centre-crops;
-training does ``"random_resized_crop"`` (area in [scale_min, 1], aspect 3/4..4/3) or ``"deft"`` (shorter
-side to base_size(S), a random S x S crop), each with a random flip. DALI stops on a file it cannot
-read: use it only on files an earlier pass decoded."""
+"""Decoding with NVIDIA DALI (nvJPEG on a GPU) and its torchvision twin, both yielding normalised (B, 3, S, S):
+evaluation resizes (bicubic) and centre-crops; training does ``"random_resized_crop"`` or ``"deft"`` (shorter
+side to base_size(S), a random crop), with a random flip. DALI stops on an unreadable file."""
 from __future__ import annotations
 
 import functools
@@ -52,8 +50,7 @@ def _views(transform, count: int, image) -> torch.Tensor:
 def iterate_torchvision(source: ImageSource, indices: Sequence[int], image_size: int, mean, std, batch_size: int,
                         train: bool = False, scale_min: float = 0.5, num_workers: int = 0, views: int = 1,
                         augment: str = "random_resized_crop") -> Iterator[Batch]:
-    """Batches of ``indices`` in order, decoded by PIL in DataLoader workers; with ``views`` > 1 each image
-    is decoded once and augmented ``views`` times: images (B, views, 3, S, S)."""
+    """Batches of ``indices`` decoded by PIL workers; ``views`` > 1: (B, views, 3, S, S), each image decoded once."""
     transform = torchvision_transform(image_size, mean, std, train, scale_min, augment)
     if views > 1:
         transform = functools.partial(_views, transform, views)  # picklable for DataLoader workers
@@ -64,8 +61,7 @@ def iterate_dali(source: ImageSource, indices: Sequence[int], image_size: int, m
                  train: bool = False, scale_min: float = 0.5, device: torch.device = torch.device("cpu"),
                  seed: int = 0, num_threads: int = 2, shard_id: int = 0, num_shards: int = 1,
                  augment: str = "random_resized_crop") -> Iterator[Batch]:
-    """Batches of ``indices`` (this rank's shard, in the given order) decoded by DALI: on the GPU
-    (``device="mixed"``, nvJPEG) when ``device`` is CUDA, with DALI's CPU operators otherwise."""
+    """Batches of this shard of ``indices`` decoded by DALI (on a CUDA ``device``'s GPU, else on the CPU)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def

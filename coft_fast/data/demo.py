@@ -12,9 +12,7 @@ SPLITS = {"pretrain": 0.4, "pool": 0.3, "test": 0.3}
 
 
 def write_digits(out_dir, image_size: int = 16, seed: int = 0) -> Dict[str, Path]:
-    """Write the 1,797 8x8 digits, upscaled to RGB ``image_size`` PNGs, as ``pretrain/`` (test-bed
-    pre-training), ``pool/`` (the unlabelled pool) and ``test/`` class folders under ``out_dir``
-    (a seeded, stratified 40/30/30 split). Returns the folder of each split."""
+    """The digits as PNG class folders ``pretrain/``, ``pool/``, ``test/`` (a stratified 40/30/30 split)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()

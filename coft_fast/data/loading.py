@@ -1,5 +1,4 @@
-"""Batched, multi-worker decoding of an :class:`ImageSource`: a file that cannot be decoded is left
-out of its batch and recorded (path and reason) in ``source.skipped``."""
+"""Batched, multi-worker decoding of an :class:`ImageSource`; undecodable files go to ``source.skipped``."""
 from __future__ import annotations
 
 import logging
@@ -48,7 +47,7 @@ def decode_rgb(path: str) -> Image.Image:
 
 
 class ImageDataset(Dataset):
-    """Decodes ``source.paths[i]`` with ``transform``; a failure yields ``(None, i, reason)``."""
+    """``source.paths[i]`` decoded and transformed; a failure yields ``(None, i, reason)``."""
 
     def __init__(self, source: ImageSource, transform: Callable, indices: Optional[Sequence[int]] = None):
         self.source = source
@@ -82,8 +81,7 @@ def collate_skipping_failures(items) -> Batch:
 
 def epoch_order(count: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
                 drop_last: bool = False) -> torch.Tensor:
-    """Positions 0..count-1 for one pass (shuffled by ``generator``); with ``drop_last`` only whole
-    batches (so a compiled model never sees a second shape), unless there is less than one batch."""
+    """Positions 0..count-1 for one pass (shuffled); ``drop_last``: whole batches only, if there is one."""
     order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
     return order[: steps_per_epoch(count, batch_size, drop_last) * batch_size] if drop_last else order
 

@@ -1,6 +1,4 @@
-"""Training images decoded once into memory (uint8), a little above the model's input size but never
-above their own, and augmented per batch by matrix products that resample as PIL's bicubic does.
-Sharpness matters: bilinear crops, or small images stored upscaled, cost 2 to 3 points on CIFAR-10."""
+"""Training images decoded once into memory (uint8) and augmented per batch by matrices resampling as PIL's bicubic."""
 from __future__ import annotations
 
 import math
@@ -49,9 +47,8 @@ class ResidentImages:
 
     def train_batch(self, rows: torch.Tensor, generator: torch.Generator, scale_min: float = 0.5,
                     keep: slice = slice(None), augment: str = "random_resized_crop") -> torch.Tensor:
-        """Normalised crops (n, 3, S, S), randomly flipped: ``"random_resized_crop"`` (area in [scale_min, 1],
-        aspect 3/4..4/3) or ``"deft"`` (Resize(256) -> RandomCrop(224): a square of side S * B / base_size(S)
-        of the stored side B at a whole-pixel offset). All ``rows``' crops are drawn, ``rows[keep]``'s cut."""
+        """Normalised, randomly flipped crops (n, 3, S, S): ``"random_resized_crop"`` or ``"deft"`` (Resize(256) ->
+        RandomCrop(224) at a whole-pixel offset). All ``rows``' crops are drawn, ``rows[keep]``'s cut."""
         n, b, s = len(rows), self.base_size, self.image_size
         if augment == "deft":
             side = torch.full((n,), b * s / base_size(s), dtype=torch.float64).clamp(max=b)
@@ -82,9 +79,7 @@ class ResidentImages:
     def epoch_batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator, scale_min: float,
                       views: int = 1, shuffle: bool = True, drop_last: bool = False,
                       augment: str = "random_resized_crop"):
-        """One pass over ``rows`` (shuffled by ``generator``): yields (augmented images, or a tuple of
-        ``views`` augmentations, positions in ``rows``); ``drop_last`` keeps whole batches only. In a
-        distributed run the images are this rank's part of the batch, cut as one process would cut them."""
+        """One pass over ``rows``: (augmented images, or a tuple of ``views``, positions in ``rows``) per batch."""
         order = epoch_order(len(rows), batch_size, generator, shuffle, drop_last)
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
@@ -99,8 +94,7 @@ def base_size(image_size: int) -> int:
 
 
 def stored_side(paths: Sequence[str], image_size: int) -> int:
-    """``base_size``, lowered to the median short side of SIZE_PROBES of ``paths`` (headers only) when
-    smaller (upscaling before cropping only blurs), but never below ``image_size``."""
+    """``base_size``, lowered to the median short side of a sample of ``paths`` (never below ``image_size``)."""
     step = max(1, len(paths) // SIZE_PROBES)
     sides = []
     for path in paths[::step][:SIZE_PROBES]:
@@ -122,8 +116,7 @@ def cubic(x: torch.Tensor, a: float = CUBIC_A) -> torch.Tensor:
 
 
 def resample_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
-    """(n, out_size, in_size) matrices resampling [start, start + length) of ``in_size`` pixels to ``out_size``
-    as PIL's crop-then-resize: kernel stretched when shrinking, taps outside the span dropped, renormalised."""
+    """(n, out_size, in_size) matrices resampling [start, start + length) to ``out_size`` as PIL's crop-then-resize."""
     start, length = start.double(), length.double()  # the matrices are built on start's device
     scale = length / out_size
     stretch = scale.clamp(min=1.0)

@@ -1,5 +1,4 @@
-"""Image sources (class folders, flat folders, CSV files, CoOp split JSON) as :class:`ImageSource`;
-input problems raise :class:`DataError` before any image is decoded."""
+"""Image sources (class folders, flat folders, CSV files, CoOp split JSON); problems raise :class:`DataError`."""
 from __future__ import annotations
 
 import csv
@@ -93,19 +92,14 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p))
-
-
 def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> ImageSource:
-    """A folder of class sub-folders (labelled; matched to ``class_names`` ignoring case, '_' and '-', or
-    their sorted names are the classes) or a flat folder of images (unlabelled)."""
+    """A folder of class sub-folders (matched to ``class_names`` ignoring case, '_' and '-') or of images."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
-    found = {d: images for d in subdirs if (images := _images_under(d))}  # the class folders and their images
+    found = {d: images for d in subdirs if (images := sorted(p for p in d.rglob("*") if p.is_file() and _is_image(p)))}
     if found and loose:
         raise DataError(f"{root} mixes class sub-folders ({', '.join(d.name for d in list(found)[:3])}...) with "
                         f"{len(loose)} loose images: use one layout (class sub-folders, or a flat folder)")
@@ -132,8 +126,7 @@ def from_folder(root: PathLike, class_names: Optional[Sequence[str]] = None) -> 
 
 
 def from_csv(csv_path: PathLike, class_names: Sequence[str]) -> ImageSource:
-    """A CSV of ``path[,label]`` rows (optional header ``path,label``); paths relative to the CSV's
-    folder; a label is a class name, a class index, or empty (unlabelled)."""
+    """A CSV of ``path[,label]`` rows (paths relative to it; a label: a class name or index, or empty)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"CSV file not found: {csv_path}")
@@ -255,8 +248,7 @@ def require_labels(source: ImageSource, purpose: str) -> None:
 
 
 def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
-    """(the pool with the labelled ``shots`` it lacks appended, each position's shot label or -1).
-    An image in both (same real path) keeps its pool label for diagnostics and trains on the shot's."""
+    """(the pool with the ``shots`` it lacks appended, each position's shot label or -1)."""
     if list(shots.class_names) != list(pool.class_names):
         raise DataError(f"{shots.origin}: the labelled shots have classes {shots.class_names[:5]}..., "
                         f"not the pool's {pool.class_names[:5]}...")
@@ -277,8 +269,7 @@ def add_shots(pool: ImageSource, shots: ImageSource) -> tuple:
 
 
 def combine_sources(sources: Sequence[ImageSource], classes_given: bool = False) -> ImageSource:
-    """One source from several, their images in order. Without ``classes_given`` all must have the
-    same classes; with it, each class needs images in some source. A file in two sources is an error."""
+    """One source from several with the same classes (``classes_given``: each class needs images somewhere)."""
     if not sources:
         raise DataError("no image sources given")
     first = sources[0]

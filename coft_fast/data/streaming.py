@@ -1,5 +1,4 @@
-"""Choosing a decoder, evaluation batches, and training images decoded anew every epoch
-(:class:`StreamedImages`, with the ``epoch_batches`` of :class:`ResidentImages`)."""
+"""Choosing a decoder, evaluation batches, and training images decoded anew every epoch."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Sequence
@@ -29,8 +28,7 @@ def resolve_decoder(name: str, device: torch.device) -> str:
 def eval_batches(source: ImageSource, indices: Optional[Sequence[int]], preprocess, batch_size: int,
                  num_workers: int = 0, decoder: str = "pil", stats: Optional[tuple] = None,
                  device: torch.device = torch.device("cpu")) -> Iterator[Batch]:
-    """Evaluation batches of ``indices`` in order: PIL with the model's ``preprocess``, or DALI (only on
-    files an earlier pass decoded) resizing, centre-cropping and normalising by ``stats`` = (size, mean, std)."""
+    """Evaluation batches of ``indices``: PIL with ``preprocess``, or DALI with ``stats`` = (size, mean, std)."""
     if decoder == "dali":
         if stats is None:
             raise ValueError("eval_batches: the DALI decoder needs stats=(image_size, mean, std)")
@@ -56,7 +54,6 @@ class StreamedImages:
 
     def _decode(self, rows: torch.Tensor, batch_size: int, scale_min: float, seed: int, views: int = 1,
                 augment: str = "random_resized_crop"):
-        """Augmented batches of ``rows`` in order: images (B, 3, S, S), or (B, views, 3, S, S) for PIL views."""
         indices = self.positions[rows].tolist()
         args = (self.source, indices, self.image_size, self.mean, self.std, batch_size)
         if self.decoder == "dali":
@@ -82,7 +79,7 @@ class StreamedImages:
                  for seed in torch.randint(0, 2**31 - 1, (views,), generator=generator).tolist()]
         batches = list(torch.split(order, batch_size))
         parts = [batch[batch_part(len(batch)).rows] for batch in batches]
-        # every part but the last has the size of the first, so decoding in chunks of it gives the parts back
+        # every part but the last has the size of the first: decoding in chunks of it gives the parts back
         local, part_size = (torch.cat(parts), len(parts[0])) if parts else (order, batch_size)
         if self.decoder == "dali":  # one pipeline a view (each decodes the files again)
             streams = zip(*[self._decode(rows[local], part_size, scale_min, seed, augment=augment) for seed in seeds])

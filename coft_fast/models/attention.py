@@ -1,10 +1,6 @@
-"""A faster way through open_clip's ``nn.MultiheadAttention`` blocks, exact to rounding.
-
-With ``batch_first=True`` the module transposes its input to a (L, N, E) view, whose input projection
-becomes a batched matmul against a per-token copy of the weight; a contiguous (L, N, E) copy keeps it
-one matrix product. On CPUs, bf16 autocast speeds up the matrix products but the flash-attention
-backward is much slower in bf16, so the attention can stay in float32 there (``float32=True``).
-"""
+"""A faster way through open_clip's batch-first ``nn.MultiheadAttention``, exact to rounding: a contiguous
+(L, N, E) copy keeps the input projection one matrix product. On CPUs the attention can stay in float32 under
+bf16 autocast (``float32=True``), whose flash-attention backward is much slower in bf16."""
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +40,7 @@ class Float32Attention(BatchMajorAttention):
 
 
 def use_batch_major_attention(model: nn.Module, float32: bool = False) -> int:
-    """Switch every batch-first ``nn.MultiheadAttention`` in ``model`` to :class:`BatchMajorAttention`
-    (or :class:`Float32Attention`); parameters and state dict keys are unchanged. Returns how many."""
+    """Switch ``model``'s batch-first attention modules to :class:`BatchMajorAttention`; returns how many."""
     modules = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m.batch_first]
     for module in modules:
         module.__class__ = Float32Attention if float32 else BatchMajorAttention

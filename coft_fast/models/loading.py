@@ -1,13 +1,7 @@
-"""Loading CLIP models through open_clip: by name and pre-trained tag, by checkpoint path, or by folder.
-
-Supported forms of (name, pretrained):
-- ("ViT-B-16", "openai"): an open_clip name with a pre-trained tag, downloaded on first use;
-- ("ViT-B-16", "/path/to/checkpoint.pt"): a local checkpoint (open_clip state dict, safetensors,
-  or OpenAI's TorchScript file);
-- ("local-dir:/path", None): open_clip's folder format, ``open_clip_config.json`` plus weights;
-- ("ViT-B-16", None): random initialisation (speed studies, tests).
-OpenAI weights were trained with QuickGELU; it is switched on for them automatically.
-"""
+"""Loading CLIP models through open_clip. (name, pretrained): ("ViT-B-16", "openai"), a name and a tag,
+downloaded on first use; ("ViT-B-16", "/path/to/checkpoint.pt"), a local checkpoint (open_clip, safetensors
+or OpenAI's TorchScript); ("local-dir:/path", None), open_clip's folder format; ("ViT-B-16", None), random
+weights. QuickGELU is switched on for OpenAI weights."""
 from __future__ import annotations
 
 import copy
@@ -40,7 +34,6 @@ class ClipModel:
     preprocess_eval: Callable
     name: str
     pretrained: Optional[str]
-    # open_clip's architecture config as built: what rebuilds the model without its source (inference.load_run)
     model_cfg: Optional[Dict[str, Any]] = None
 
     @property
@@ -58,7 +51,7 @@ class ClipModel:
 
 
 def is_torchscript_archive(path: str) -> bool:
-    """OpenAI's released checkpoints are TorchScript archives (a zip holding code/ and constants.pkl)."""
+    """Whether ``path`` is a TorchScript archive (as OpenAI's checkpoints are)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -78,33 +71,26 @@ def needs_quick_gelu(name: str, pretrained: Optional[str]) -> bool:
 
 
 def _local_dir(name: str) -> Optional[Path]:
-    """The folder of a ``local-dir:`` model name, else None."""
     return Path(name[len(LOCAL_DIR_PREFIX):]) if name.startswith(LOCAL_DIR_PREFIX) else None
 
 
-def _check_source(name: str, pretrained: Optional[str]) -> None:
+def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device | str = "cpu",
+              quick_gelu: Optional[bool] = None, cache_dir: Optional[str] = None) -> ClipModel:
+    """An open_clip model in eval mode on ``device``; see the module docstring for the forms."""
     folder = _local_dir(name)
     if folder is not None:
         if not (folder / "open_clip_config.json").is_file():
             raise WeightsUnavailableError(
                 f"model {name!r}: {folder} is not an open_clip model folder (expected open_clip_config.json "
                 f"and a weights file such as open_clip_model.safetensors inside it)")
-        return
-    if open_clip.get_model_config(name) is None:
+        pretrained = None
+    elif open_clip.get_model_config(name) is None:
         raise ValueError(f"unknown open_clip model name {name!r}; see open_clip.list_models() for the choices")
-    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained) and not os.path.isfile(pretrained):
+    elif pretrained and not open_clip.get_pretrained_cfg(name, pretrained) and not os.path.isfile(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise WeightsUnavailableError(
             f"pretrained {pretrained!r} for model {name!r} is neither a known open_clip tag "
             f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file")
-
-
-def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device | str = "cpu",
-              quick_gelu: Optional[bool] = None, cache_dir: Optional[str] = None) -> ClipModel:
-    """Build an open_clip model in eval mode on ``device``; see the module docstring for the forms."""
-    _check_source(name, pretrained)
-    if _local_dir(name) is not None:
-        pretrained = None
     force_quick_gelu = needs_quick_gelu(name, pretrained) if quick_gelu is None else quick_gelu
     try:
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
@@ -124,7 +110,7 @@ def load_clip(name: str, pretrained: Optional[str] = None, device: torch.device 
 
 
 def architecture_config(name: str, quick_gelu: bool) -> Dict[str, Any]:
-    """open_clip's model config of ``name`` (a built-in name or a local-dir folder), as built."""
+    """open_clip's model config of ``name`` as built: what rebuilds the model without its source."""
     folder = _local_dir(name)
     if folder is not None:
         config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))["model_cfg"]

@@ -1,9 +1,4 @@
-"""CoFT+'s momentum contrast: an EMA copy of the visual encoder, an optional projection, a key queue.
-
-Queries come from the trained encoder (plus the projection), keys from the momentum copy, updated
-as theta_m <- mu * theta_m + (1 - mu) * theta with one fused ``torch._foreach_lerp_`` call. The
-queue and its pointer are buffers, so they are part of ``state_dict()`` and resume from checkpoints.
-"""
+"""CoFT+'s momentum contrast: an EMA copy of the visual encoder, an optional projection, a key queue."""
 from __future__ import annotations
 
 import copy
@@ -28,8 +23,7 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
 
 
 class MomentumContrast(nn.Module):
-    """The momentum key encoder (+ projection) of ``encoder``, and a FIFO queue of past keys.
-    ``gather`` collects the keys of all ranks before they are queued (the identity in one process)."""
+    """The momentum key encoder (+ projection) of ``encoder`` and a FIFO queue of every rank's (``gather``) keys."""
 
     def __init__(self, encoder: nn.Module, dim: int, queue_size: int, momentum: float, projection_dim: int = 0,
                  seed: int = 0, gather: Callable[[torch.Tensor], torch.Tensor] = lambda keys: keys):

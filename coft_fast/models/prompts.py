@@ -1,10 +1,6 @@
-"""CoOp-style dual prompts on open_clip's text tower: shared positive and negative context vectors.
-
-prompt = [SOS] V_1..V_M <class-name tokens> "." [EOS]: the embeddings of M placeholder tokens are
-replaced by learned context vectors (class token last). Positive and negative prompts of all C
-classes go through the frozen text encoder in ONE batched call, on a token sequence cut right after
-the longest prompt's end-of-text token: exact, because the text tower is causal and pools at EOT.
-"""
+"""CoOp-style dual prompts: [SOS] V_1..V_M <class name> "." [EOS], the M context vectors learned (shared
+positive and negative ones). All 2C prompts go through the frozen text tower in one call, cut after the
+longest prompt's end-of-text token (exact: the tower is causal and pools there)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence, Tuple
@@ -41,8 +37,7 @@ class DualPromptLearner(nn.Module):
         check_dual_prompts_fit(tokenizer, class_names, n_ctx, int(clip_model.context_length))
         tokens = tokenizer(prompt_texts(class_names, n_ctx))  # (C, L)
         eot = tokens.argmax(dim=-1)  # EOT has the highest token id
-        # joint: all 2C prompts in one call, cut after the last end-of-text token (exact: the tower is causal);
-        # else the research code's two calls over the full context (the naive baseline)
+        # not joint: the research code's two calls over the full context (the naive baseline)
         self.joint = joint
         cut = int(eot.max()) + 1 if joint else tokens.shape[1]
         with torch.no_grad():
@@ -55,7 +50,6 @@ class DualPromptLearner(nn.Module):
         ctx = torch.empty(2, n_ctx, width).normal_(0.0, init_std, generator=generator)
         self.ctx_pos = nn.Parameter(ctx[0].clone())
         self.ctx_neg = nn.Parameter(ctx[1].clone())
-        # the frozen text encoder; kept out of this module's parameters and state dict
         self._encoder = [clip_model]
 
     def prompt_embeddings(self) -> torch.Tensor:

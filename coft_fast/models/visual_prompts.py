@@ -1,10 +1,6 @@
-"""Deep visual prompt tuning (VPT-deep) for open_clip ViT visual towers, without changing their code.
-
-Each transformer block i has its own N learnable tokens, appended after the class and patch tokens
-in place of block i-1's, so the sequence stays 1 + patches + N; after the last block they are
-dropped, so pooling and ``ln_post`` see the usual sequence (N = 0: the frozen tower itself). Forward
-hooks inject them while :meth:`VisualPrompts.applied` is active: one frozen tower serves several models.
-"""
+"""Deep visual prompt tuning (VPT-deep) for open_clip ViT towers: each block has its own N tokens, appended
+in place of the previous block's and dropped after the last, injected by hooks while
+:meth:`VisualPrompts.applied` is active (one frozen tower serves several models)."""
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +45,7 @@ class VisualPrompts(nn.Module):
         n = self.num_tokens
 
         def add_prompts(index: int, token_dim: int):
-            """A pre-hook appending block ``index``'s prompts along ``token_dim``, after dropping those
-            the previous block saw (index > 0)."""
+            """A pre-hook appending block ``index``'s prompts along ``token_dim`` in place of the previous ones."""
 
             def hook(module, args, kwargs):
                 x = args[0]

@@ -1,5 +1,4 @@
-"""The public ops. Each has a plain-torch reference (the ground truth and CPU path) and a fast path:
-Triton kernels (``coft_fast.kernels``) or the C++/CUDA extension (``coft_fast._C``)."""
+"""The public ops: plain-torch references, Triton kernels (``coft_fast.kernels``) and ``coft_fast._C``."""
 from coft_fast.ops.dual_prompt import clean_probability, dual_prompt_loss
 from coft_fast.ops.pseudo_label import PseudoLabelStats, agreement_matrix, class_balanced_topk, pseudo_label_stats
 from coft_fast.ops.queue_loss import enqueue, enqueue_, queue_info_nce

@@ -22,8 +22,7 @@ def check_matrix(name: str, tensor, columns: Optional[int] = None, dtypes: Seque
 
 def check_labels(name: str, labels, rows: Optional[int] = None, num_classes: Optional[int] = None,
                  check_range: bool = True) -> None:
-    """An int64 tensor of shape (``rows``,) (any length when None); with ``num_classes`` and ``check_range``
-    also its values, read on the host (a GPU sync; skipped under torch.compile, where it breaks the graph)."""
+    """An int64 tensor of shape (``rows``,); with ``num_classes`` and ``check_range``, in range (a host sync)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:
@@ -49,8 +48,7 @@ def check_same_dtype(**tensors) -> None:
 
 
 def check_op_inputs(backend: str, **matrices) -> None:
-    """The ops' common checks: ``backend``, then 2-D float ``matrices`` with the first one's columns (the
-    feature size), the first (the batch) not empty."""
+    """``backend``, then 2-D float ``matrices`` with the first one's columns, the first not empty."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     (batch, first), *others = matrices.items()
@@ -81,8 +79,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def use_triton(backend: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> bool:
-    """Dispatch: "reference" never, "triton" always (the kernel wrapper raises when it cannot run),
-    "auto" on CUDA tensors of the dtypes the kernels take (float64 stays on the reference)."""
+    """"triton" always, "auto" on CUDA tensors of the dtypes the kernels take, else never."""
     if backend in ("reference", "eager"):
         return False
     if backend == "triton":
@@ -95,6 +92,5 @@ def use_triton(backend: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> bool
 
 
 def no_autocast(tensor: torch.Tensor):
-    """The references compute in float32 or wider even when called under autocast (which would
-    otherwise run their matmuls in half precision)."""
+    """Autocast off: the references compute in float32 or wider."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)

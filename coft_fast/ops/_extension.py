@@ -1,9 +1,4 @@
-"""Loads ``coft_fast._C``, the C++/CUDA extension whose import registers ``torch.ops.coft_fast.*``.
-
-The README install builds it with the CPU kernels. An unbuilt checkout (or a build against another
-torch) imports fine, but the ops that need the extension raise an ImportError saying how to build
-it: there is no silent fallback to the slow reference implementations.
-"""
+"""Loads ``coft_fast._C`` (``torch.ops.coft_fast.*``); without it, its ops raise an error saying how to build it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -40,7 +35,7 @@ def has_cuda_kernels() -> bool:
 
 
 def require(op: str, device: torch.device) -> None:
-    """Raise a clear error when ``op`` cannot run on ``device`` with this build (not while torch.compile traces)."""
+    """Raise a clear error when ``op`` cannot run on ``device`` with this build."""
     if torch.compiler.is_compiling():
         return
     if not available():

@@ -1,11 +1,7 @@
-"""The dual-prompt head of CoFT phase I: positive/negative logits, the L1 + lambda * L2 loss, and p_clean.
-
-Inputs are already L2-normalised; ``logit_scale`` is the multiplier exp(model.logit_scale).
-s+ = logit_scale * x @ pos_text.T, s- = logit_scale * x @ neg_text.T,
-p_clean(k) = sigmoid(s+_k - s-_k), L1 = CE(s+, y), L2 = -[log p_clean(y) + log(1 - p_clean(yc))].
-Only the label and complement columns of s- enter L2, so neither path forms the N x C negative
-logits. Paths (``backend``): ``dual_prompt_loss_reference`` (plain torch, the CPU path and ground
-truth) and ``coft_fast.kernels.dual_prompt`` (Triton: one pass over pos_text, an online log-sum-exp).
+"""The dual-prompt head of CoFT phase I on L2-normalised inputs (``logit_scale``: exp(model.logit_scale)):
+s+ = logit_scale * x @ pos_text.T, s- = logit_scale * x @ neg_text.T, p_clean(k) = sigmoid(s+_k - s-_k),
+L1 = CE(s+, y), L2 = -[log p_clean(y) + log(1 - p_clean(yc))]. Only the label and complement columns of
+s- enter L2, so neither the reference (plain torch) nor the Triton path forms the N x C negative logits.
 """
 from __future__ import annotations
 
@@ -34,41 +30,29 @@ def _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, c
 
 
 def dual_prompt_loss_reference(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
-                               detach_image_in_neg=False, detach_pos_in_l2=False) -> Tuple[torch.Tensor, ...]:
-    """Plain-torch ground truth (computed in float32 or wider, also under autocast)."""
+                               detach_image_in_neg=False, detach_pos_in_l2=False,
+                               unfused=False) -> Tuple[torch.Tensor, ...]:
+    """Plain-torch ground truth (in float32 or wider, also under autocast). ``unfused``: DEFT's formulation
+    (both N x C logit matrices, a two-way log-softmax per class), the "eager" baseline."""
     compute = torch.promote_types(image_feats.dtype, torch.float32)
     with no_autocast(image_feats):
         x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
-        positive = logit_scale * (x @ pos.T)  # (N, C)
-        l1 = F.cross_entropy(positive, labels)
         x_neg = x.detach() if detach_image_in_neg else x
+        rows = torch.arange(x.shape[0], device=x.device)
+        positive = logit_scale * x @ pos.T if unfused else logit_scale * (x @ pos.T)
         positive_l2 = positive.detach() if detach_pos_in_l2 else positive
-        # only the label and complement columns of the negative logits enter L2
-        rows = torch.arange(x.shape[0], device=x.device)
-        margin_y = positive_l2[rows, labels] - logit_scale * (x_neg * neg[labels]).sum(-1)
-        margin_c = positive_l2[rows, complement_labels] - logit_scale * (x_neg * neg[complement_labels]).sum(-1)
-        # -log sigmoid(m) = softplus(-m);  -log(1 - sigmoid(m)) = softplus(m)
-        l2 = (F.softplus(-margin_y) + F.softplus(margin_c)).mean()
-        return l1 + lam * l2, l1, l2
-
-
-def dual_prompt_loss_eager(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
-                           detach_image_in_neg=False, detach_pos_in_l2=False) -> Tuple[torch.Tensor, ...]:
-    """DEFT's unfused formulation (both N x C logit matrices, a two-way log-softmax per class): the baseline."""
-    compute = torch.promote_types(image_feats.dtype, torch.float32)
-    with no_autocast(image_feats):
-        x, pos, neg = image_feats.to(compute), pos_text.to(compute), neg_text.to(compute)
-        positive = logit_scale * x @ pos.T
-        negative = logit_scale * (x.detach() if detach_image_in_neg else x) @ neg.T
+        if unfused:
+            pair = torch.stack([positive_l2, logit_scale * x_neg @ neg.T], dim=-1).log_softmax(-1)
+            l2 = -(pair[rows, labels, 0] + pair[rows, complement_labels, 1]).mean()
+        else:  # -log sigmoid(m) = softplus(-m);  -log(1 - sigmoid(m)) = softplus(m)
+            margin_y = positive_l2[rows, labels] - logit_scale * (x_neg * neg[labels]).sum(-1)
+            margin_c = positive_l2[rows, complement_labels] - logit_scale * (x_neg * neg[complement_labels]).sum(-1)
+            l2 = (F.softplus(-margin_y) + F.softplus(margin_c)).mean()
         l1 = F.cross_entropy(positive, labels)
-        pair = torch.stack([positive.detach() if detach_pos_in_l2 else positive, negative], dim=-1).log_softmax(-1)
-        rows = torch.arange(x.shape[0], device=x.device)
-        l2 = -(pair[rows, labels, 0] + pair[rows, complement_labels, 1]).mean()
         return l1 + lam * l2, l1, l2
 
 
-# ------------------------------------------------------------------- the Triton path as custom ops
-# torch.compile sees each as one node (GPU kernels or the interpreter inside), traced with fake kernels.
+# the Triton path as custom ops: torch.compile sees each as one node, traced with fake kernels
 
 @torch.library.custom_op("coft_fast::dual_prompt_loss", mutates_args=())
 def _dual_prompt_op(
@@ -76,8 +60,7 @@ def _dual_prompt_op(
     complement_labels: torch.Tensor, scale: Optional[torch.Tensor], scale_value: float, lam: float,
     detach_image_in_neg: bool, detach_pos_in_l2: bool, splits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels, at logit scale ``scale`` (0-dim, read on the
-    device) or, when None, ``scale_value``; the detach flags matter to the backward only."""
+    """(loss, l1, l2, lse, p_y, p_c) of the Triton kernels at logit scale ``scale`` (0-dim) or ``scale_value``."""
     from coft_fast.kernels.dual_prompt import dual_forward_triton
 
     return dual_forward_triton(image_feats, pos_text, neg_text, labels, complement_labels,
@@ -161,8 +144,7 @@ def _split_scale(scale, like: torch.Tensor):
 
 def dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels, logit_scale, lam=1.0,
                             detach_image_in_neg=False, detach_pos_in_l2=False, splits=None):
-    """The Triton path: (loss, l1, l2), fp32 0-dim. ``logit_scale``: a float or a 0-dim tensor on the
-    features' device. ``splits`` (tests only) fixes how many column slices the forward uses."""
+    """The Triton path: (loss, l1, l2), fp32 0-dim; ``splits`` (tests only) fixes the forward's column slices."""
     from coft_fast.kernels.dual_prompt import _check_inputs
 
     _check_inputs(image_feats, pos_text, neg_text)
@@ -185,20 +167,16 @@ def dual_prompt_loss(
     complement_labels: torch.Tensor, logit_scale, lam: float = 1.0, detach_image_in_neg: bool = False,
     detach_pos_in_l2: bool = False, backend: str = "auto", check_label_range: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, l1, l2), each 0-dim: loss = l1 + lam * l2 (see the module docstring). ``detach_image_in_neg``
-    stops gradients to image_feats through s-; ``detach_pos_in_l2`` treats s+ in l2 as constant (DEFT: both).
-    ``backend``: "auto" (Triton on CUDA tensors, reference elsewhere), "triton", "reference" or
-    "eager" (the unfused N x C formulation). ``check_label_range`` reads the labels' range on the host
-    (a synchronisation); a training loop that checked its labels once passes False."""
+    """(loss, l1, l2), each 0-dim: loss = l1 + lam * l2. ``detach_image_in_neg`` stops gradients to image_feats
+    through s-; ``detach_pos_in_l2`` treats s+ in l2 as constant (DEFT: both). ``backend``: "auto" (Triton on
+    CUDA tensors), "triton", "reference" or "eager" (unfused). ``check_label_range=False`` skips the host sync."""
     scale = _check_head(image_feats, pos_text, neg_text, labels, logit_scale, backend, complement_labels,
                         check_label_range)
-    path = dual_prompt_loss_reference
-    if backend == "eager":
-        path = dual_prompt_loss_eager
-    elif use_triton(backend, image_feats, image_feats.dtype):
-        path = dual_prompt_loss_triton
-    return path(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam, detach_image_in_neg,
-                detach_pos_in_l2)
+    if use_triton(backend, image_feats, image_feats.dtype):
+        return dual_prompt_loss_triton(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
+                                       detach_image_in_neg, detach_pos_in_l2)
+    return dual_prompt_loss_reference(image_feats, pos_text, neg_text, labels, complement_labels, scale, lam,
+                                      detach_image_in_neg, detach_pos_in_l2, unfused=backend == "eager")
 
 
 def clean_probability_reference(image_feats, pos_text, neg_text, labels, logit_scale) -> torch.Tensor:

@@ -1,11 +1,6 @@
-"""The run-wide numerics switches behind ``run.tf32`` and ``run.deterministic``, for torch and the kernels.
-
-TF32 applies to torch's float32 matmuls and convolutions and to the Triton kernels' float32 dots
-("tf32" against "tf32x3"); under autocast (the default on CUDA) matmuls are bf16 anyway.
-Deterministic algorithms (also on when the caller switched them on) make the kernels use one fixed
-config instead of autotuning and a GEMM instead of atomic adds, so a resumed run repeats bitwise on
-the same GPU model.
-"""
+"""``run.tf32`` (torch's float32 matmuls and convolutions, the Triton kernels' float32 dots) and
+``run.deterministic`` (the kernels use one fixed config and a GEMM instead of atomic adds, so a resumed
+run repeats bitwise on the same GPU model)."""
 from __future__ import annotations
 
 import os
@@ -14,8 +9,7 @@ import torch
 
 
 def set_tf32(enabled: bool) -> None:
-    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions; nothing is touched when the
-    setting is already in force (torch's default: no TF32), so code reading the legacy flags still works."""
+    """Allow (or forbid) TF32; nothing is touched when the setting is already in force (legacy flags stay)."""
     from coft_fast.kernels import tf32_enabled
 
     if tf32_enabled() == enabled:
@@ -34,8 +28,7 @@ def set_tf32(enabled: bool) -> None:
 
 
 def set_numerics(tf32: bool, deterministic: bool) -> None:
-    """Apply ``run.tf32`` and ``run.deterministic``. ``deterministic=False`` leaves a deterministic mode
-    the caller switched on as it is."""
+    """Apply ``run.tf32`` and ``run.deterministic`` (False leaves a caller's deterministic mode on)."""
     set_tf32(tf32)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to repeat itself

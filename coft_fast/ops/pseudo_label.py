@@ -1,12 +1,7 @@
-"""Pseudo-label statistics, class-balanced top-K selection, and label agreement counts.
-
-Each op pairs a plain-torch ``*_reference`` (the tests' ground truth) with the public function, which
-runs the deterministic C++/CUDA kernels of ``coft_fast._C`` (``torch.ops.coft_fast.*``, csrc/; they
-check their inputs, naming the argument); the fake implementations let torch.compile trace them.
-Shared semantics: logits are taken in float32; the label is the first index of the row maximum; the
-confidence is its softmax probability; confidence bins are floor(confidence * num_bins) in float32,
-1.0 in the last bin. Rows with NaN or +inf, or only -inf, are rejected (-inf entries are allowed).
-"""
+"""Pseudo-label statistics, class-balanced top-K selection and label agreement counts: the deterministic
+C++/CUDA kernels of ``coft_fast._C`` (csrc/; the tests hold plain-torch references), with fake kernels.
+Logits are taken in float32; the label is the first index of the row maximum, the confidence its softmax
+probability, binned as floor(confidence * num_bins). Rows with NaN, +inf or only -inf are rejected."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
@@ -25,7 +20,6 @@ class PseudoLabelStats(NamedTuple):
 
 
 def _check_logits(logits, num_bins: int) -> None:
-    """What the reference and the fake kernel check (the number of columns aside)."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D (N, C) tensor, got {got}")
@@ -35,27 +29,7 @@ def _check_logits(logits, num_bins: int) -> None:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
 
 
-def pseudo_label_stats_reference(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelStats:
-    _check_logits(logits, num_bins)
-    if logits.shape[1] < 1:
-        raise ValueError(f"logits must have at least one class column, got shape {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    x = logits.float()
-    probabilities = x.softmax(dim=1)
-    if probabilities.isnan().any():
-        raise ValueError("logits must be finite (no NaN or +inf, and not a row of only -inf)")
-    # arg-max of the logits themselves (torch.argmax returns the first maximal index): the softmax
-    # arg-max in exact arithmetic, without ties that rounding of the probabilities could create
-    labels = x.argmax(dim=1) if x.shape[0] else torch.zeros(0, dtype=torch.int64, device=x.device)
-    confidence = probabilities.gather(1, labels[:, None]).squeeze(1)
-    counts = torch.bincount(labels, minlength=num_classes)
-    bins = (confidence * num_bins).long().clamp_(0, num_bins - 1)
-    hist = torch.bincount(labels * num_bins + bins, minlength=num_classes * num_bins).view(num_classes, num_bins)
-    return PseudoLabelStats(labels, confidence, counts, hist)
-
-
 def _check_topk_args(labels, scores, k: int, num_classes: int) -> None:
-    """What class_balanced_topk's reference and fake kernel check (not the values)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     check_labels("labels", labels)
@@ -66,39 +40,6 @@ def _check_topk_args(labels, scores, k: int, num_classes: int) -> None:
         raise ValueError(f"k must be >= 0, got {k}")
 
 
-def class_balanced_topk_reference(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per class the indices of its k best-scoring samples (ties: lower index first), ordered by class
-    then by descending score; and the (C,) count each class got."""
-    _check_topk_args(labels, scores, k, num_classes)
-    check_labels("labels", labels, num_classes=num_classes)
-    if scores.isnan().any():
-        raise ValueError("scores must not contain NaN")
-    # sort by (class, -score, index): stable sorts, least significant key first
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(labels[order], stable=True)]
-    sorted_labels = labels[order]
-    counts_all = torch.bincount(labels, minlength=num_classes)
-    starts = torch.cumsum(counts_all, 0) - counts_all
-    rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
-    chosen = order[rank < k]
-    return chosen, torch.clamp(counts_all, max=k)
-
-
-def agreement_matrix_reference(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes: int,
-                               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs, over the rows where ``mask`` is true."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    check_labels("labels_a", labels_a, num_classes=num_classes)
-    check_labels("labels_b", labels_b, labels_a.shape[0], num_classes)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != labels_a.shape:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(labels_a.shape)}")
-        labels_a, labels_b = labels_a[mask], labels_b[mask]
-    pairs = labels_a * num_classes + labels_b
-    return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
 def _check_tensors(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, torch.Tensor):
@@ -106,17 +47,14 @@ def _check_tensors(**values) -> None:
 
 
 def pseudo_label_stats(logits: torch.Tensor, num_bins: int = 10) -> PseudoLabelStats:
-    """Arg-max labels, confidences, per-class counts and confidence histograms of ``logits`` (N, C, any
-    float dtype, computed in float32) in one pass: ``PseudoLabelStats(labels (N,) int64, confidence (N,)
-    float32, class_counts (C,) int64, confidence_hist (C, num_bins) int64)``."""
+    """Arg-max labels, confidences, per-class counts and confidence histograms of ``logits`` (N, C) in one pass."""
     _check_tensors(logits=logits)
     _extension.require("pseudo_label_stats", logits.device)
     return PseudoLabelStats(*torch.ops.coft_fast.pseudo_label_stats(logits.detach(), num_bins))
 
 
 def class_balanced_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per class the indices of its k best-scoring samples (all when fewer; ties: lower index first) as one
-    int64 tensor ordered by class then descending score, and the (C,) int64 count each class got."""
+    """(per class the indices of its k best-scoring samples, by class then score; the (C,) counts)."""
     _check_tensors(labels=labels, scores=scores)
     _extension.require("class_balanced_topk", labels.device)
     return tuple(torch.ops.coft_fast.class_balanced_topk(labels, scores.detach(), k, num_classes))
@@ -124,8 +62,7 @@ def class_balanced_topk(labels: torch.Tensor, scores: torch.Tensor, k: int, num_
 
 def agreement_matrix(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes: int,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs over the rows where ``mask`` is true
-    (all rows when None). See :func:`agreement_matrix_reference`."""
+    """(C, C) int64 counts of (labels_a[i], labels_b[i]) pairs over the rows where ``mask`` is true."""
     _check_tensors(labels_a=labels_a, labels_b=labels_b)
     if mask is not None:
         _check_tensors(mask=mask)
@@ -133,7 +70,7 @@ def agreement_matrix(labels_a: torch.Tensor, labels_b: torch.Tensor, num_classes
     return torch.ops.coft_fast.agreement_matrix(labels_a, labels_b, num_classes, mask)
 
 
-# ---- fake (meta) implementations: output metadata only, for torch.compile / FakeTensor tracing ----
+# fake implementations (output metadata only) for torch.compile
 if _extension.available():
 
     @torch.library.register_fake("coft_fast::pseudo_label_stats")

@@ -1,12 +1,9 @@
 """InfoNCE against a FIFO queue of momentum keys (CoFT+ phase II), and the queue's in-place update.
 
-loss = mean_i -log( exp(q_i.k_i / T) / (exp(q_i.k_i / T) + sum_j exp(q_i.queue_j / T)) ); gradients
-reach q and k, the queue is a constant. The reference (the CPU path) and the Triton kernel
-(``coft_fast.kernels.queue_loss``; it falls back to the reference when no config fits the GPU) read
-the queue in chunks with an online log-sum-exp that also sums the softmax-weighted queue rows, so
-the backward is elementwise and memory O(N * chunk), not O(N * K) as in MoCo's formulation
-(``queue_info_nce_eager``, the tests' ground truth). Both run as the custom op
-``coft_fast::queue_info_nce`` (fake kernel, registered backward), which torch.compile traces through.
+loss = mean_i -log( exp(q_i.k_i / T) / (exp(q_i.k_i / T) + sum_j exp(q_i.queue_j / T)) ); the queue is a
+constant. The reference and the Triton kernel read the queue in chunks with an online log-sum-exp that also
+sums the softmax-weighted queue rows, so the backward is elementwise and memory O(N * chunk), not O(N * K)
+as in MoCo's formulation (``queue_info_nce_eager``); both run as the custom op ``coft_fast::queue_info_nce``.
 """
 from __future__ import annotations
 
@@ -19,15 +16,13 @@ import torch.nn.functional as F
 from coft_fast.ops._checks import (check_matrix, check_op_inputs, check_same_device, check_same_dtype, check_temperature,
                                    no_autocast, use_triton)
 
-# elements the chunked reference holds at once (N x chunk logits, + chunk x d for a converted half-precision
-# queue chunk): chunk = clamp(budget // (N [+ d]), 256, 16384), ~16 MiB of fp32 (large chunks: fast CPU GEMMs)
+# elements the chunked reference holds at once: chunk = clamp(budget // (N [+ d]), 256, 16384)
 _CHUNK_ELEMENTS = 1 << 22
 log = logging.getLogger(__name__)
 
 
 def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
-    """MoCo's formulation: positive logit in column 0, then the queue, cross-entropy towards 0; plain
-    autograd over N x (K + 1) logits (O(N * K) memory)."""
+    """MoCo's formulation: cross-entropy towards column 0 of [positive, queue] logits (O(N * K) memory)."""
     compute = torch.promote_types(q.dtype, torch.float32)
     with no_autocast(q):
         q, k, queue = q.to(compute), k.to(compute), queue.to(compute).detach()
@@ -37,16 +32,14 @@ def queue_info_nce_eager(q, k, queue, temperature) -> torch.Tensor:
 
 
 def _chunked_statistics(q, k, queue, temperature, with_o, chunk):
-    """(loss, w0 - 1, R) in float32 or wider, the queue read ``chunk`` rows at a time with an online
-    log-sum-exp; R_i = sum_j w_ij queue_j + (w_i0 - 1) k_i (so dloss/dq_i = R_i / (N T)), or an empty
-    tensor without ``with_o``. Peak memory O(N * chunk)."""
+    """(loss, w0 - 1, R), the queue read ``chunk`` rows at a time; R_i = sum_j w_ij queue_j + (w_i0 - 1) k_i
+    (dloss/dq_i = R_i / (N T)), or an empty tensor without ``with_o``."""
     compute = torch.promote_types(q.dtype, torch.float32)
     with no_autocast(q):
         qc, kc = q.to(compute), k.to(compute)
         inv_t = 1.0 / temperature
         pos = (qc * kc).sum(-1).mul_(inv_t)  # (N,)
-        m = pos.clone()  # running max, started at the positive logit
-        total = torch.ones_like(pos)  # running sum of exp(logit - m); exp(pos - m) = 1
+        m, total = pos.clone(), torch.ones_like(pos)  # running max and sum of exp(logit - m)
         weighted = torch.zeros_like(qc) if with_o else None  # running sum of exp(logit - m) * queue_j
         logits = None
         for start in range(0, queue.shape[0], chunk):
@@ -76,8 +69,7 @@ _fallbacks_logged = set()  # (device, d, dtypes) the Triton path fell back for: 
 @torch.library.custom_op("coft_fast::queue_info_nce", mutates_args=())
 def _queue_info_nce_op(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, with_o: bool,
                        backend: str, splits: int, chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, w0 - 1, R) of the Triton kernel (``backend`` "triton", ``splits`` 0: chosen) or of the
-    chunked reference (``chunk`` 0: chosen), which the kernel falls back to on OutOfResources."""
+    """(loss, w0 - 1, R) of the Triton kernel or of the chunked reference (its fallback on OutOfResources)."""
     if backend == "triton":
         from coft_fast.kernels import queue_loss as kernel
 
@@ -130,7 +122,7 @@ _queue_info_nce_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _fused(q, k, queue, temperature, backend, splits=0, chunk=0) -> torch.Tensor:
-    # the weighted queue sum serves dq only, so it is skipped in evaluation (it doubles the work)
+    # the weighted queue sum serves dq only: skipped in evaluation
     with_o = torch.is_grad_enabled() and q.requires_grad
     loss, _, _ = _queue_info_nce_op(q, k, queue.detach(), float(temperature), with_o, backend, int(splits or 0),
                                     int(chunk or 0))
@@ -154,10 +146,8 @@ def queue_info_nce_triton(q, k, queue, temperature, splits: int | None = None) -
 
 def queue_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
                    backend: str = "auto") -> torch.Tensor:
-    """0-dim mean InfoNCE of queries ``q`` (N, d) with positives ``k`` (N, d) against ``queue`` (K, d).
-    ``backend``: "auto" (Triton on CUDA tensors, the chunked reference elsewhere), "triton" (also on
-    CPU tensors under TRITON_INTERPRET=1), "reference" or "eager" (MoCo's N x (K + 1) logits). The
-    loss is float32 (float64 for float64 inputs); gradients reach q and k in their own dtypes."""
+    """0-dim float32 (float64 inputs: float64) mean InfoNCE of queries ``q`` (N, d), positives ``k`` (N, d),
+    against ``queue`` (K, d). ``backend``: "auto" (Triton on CUDA tensors), "triton", "reference" or "eager"."""
     check_op_inputs(backend, q=q, k=k, queue=queue)
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -199,8 +189,7 @@ def enqueue(queue: torch.Tensor, keys: torch.Tensor, ptr) -> int:
 
 @torch.no_grad()
 def enqueue_(queue: torch.Tensor, keys: torch.Tensor, ptr: torch.Tensor) -> None:
-    """``enqueue`` for a training loop: ``ptr`` (a 0-dim int64 tensor on the queue's device) is read and
-    advanced on the device, so no step waits for the GPU; its range is not checked (it is taken modulo K)."""
+    """``enqueue`` with ``ptr`` a 0-dim int64 tensor on the queue's device, advanced there (no sync; taken mod K)."""
     size, count = _check_keys(queue, keys)
     if not isinstance(ptr, torch.Tensor) or ptr.ndim != 0 or ptr.dtype != torch.int64:
         raise ValueError(f"ptr must be a 0-dim int64 tensor, got {getattr(ptr, 'dtype', type(ptr).__name__)} "

@@ -1,9 +1,6 @@
-"""Stop training on a non-finite loss or gradient before the damage reaches an optimiser step or a checkpoint.
-
-On CPU every step is checked before the optimiser step, so the parameters stay good. On CUDA the
-checks are queued as device tensors and read every ``check_every`` steps (one synchronisation
-instead of one per step) and always before a checkpoint is written, so a bad state is never saved.
-"""
+"""Stop training on a non-finite loss or gradient before it reaches an optimiser step or a checkpoint: on
+CPU each step is checked before the optimiser step; on CUDA the checks are queued and read every
+``check_every`` steps and before every checkpoint."""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -24,8 +21,7 @@ class FiniteGuard:
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, step: int, epoch: int,
              rows: torch.Tensor) -> None:
-        """One optimiser step on ``loss``, checked first: zero_grad, backward, the check (raises at
-        once on CPU, queued on CUDA; see the module docstring), then the optimiser and schedule steps."""
+        """zero_grad, backward, the check, then the optimiser and schedule steps."""
         if optimizer is not self._optimizer:  # listed once, not on every step
             self._optimizer = optimizer
             self._parameters = [p for group in optimizer.param_groups for p in group["params"]]

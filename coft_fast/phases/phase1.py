@@ -63,9 +63,7 @@ class PromptModel:
 
 
 class PromptTraining(nn.Module):
-    """The trained parts of a :class:`PromptModel` as one module, whose forward gives (image
-    features, positive and negative class features): what DistributedDataParallel wraps. The frozen
-    CLIP is not a submodule, so DDP neither broadcasts nor watches it."""
+    """The trained parts of a :class:`PromptModel` as one module for DDP: (image, positive, negative features)."""
 
     def __init__(self, model: PromptModel):
         super().__init__()
@@ -88,39 +86,15 @@ def make_prompt_model(clip: ClipModel, class_names: Sequence[str], cfg: Phase1Co
     return PromptModel(clip, prompts.to(device), visual_prompts.to(device))
 
 
-def unused_parameters_possible(cfg: Phase1Config) -> bool:
-    """Whether a phase I step can leave a trained parameter without a gradient (DDP's find_unused_parameters)."""
-    return cfg.lam == 0 or cfg.vpt_tokens == 0
-
-
 def complement_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> torch.Tensor:
     """A label drawn uniformly from the other C - 1 classes, per sample."""
     shift = torch.randint(1, num_classes, labels.shape, generator=generator)
     return (labels + shift) % num_classes
 
 
-def phase1_steps(num_samples: int, cfg: Phase1Config) -> int:
-    """At least ``cfg.steps`` optimiser steps and at least ``cfg.min_epochs`` passes over S*."""
-    per_epoch = math.ceil(num_samples / cfg.batch_size)
-    return max(cfg.steps, cfg.min_epochs * per_epoch)
-
-
-def phase1_optimizer(model: PromptModel, cfg: Phase1Config, total: int):
-    """SGD over the text contexts (lr) and the visual prompts (lr * vpt_lr_scale), warm-up then cosine."""
-    optimizer = torch.optim.SGD(
-        [
-            {"params": list(model.prompts.parameters()), "lr": cfg.lr},
-            {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale},
-        ],
-        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-    )
-    return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total)
-
-
 def log_phase1_step(history: List[Dict], loss, l1, l2, weight: float, step: int, bar, writer, tag: str,
                     scheduler) -> None:
-    """The whole batch's mean losses (each rank's weighted mean, summed over ranks) into ``history``,
-    the progress bar and TensorBoard."""
+    """The whole batch's mean losses (summed over ranks) into ``history``, the progress bar and TensorBoard."""
     summed = all_reduce_sum(torch.stack([loss, l1, l2]).detach() * (weight / world_size()))
     values = tuple(summed.tolist())
     history.append({"step": step, "loss": values[0], "l1": values[1], "l2": values[2]})
@@ -135,36 +109,36 @@ def train_phase1(model: PromptModel, images: Union[ResidentImages, StreamedImage
                  labels: torch.Tensor, cfg: Phase1Config, seed: int, device: torch.device, precision: str = "auto",
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
                  writer=None, tag: str = "model", backend: str = "auto") -> Dict:
-    """Train ``model`` with L1 + lam * L2 on resident images ``rows`` labelled ``labels``.
-
-    The run is split into epochs whose randomness comes from (seed, epoch) alone, and the state is
-    saved to ``checkpoint`` at epoch ends (at most every ``checkpoint_seconds``), so a killed run
-    resumes to exactly the same result.
-    """
+    """Train ``model`` with L1 + lam * L2 on images ``rows`` labelled ``labels``, for at least ``cfg.steps``
+    steps and ``cfg.min_epochs`` epochs. Each epoch's randomness comes from (seed, epoch) alone and the state
+    is saved at epoch ends (at most every ``checkpoint_seconds``), so a killed run resumes exactly."""
     num_classes = model.prompts.num_classes
     if num_classes < 2:
         raise ValueError("phase I needs at least 2 classes (L2 draws a complement label from the other classes)")
     if len(rows) == 0:
         raise ValueError(f"phase I of {tag}: S* is empty, nothing to train on")
     logit_scale = float(model.clip.model.logit_scale.detach().exp())
-    total = phase1_steps(len(rows), cfg)
-    epochs = math.ceil(total / math.ceil(len(rows) / cfg.batch_size))
-    optimizer, scheduler = phase1_optimizer(model, cfg, total)
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = max(cfg.steps, cfg.min_epochs * per_epoch)
+    epochs = math.ceil(total / per_epoch)
+    optimizer = torch.optim.SGD([{"params": list(model.prompts.parameters()), "lr": cfg.lr},
+                                 {"params": list(model.visual_prompts.parameters()), "lr": cfg.lr * cfg.vpt_lr_scale}],
+                                lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total)
     start_epoch, step, history = restore_training(checkpoint, model, optimizer, scheduler)
     if step:
         log.info("phase I %s: resumed at epoch %d (step %d of %d)", tag, start_epoch, step, total)
-    # the labels' range is read once per S* here, not on every step (a host synchronisation each)
+    # the labels' range is read once here, not on every step (a host synchronisation each)
     check_labels("labels", labels, len(rows), num_classes)
     labels = labels.to(device)
     last_save = time.monotonic()
     guard = FiniteGuard(f"phase I {tag}")
-    # parameters without a gradient in some steps: the negative context when lam == 0 (L1 alone), the
-    # visual prompts when there are none (vpt_tokens == 0); DDP must be told, or it stops the run
-    forward = data_parallel(PromptTraining(model), device, find_unused_parameters=unused_parameters_possible(cfg))
+    # without a gradient in some steps: the negative context when lam == 0, the visual prompts when there are
+    # none; DDP must be told, or it stops the run
+    forward = data_parallel(PromptTraining(model), device, find_unused_parameters=cfg.lam == 0 or cfg.vpt_tokens == 0)
     bar = progress_bar(total=total, initial=step, desc=f"phase I {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, epochs):
         generator = epoch_generator(seed, epoch)
-        # the paper's complement labels: uniform over the other classes, drawn once per epoch
         complements = complement_labels(labels.cpu(), num_classes, generator).to(device)
         for batch_images, picked in images.epoch_batches(rows, cfg.batch_size, generator, cfg.crop_scale_min,
                                                          augment=cfg.augment):
@@ -210,11 +184,8 @@ def encode_with_models(models: Sequence[PromptModel], source: ImageSource, indic
                        device: torch.device, precision: str = "auto", batch_size: int = 256, num_workers: int = 0,
                        progress: bool = True, description: str = "labelling", decoder: str = "pil",
                        reuse: bool = True):
-    """Each model's normalised image features of ``source`` (decoding every image once for all models,
-    or once per model with ``reuse=False``). ``decoder="dali"`` only for images decoded before.
-
-    Returns ([features (M, d) per model], positions (M,)).
-    """
+    """([normalised image features (M, d) per model], positions (M,)) of ``source``, every image decoded once
+    for all models (``reuse=False``: once per model; ``decoder="dali"`` only for images decoded before)."""
     if not reuse and len(models) > 1:
         outputs = [encode_with_models([model], source, indices, device, precision, batch_size, num_workers, progress,
                                       description, decoder) for model in models]

@@ -28,12 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class ScaledLinearHead(nn.Module):
-    """logits = scale * f @ weight.T + bias for normalised features f, with ``scale`` fixed.
-
-    Started from the zero-shot classifier (weight = class text embeddings, scale = CLIP's logit
-    scale), the head's weights have unit-sized rows, so its updates are on the scale of the weights
-    rather than 1/100 of it, as they would be for a plain Linear holding scale * embeddings.
-    """
+    """logits = scale * f @ weight.T + bias for normalised features f, with ``scale`` fixed: started from the
+    class text embeddings, the updates are on the scale of the unit-sized weights (not 1/100 of it)."""
 
     def __init__(self, weight: torch.Tensor, scale: float):
         super().__init__()
@@ -59,8 +55,7 @@ class FineTunedClassifier(nn.Module):
 
 def build_classifier(visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float, head_init: str,
                      seed: int) -> FineTunedClassifier:
-    """A trainable copy of ``visual`` and a (C x d) head: the zero-shot classifier (the class text
-    embeddings at CLIP's logit scale, so training starts at zero-shot accuracy) or a random one."""
+    """A trainable copy of ``visual`` and a (C x d) head: the zero-shot classifier or a random one."""
     import copy
 
     if head_init == "zeroshot":
@@ -76,8 +71,7 @@ def build_classifier(visual: nn.Module, text_embeddings: torch.Tensor, logit_sca
 
 @dataclass
 class ContrastiveTerm:
-    """CoFT+'s gamma * InfoNCE term: queries from the trained encoder, keys from ``module``'s momentum
-    encoder, over ``pool_rows`` (every resident pool image, noisy and unlabelled ones included)."""
+    """CoFT+'s gamma * InfoNCE term over ``pool_rows`` (every resident pool image), keys from ``module``."""
 
     module: MomentumContrast
     pool_rows: torch.Tensor
@@ -97,9 +91,7 @@ def _pool_views(images, pool_rows: torch.Tensor, count: int, steps: int, generat
 
 
 class Phase2Training(nn.Module):
-    """One phase II forward pass as a module (what DistributedDataParallel wraps): the encoder over
-    labelled images followed by pool query views; returns (logits of the labelled images, the query
-    embeddings of the views, or None). ``encoder`` is ``classifier.visual``, compiled or not."""
+    """One phase II forward pass for DDP: (logits of the first ``labelled`` images, queries of the rest or None)."""
 
     def __init__(self, classifier: FineTunedClassifier, encoder: nn.Module,
                  contrast: Optional[MomentumContrast] = None):
@@ -116,10 +108,8 @@ class Phase2Training(nn.Module):
 
 
 def logit_adjustment(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor:
-    """(C,) ``tau * log(prior)``, the prior being the (add-one smoothed) label frequencies of the training
-    set. Added to the logits inside the cross-entropy only (Menon et al., logit-adjusted loss), it keeps
-    a class that the pseudo-labels under-represent from being learnt as rare; prediction uses the plain
-    logits. tau = 0 gives zeros: plain cross-entropy."""
+    """(C,) ``tau * log(prior)`` of the add-one smoothed label frequencies, added to the logits inside the
+    cross-entropy only (Menon et al.): a class the pseudo-labels under-represent is not learnt as rare."""
     counts = torch.bincount(labels, minlength=num_classes).float() + 1
     return tau * (counts / counts.sum()).log()
 
@@ -139,8 +129,7 @@ def optimizer_options(device: torch.device) -> Dict:
 
 def phase2_optimizer(classifier: FineTunedClassifier, cfg: Phase2Config, device: torch.device,
                      contrastive: Optional[ContrastiveTerm], per_epoch: int, total: int):
-    """(the trained module, SGD, warm-up then cosine): the tower at lr, the head (and CoFT+'s
-    projection) at lr * head_lr_scale; the trained module holds the momentum encoder too."""
+    """(the trained module, SGD, warm-up then cosine); the head (and projection) at lr * head_lr_scale."""
     groups = [
         {"params": list(classifier.visual.parameters()), "lr": cfg.lr},
         {"params": list(classifier.head.parameters()), "lr": cfg.lr * cfg.head_lr_scale},
@@ -158,8 +147,7 @@ def phase2_optimizer(classifier: FineTunedClassifier, cfg: Phase2Config, device:
 
 def log_phase2_epoch(history: List[Dict], running: torch.Tensor, seen: int, epoch: int, step: int,
                      contrastive: Optional[ContrastiveTerm], bar, writer, tag: str, scheduler) -> None:
-    """The epoch's mean losses (``running``: summed over batches and ranks) into ``history``, the
-    progress bar and TensorBoard."""
+    """The epoch's mean losses into ``history``, the progress bar and TensorBoard."""
     ce_mean, cont_mean = (running / max(seen, 1)).tolist()
     entry = {"epoch": epoch, "step": step, "loss": ce_mean}
     if contrastive is not None:
@@ -178,14 +166,9 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
                  checkpoint: Optional[Path] = None, checkpoint_seconds: float = 60.0, progress: bool = True,
                  writer=None, tag: str = "s1", contrastive: Optional[ContrastiveTerm] = None,
                  compile_model: bool = False) -> Dict:
-    """Cross-entropy training (``cfg.loss``; logit-adjusted by the labels' class prior when
-    ``cfg.logit_adjust`` > 0) with SGD, warm-up and cosine decay; resumable at epoch boundaries.
-
-    With ``contrastive``, each step also feeds a batch of pool images through the encoder (one
-    forward pass with the labelled batch) and adds gamma * InfoNCE against the momentum queue; the
-    momentum encoder and queue are saved in the checkpoint with the classifier. ``compile_model``
-    runs the encoder through torch.compile, with whole batches only (one shape, no recompiles).
-    """
+    """``cfg.loss`` training (logit-adjusted when ``cfg.logit_adjust`` > 0) with SGD, warm-up and cosine decay,
+    resumable at epoch boundaries. ``contrastive`` adds gamma * InfoNCE of pool views (one forward pass with
+    the labelled batch); ``compile_model`` compiles the encoder and keeps whole batches only."""
     if len(rows) == 0:
         raise ValueError(f"phase II ({tag}): the training set is empty; nothing survived the filter")
     drop_last = compile_model  # whole batches only: the compiled encoder sees one shape
@@ -205,8 +188,7 @@ def train_phase2(classifier: FineTunedClassifier, images: Union[ResidentImages, 
     bar = progress_bar(total=total, initial=step, desc=f"phase II {tag}", unit="step", disable=not progress, leave=False)
     for epoch in range(start_epoch, cfg.epochs):
         generator = epoch_generator(seed, epoch)
-        # (cross-entropy, contrastive) summed over batches, each a batch mean times the batch size:
-        # on the device (no sync per step), over ranks at the epoch's end
+        # (cross-entropy, contrastive) batch means times batch sizes, summed on the device, over ranks at the end
         running = torch.zeros(2, device=device)
         seen = 0
         views = None

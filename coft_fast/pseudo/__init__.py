@@ -1,5 +1,4 @@
-"""Pseudo-labelling: prompt templates, S*, the filter, label issues and transductive labels (zero-shot
-scoring itself is ``coft_fast.scoring``)."""
+"""Pseudo-labelling: prompt templates, S*, the filter, label issues and transductive labels."""
 from coft_fast.pseudo.templates import (SINGLE_TEMPLATE, TemplateError, check_prompts_fit, class_name_mapping,
                                         class_prompts, clip_ensemble_templates, prompt_name, prompt_names,
                                         prompt_token_count, templates_record)

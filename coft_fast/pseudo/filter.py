@@ -1,10 +1,6 @@
-"""The bidirectional generate-and-validate filter of CoFT.
-
-Model 1 labels every pool image with its positive prompts (y1 = argmax s+); (x, y1) is kept in
-S1_clean iff model 2's p_clean(y1 | x) > threshold (0.5: s+ > s-); S2_clean swaps the roles. Labels
-that came with the pool (``pseudo.source=given``) are validated by both models instead (the phase-I
-prompt models, or the linear probes of probe_detector.py). Labelled shots are always kept.
-"""
+"""CoFT's bidirectional generate-and-validate filter: (x, y1 = model 1's label) is kept in S1_clean iff
+model 2's p_clean(y1 | x) > threshold; S2_clean swaps the roles. Given labels (``pseudo.source=given``)
+are validated by both models instead. Labelled shots are always kept."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -23,12 +19,9 @@ class ModelView:
     pos: torch.Tensor  # (C, d) normalised positive class features
     neg: torch.Tensor  # (C, d) normalised negative class features
 
-    def positive_logits(self, logit_scale: float) -> torch.Tensor:
-        return logit_scale * self.features @ self.pos.T
-
     @cached_property
     def similarities(self) -> torch.Tensor:
-        """(M, C) cosine similarities to the positive prompts, computed once for labels and confidences."""
+        """(M, C) cosine similarities to the positive prompts."""
         return self.features @ self.pos.T
 
     def labels(self) -> torch.Tensor:
@@ -69,8 +62,7 @@ class FilterResult:
         return cls(**{name: value for name, value in state.items() if name in cls.__dataclass_fields__})
 
     def with_shots(self, shots: torch.Tensor) -> "FilterResult":
-        """Rows holding a labelled shot (``shots`` >= 0; -1 elsewhere) kept in both sets, training on
-        the shot's label, whatever the models said."""
+        """Rows holding a labelled shot (``shots`` >= 0) kept in both sets, training on the shot's label."""
         is_shot = shots >= 0
         if not bool(is_shot.any()):
             return self
@@ -90,8 +82,7 @@ def generate_and_validate(view1: ModelView, view2: ModelView, logit_scale: float
 
 def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logit_scale: float,
                    threshold: float = 0.5) -> FilterResult:
-    """Both models validate the labels the pool came with (see :func:`judge_given`); labels1/labels2 are
-    the models' own predictions, for inspection."""
+    """Both models validate the given labels (:func:`judge_given`); labels1/2 are their own predictions."""
     return judge_given(given, view1.labels(), view2.labels(), view1.clean_probability(given, logit_scale),
                        view2.clean_probability(given, logit_scale), threshold,
                        view1.confidence(given, logit_scale), view2.confidence(given, logit_scale))
@@ -100,8 +91,7 @@ def validate_given(view1: ModelView, view2: ModelView, given: torch.Tensor, logi
 def judge_given(given: torch.Tensor, labels1: torch.Tensor, labels2: torch.Tensor, p_clean1: torch.Tensor,
                 p_clean2: torch.Tensor, threshold: float, confidence1: Optional[torch.Tensor] = None,
                 confidence2: Optional[torch.Tensor] = None) -> FilterResult:
-    """The given labels' FilterResult from any two models (the phase-I prompt models, or the probe
-    detector's): kept (in both sets) iff both p_clean of the given label exceed ``threshold``."""
+    """The given labels' FilterResult from any two models: kept iff both p_clean exceed ``threshold``."""
     keep = (p_clean1 > threshold) & (p_clean2 > threshold)
     return FilterResult(labels1, labels2, p_clean1, p_clean2, keep, keep.clone(), given, given,
                         confidence1, confidence2)
@@ -111,10 +101,7 @@ FILTER_RULES = ("paper", "mixture")
 
 
 def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterResult:
-    """The keep decisions of ``rule`` (shots are applied afterwards, by :meth:`FilterResult.with_shots`):
-    ``paper`` as computed (p_clean > threshold); ``mixture``: per class of the label judged, kept where
-    a two-component Gaussian mixture on logit(p_clean) (as DivideMix fits one to the loss) puts it in
-    its higher-mean component (see :func:`mixture_keep`)."""
+    """The keep decisions of ``rule``: ``paper`` (p_clean > threshold) or ``mixture`` (:func:`mixture_keep`)."""
     if rule == "paper":
         return result
     if rule == "mixture":
@@ -125,8 +112,8 @@ def decide(result: FilterResult, rule: str, threshold: float = 0.5) -> FilterRes
 
 def mixture_keep(p_clean: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5,
                  min_per_class: int = 20) -> torch.Tensor:
-    """(M,) bool: per label class, posterior > 0.5 of the higher-mean ("clean") component of a 2-component
-    Gaussian mixture on logit(p_clean); p_clean > threshold in a class of < ``min_per_class`` or flat values."""
+    """(M,) bool: per label class, posterior > 0.5 of the higher-mean component of a two-component Gaussian
+    mixture on logit(p_clean) (as DivideMix's); p_clean > threshold in a small or flat class."""
     from sklearn.mixture import GaussianMixture
 
     keep = p_clean > threshold
@@ -145,8 +132,7 @@ def mixture_keep(p_clean: torch.Tensor, labels: torch.Tensor, threshold: float =
 
 
 def filter_quality(labels: torch.Tensor, keep: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Precision (label accuracy among kept) and recall (share of the correctly labelled samples
-    that were kept), over the samples whose true label is known (truth >= 0). Diagnostics only."""
+    """Precision and recall of ``keep`` over the samples whose true label is known (diagnostics only)."""
     known = truth >= 0
     labels, keep, truth = labels[known], keep[known], truth[known]
     correct = labels == truth

@@ -1,9 +1,4 @@
-"""Label issues of a pool that came with labels (``pseudo.source=given``): what the filter dropped.
-
-A given label is an issue exactly when the filter (filter.rule, filter.detector) does not keep it.
-Its issue score, 1 - min(p_clean_model1, p_clean_model2), ranks the pool from most to least likely
-wrong. Labelled shots are trusted: never issues, score 0.
-"""
+"""Label issues (``pseudo.source=given``): the given labels the filter dropped, by 1 - min(p_clean)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +35,7 @@ def issue_scores(result: FilterResult, shots: Optional[torch.Tensor] = None) -> 
 
 def label_issue_counts(result: FilterResult, given: torch.Tensor, class_names: Sequence[str], threshold: float,
                        rule: str = "paper", detector: str = "prompts") -> Dict:
-    """What metrics.json records: the rule, totals, and per class the given labels and the issues among them.
-    ``result``: the filter's, with the shots already kept (FilterResult.with_shots)."""
+    """metrics.json's record: the rule, totals, and per class the given labels and their issues."""
     issue = ~result.keep1
     num_classes = len(class_names)
     given_counts = torch.bincount(given, minlength=num_classes).tolist()

@@ -1,8 +1,4 @@
-"""Per-class prompt sentences written by an LLM: the prompt to paste, a JSON skeleton, an optional client.
-
-Nothing here touches the network except :func:`ask_llm`, which posts to an OpenAI-compatible
-``/chat/completions`` endpoint with the standard library only.
-"""
+"""Per-class prompt sentences written by an LLM: the prompt to paste, and :func:`ask_llm`'s client."""
 from __future__ import annotations
 
 import http.client
@@ -10,11 +6,9 @@ import json
 import re
 import urllib.error
 import urllib.request
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 from coft_fast.pseudo.templates import TemplateError, validate_class_sentences
-from coft_fast.runtime.io import atomic_write_json
 
 MAX_WORDS = 20  # keeps a sentence well inside CLIP's 77-token text context
 SYSTEM_MESSAGE = "You write short visual descriptions for zero-shot image classification. You answer with JSON only."
@@ -47,16 +41,6 @@ def llm_prompt(class_names: Sequence[str], per_class: int = 10, dataset_hint: Op
     )
 
 
-def template_skeleton(class_names: Sequence[str]) -> Dict[str, List[str]]:
-    """``{class: []}`` for every class, in class order, for the user to fill in."""
-    return {name: [] for name in class_names}
-
-
-def write_templates(path: Union[str, Path], data: Dict[str, List[str]]) -> None:
-    """Write a template JSON file atomically (readable by ``--templates``)."""
-    atomic_write_json(path, data)
-
-
 def chat_completions_url(url: str) -> str:
     """The ``/chat/completions`` endpoint of a base URL such as ``http://localhost:8000/v1``."""
     url = url.strip().rstrip("/")
@@ -70,9 +54,7 @@ def _excerpt(text: str, limit: int = 300) -> str:
 
 def ask_llm(url: str, model: str, class_names: Sequence[str], per_class: int = 10, dataset_hint: Optional[str] = None,
             api_key: Optional[str] = None, timeout: float = 120.0) -> Dict[str, List[str]]:
-    """Ask an OpenAI-compatible chat endpoint for the sentences of every class; returns them validated.
-    Any failure (HTTP error, no connection, a reply that is not the expected JSON, missing classes)
-    is a TemplateError naming the endpoint and what was wrong."""
+    """The validated sentences of every class from an OpenAI-compatible chat endpoint (else a TemplateError)."""
     endpoint = chat_completions_url(url)
     messages = [{"role": "system", "content": SYSTEM_MESSAGE},
                 {"role": "user", "content": llm_prompt(class_names, per_class, dataset_hint)}]

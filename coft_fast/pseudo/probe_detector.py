@@ -1,10 +1,6 @@
-"""Wrong given labels found out of fold by linear probes on frozen image features (``filter.detector=probe``).
-
-Each of the two models is a K-fold ensemble of linear probes over its own seeded, class-stratified
-split, so no label is judged by a probe that trained on it. Later rounds train only on the rows whose
-previous out-of-fold prediction is their given label (DeFT's self-selection; shots always train).
-A model's p_clean of a label is its last round's out-of-fold probability of it.
-"""
+"""Wrong given labels found out of fold by linear probes on frozen image features (``filter.detector=probe``):
+each model is a K-fold probe ensemble over its own seeded, stratified split; later rounds train only on rows
+whose out-of-fold prediction was their given label (DeFT's self-selection; shots always train)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -16,8 +12,7 @@ from coft_fast.linear_probe import fit_linear_probe
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """(M,) the fold (0..folds-1) of each row: each class is permuted (seeded) and cut into ``folds``
-    contiguous chunks whose sizes differ by at most one, the larger ones first."""
+    """(M,) the fold of each row: each class permuted (seeded) and cut into ``folds`` near-equal chunks."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     fold = torch.empty(len(labels), dtype=torch.long)
     for label in torch.unique(labels).tolist():
@@ -29,8 +24,7 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
 
 def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_classes: int, fold: torch.Tensor,
                               train: Optional[torch.Tensor] = None, steps: int = 500) -> torch.Tensor:
-    """(M, C) each row's softmax probabilities from the probe trained on the other folds' rows (only
-    those with ``train`` set, when given) and their ``labels``."""
+    """(M, C) each row's probabilities from the probe trained on the other folds' (``train``) rows."""
     probabilities = torch.zeros(len(labels), num_classes)
     for f in range(int(fold.max()) + 1):
         held = fold == f
@@ -43,9 +37,7 @@ def out_of_fold_probabilities(features: torch.Tensor, labels: torch.Tensor, num_
 def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int, seeds: Sequence[int],
                    folds: int = 5, rounds: int = 2, threshold: float = 0.5,
                    trusted: Optional[torch.Tensor] = None) -> FilterResult:
-    """The two models' out-of-fold views of the ``given`` labels as a FilterResult (keep: both p_clean >
-    ``threshold``). ``features``: (M, d) frozen image features, on the device the probes should train on;
-    ``trusted``: (M,) bool rows that always train (labelled shots)."""
+    """The two models' out-of-fold views of the ``given`` labels; ``trusted`` (M,) rows always train."""
     if folds < 2 or rounds < 1:
         raise ValueError(f"probe detector: folds must be >= 2 and rounds >= 1, got {folds} and {rounds}")
     device = features.device
@@ -61,5 +53,4 @@ def probe_detector(features: torch.Tensor, given: torch.Tensor, num_classes: int
         views.append(probabilities)
     labels1, labels2 = (view.argmax(1) for view in views)
     p_clean1, p_clean2 = (view.gather(1, given.view(-1, 1)).squeeze(1) for view in views)
-    # a probe's p_clean of the given label is also its own confidence in it
     return judge_given(given, labels1, labels2, p_clean1, p_clean2, threshold, p_clean1, p_clean2)

@@ -23,10 +23,8 @@ class Selection:
 
 def select_top_k(labels: torch.Tensor, confidence: torch.Tensor, k: int, class_names: Sequence[str],
                  shots: Optional[torch.Tensor] = None) -> Selection:
-    """The K most confident samples of every class among those labelled with it; a class with fewer
-    candidates gives what it has (reported). ``shots`` (a labelled shot's class per row, -1 elsewhere):
-    each class's shots take its first places, with their own labels, and its most confident other rows
-    fill the rest of its K (a class with more than K shots keeps them all)."""
+    """The K most confident samples of every class (fewer where it has fewer). ``shots`` (a shot's class per
+    row, -1 elsewhere): each class's shots come first, with their labels, its best other rows fill its K."""
     num_classes = len(class_names)
     if shots is None or not bool((shots >= 0).any()):
         rows, counts = ops.class_balanced_topk(labels, confidence.float(), k, num_classes)

@@ -16,8 +16,7 @@ class TemplateError(ValueError):
 
 
 def prompt_name(class_name: str) -> str:
-    """The name that goes into prompts: underscores read as spaces ("sea_lion" -> "sea lion"), as CoOp
-    and DeFT write class names into prompts. Files, metrics and exports keep the original name."""
+    """The name that goes into prompts: underscores as spaces ("sea_lion" -> "sea lion"), as CoOp and DeFT."""
     return class_name.replace("_", " ")
 
 
@@ -31,8 +30,7 @@ def class_name_mapping(class_names: Sequence[str]) -> dict:
 
 
 def templates_record(spec: Union[str, Path]):
-    """What metrics.json records as the zero-shot templates: "single", "ensemble", or
-    {"file": path, "sha256": hash of its bytes} for a template file."""
+    """metrics.json's record of the templates: "single", "ensemble", or {"file": path, "sha256": its hash}."""
     if str(spec) in ("single", "ensemble", "auto"):
         return str(spec)
     path = Path(spec)
@@ -49,10 +47,8 @@ def clip_ensemble_templates() -> List[str]:
 
 
 def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[str]) -> List[List[str]]:
-    """The prompts of every class, from "single", "ensemble", a list of templates or a JSON file: a list
-    of templates with "{}" (the same for every class), or a mapping from class name (the original
-    names) to sentences (used as they are; "{}" in them is filled in). Class names go into prompts as
-    :func:`prompt_name` writes them (underscores as spaces)."""
+    """The prompts of every class, from "single", "ensemble", a list of templates with "{}", or a JSON file of
+    either a template list or a mapping class name -> sentences; names go in as :func:`prompt_name` writes them."""
     if str(spec) == "auto":
         raise TemplateError("zeroshot.templates=auto must be resolved first (coft_fast.config.resolve_auto)")
     if isinstance(spec, (list, tuple)):
@@ -62,9 +58,20 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
     elif str(spec) == "ensemble":
         templates, origin = clip_ensemble_templates(), "CLIP template ensemble"
     else:
-        templates, origin = _read_template_file(Path(spec), class_names), str(Path(spec))
+        path = origin = Path(spec)
+        if not path.is_file():
+            raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
+        try:
+            templates = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise TemplateError(f"template file {path} is not valid JSON: {exc}") from None
         if isinstance(templates, dict):  # class -> sentences
-            return [[s.replace("{}", prompt_name(name)) for s in templates[name]] for name in class_names]
+            sentences = validate_class_sentences(templates, class_names, f"template file {path}")
+            return [[s.replace("{}", prompt_name(name)) for s in sentences[name]] for name in class_names]
+        if not isinstance(templates, list):
+            raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
+        if not templates or not all(isinstance(t, str) for t in templates):
+            raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
     if not templates:
         raise TemplateError(f"{origin}: no templates")
     for template in templates:
@@ -73,32 +80,13 @@ def class_prompts(spec: Union[str, Path, Sequence[str]], class_names: Sequence[s
     return [[t.replace("{}", prompt_name(name)) for t in templates] for name in class_names]
 
 
-def _read_template_file(path: Path, class_names: Sequence[str]) -> Union[List[str], Dict[str, List[str]]]:
-    """A template file's list of templates, or its mapping class -> sentences (validated)."""
-    if not path.is_file():
-        raise TemplateError(f"templates must be 'single', 'ensemble' or a JSON file; file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TemplateError(f"template file {path} is not valid JSON: {exc}") from None
-    if isinstance(data, list):
-        if not data or not all(isinstance(t, str) for t in data):
-            raise TemplateError(f"template file {path}: expected a non-empty list of strings with '{{}}'")
-        return data
-    if not isinstance(data, dict):
-        raise TemplateError(f"template file {path}: expected a list of templates or a mapping class -> sentences")
-    return validate_class_sentences(data, class_names, f"template file {path}")
-
-
 def _listing(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(repr(name) for name in names[:limit])
     return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def validate_class_sentences(data: Any, class_names: Sequence[str], origin: str) -> Dict[str, List[str]]:
-    """Check a mapping class -> sentences covers exactly ``class_names`` with non-empty lists of
-    non-empty strings; returns it in class order. Errors are TemplateErrors that start with ``origin``
-    (a file or URL) and name the classes at fault."""
+    """``data`` checked to map exactly ``class_names`` to non-empty lists of sentences, in class order."""
     if not isinstance(data, dict):
         raise TemplateError(f"{origin}: expected a mapping class -> list of sentences, got {type(data).__name__}")
     known = set(class_names)

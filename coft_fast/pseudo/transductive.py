@@ -1,16 +1,12 @@
 """Transductive labels: TransCLIP's zero-shot solver (Zanella, Gérin, Ben Ayed, NeurIPS 2024).
 
-Each class is a Gaussian (unit-norm mean, one shared diagonal variance); the assignments z (N, C)
-minimise the mixture's negative log-likelihood, minus a k-NN Laplacian term pulling neighbours to
-one class, plus a KL tie to the prior ŷ. Block updates as in the paper: z (``inner_iterations``
-Jacobi steps), the means, the variance, ``outer_iterations`` times, then a last z block:
+Each class is a Gaussian (unit-norm mean, one shared diagonal variance); block updates as in the
+paper (z by ``inner_iterations`` Jacobi steps, the means, the variance; ``outer_iterations`` times):
 
     z_i ∝ ŷ_i^λ · exp( log N(x_i; μ, Σ) / T + Σ_j (w_ij + w_ji) z_j / (2k) )
 
-with the public code's T = 50 and w_ij = cos(x_i, x_j) over i's k nearest neighbours. Memory is
-linear in N (chunked likelihood, the k-NN graph as sparse CSR row blocks of W + Wᵀ, float64 sums
-for the Gaussians); the result is deterministic. ``transclip_dense`` (an N x N affinity and an
-(N, C, d) broadcast, as the public code) is the parity tests' and the benchmark's reference.
+with the public code's T = 50 and w_ij = cos(x_i, x_j) over i's k nearest neighbours. Memory is linear
+in N (chunked passes, the graph as sparse CSR row blocks); bench/bench_transductive.py holds the dense reference.
 """
 from __future__ import annotations
 
@@ -32,10 +28,8 @@ INNER_ITERATIONS = 5
 LAMBDA = 1.0  # weight of the KL tie to the prior (zero-shot: 1)
 CONFIDENT_PER_CLASS = 8  # rows that start each class mean
 LIKELIHOOD_TEMPERATURE = 50.0  # the public code's 1/50 on the Gaussian log-likelihood
-# exact neighbour search (chunked matmul) up to this many rows; an approximate faiss IVF index above
-EXACT_GRAPH_MAX_ROWS = 100_000
-# rows per chunk of every (N, C) pass: bounded by elements so that C = 1000 and C = 10 both stay small
-CHUNK_ELEMENTS = 1 << 22
+EXACT_GRAPH_MAX_ROWS = 100_000  # exact neighbour search up to this many rows; a faiss IVF index above
+CHUNK_ELEMENTS = 1 << 22  # elements per chunk of every (N, C) pass
 
 # A prior: (N, C) log-probabilities, or a function giving the log-probabilities of rows [start, stop).
 Prior = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
@@ -47,8 +41,7 @@ class TransductiveResult:
     graph: str  # "exact", "ivf" or "none"
     seconds: float
     empty_classes: List[int] = field(default_factory=list)  # classes no row is assigned to
-    # seconds per part: graph (neighbour search), likelihood (unary terms), assign (z steps), gaussians
-    timings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # seconds of graph, likelihood, assign (z steps), gaussians
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -84,8 +77,7 @@ def _chunks(rows: int, size: int):
 
 
 def neighbour_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """(weights (N, k) float32, indices (N, k) int64, kind): each row's k nearest other rows, weighted by
-    cosine similarity; exact up to EXACT_GRAPH_MAX_ROWS rows, else (faiss) IVF, a missing one weighing 0."""
+    """(weights (N, k), indices (N, k), kind) of each row's k nearest other rows: exact, or a faiss IVF index."""
     from coft_fast.neighbors import build_ivf_index, drop_self, faiss_available, knn_search, search_index
 
     rows = features.shape[0]
@@ -126,15 +118,14 @@ class _Gaussians:
         self.variance = torch.full((dim,), 1.0 / dim, dtype=torch.float64, device=means.device)
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
-        """-0.5 Σ_d (x - μ_c)² / σ_d for each row and class, less the row's own Σ_d x² / σ_d (the same
-        for every class, so it cancels when z is normalised): x @ (μ/σ)ᵀ - 0.5 Σ_d μ_cd² / σ_d."""
+        """-0.5 Σ_d (x - μ_c)² / σ_d less the row's own Σ_d x² / σ_d (it cancels in z): x (μ/σ)ᵀ - Σ_d μ_cd² / 2σ_d."""
         scaled = (self.means / self.variance).float()
         column = (0.5 * (self.means ** 2 / self.variance).sum(1)).float()
         return features @ scaled.T - column
 
     def update(self, features: torch.Tensor, z: torch.Tensor, chunk: int, empty: set) -> None:
-        """Means: z-weighted feature means, unit norm (a class whose mass underflows keeps its mean).
-        Variance: the z-weighted mean of (x - μ_c)², from float64 sums of zᵀx, zᵀ1 and x²."""
+        """z-weighted unit-norm means (a class whose mass underflows keeps its own) and the z-weighted
+        mean of (x - μ_c)², from float64 sums of zᵀx, zᵀ1 and x²."""
         classes, dim = self.means.shape
         weighted = torch.zeros(classes, dim, dtype=torch.float64, device=features.device)
         mass = torch.zeros(classes, dtype=torch.float64, device=features.device)
@@ -153,8 +144,7 @@ class _Gaussians:
 
 
 def symmetric_blocks(weights: torch.Tensor, indices: torch.Tensor, chunk: int) -> List[Tuple[int, int, torch.Tensor]]:
-    """W + Wᵀ of the k-NN graph (W[i, j] = weight of j among i's neighbours) as sparse CSR row blocks
-    [(start, stop, block (stop - start, N))]: one sparse product per block gives the graph term."""
+    """W + Wᵀ of the k-NN graph as sparse CSR row blocks [(start, stop, block (stop - start, N))]."""
     rows, k = indices.shape
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
     coo = torch.sparse_coo_tensor(torch.stack([torch.arange(rows, device=indices.device).repeat_interleave(k),
@@ -173,8 +163,7 @@ def symmetric_blocks(weights: torch.Tensor, indices: torch.Tensor, chunk: int) -
 
 def _assign(unary: torch.Tensor, z: torch.Tensor, out: torch.Tensor, graph: Optional[List], neighbours: int,
             chunk: int, log_space: bool) -> torch.Tensor:
-    """One Jacobi step: out = softmax(unary + (W + Wᵀ) z / (2k)) (log_softmax with ``log_space``),
-    block by block into ``out``, which must not be ``z``."""
+    """One Jacobi step into ``out`` (not ``z``): softmax(unary + (W + Wᵀ) z / (2k)), or its log."""
     normalise = torch.log_softmax if log_space else torch.softmax
     for start, stop, block in graph or [(start, stop, None) for start, stop in _chunks(z.shape[0], chunk)]:
         logits = unary[start:stop]
@@ -263,9 +252,8 @@ class RefinedLabels:
 
 
 def refine_labels(mode: str, probabilities: torch.Tensor, features: torch.Tensor, knn_k: int = 10) -> RefinedLabels:
-    """``probabilities`` (N, C) refined on the images' ``features`` (N, d): ``mode`` "knn" (the neighbour vote,
-    ranked by its share times the prior's probability of the label, as shares are often exactly 1) or
-    "transclip" (the prior's log as TransCLIP's prior; ranked by log z, exact where z rounds to 1)."""
+    """``probabilities`` (N, C) refined on ``features`` (N, d) by ``mode`` "knn" (the neighbour vote, ranked by
+    its share times the prior's probability) or "transclip" (the probabilities as its prior; ranked by log z)."""
     if mode == "knn":
         from coft_fast.neighbors import knn_vote
 
@@ -286,45 +274,4 @@ def refine_labels(mode: str, probabilities: torch.Tensor, features: torch.Tensor
                          {"graph": result.graph, "empty_classes": result.empty_classes})
 
 
-@torch.no_grad()
-def transclip_dense(features: torch.Tensor, log_prior: torch.Tensor, *, neighbours: int = NEIGHBOURS,
-                    outer_iterations: int = OUTER_ITERATIONS, inner_iterations: int = INNER_ITERATIONS,
-                    lam: float = LAMBDA, confident_per_class: int = CONFIDENT_PER_CLASS,
-                    broadcast_rows: int = 2500) -> torch.Tensor:
-    """The reference: TransCLIP as the public code computes it (an N x N affinity, the likelihood as
-    an (N, C, d) broadcast in blocks of ``broadcast_rows``, a sparse W), in float32. Returns z (N, C)."""
-    x = F.normalize(features.float(), dim=1)
-    rows, dim = x.shape
-    affinity = x @ x.T
-    affinity.fill_diagonal_(-math.inf)
-    values, columns = affinity.topk(neighbours, dim=1)
-    del affinity
-    w = torch.sparse_coo_tensor(torch.stack([torch.arange(rows).repeat_interleave(neighbours), columns.reshape(-1)]),
-                                values.reshape(-1), (rows, rows), check_invariants=True).coalesce()
-    y_hat = log_prior.float().exp()
-    z = y_hat.clone()
-    mu = _init_means(x, z, confident_per_class).float()
-    std = torch.full((dim,), 1.0 / dim)
-    for outer in range(outer_iterations + 1):
-        likelihood = torch.empty(rows, mu.shape[0])
-        for start in range(0, rows, broadcast_rows):
-            block = x[start:start + broadcast_rows, None, :] - mu[None]
-            likelihood[start:start + broadcast_rows] = -0.5 * (block ** 2 / std).sum(2)
-        for _ in range(inner_iterations):
-            logits = likelihood + (LIKELIHOOD_TEMPERATURE / (2 * neighbours)) * (w.T @ z + w @ z)
-            logits = logits - logits.max(1, keepdim=True).values
-            z = y_hat ** lam * torch.exp(logits / LIKELIHOOD_TEMPERATURE)
-            z = z / z.sum(1, keepdim=True)
-        if outer == outer_iterations:
-            break
-        mu = F.normalize(z.T @ x / z.sum(0)[:, None], dim=1)
-        spread = torch.zeros(dim)
-        for start in range(0, rows, broadcast_rows):
-            block = x[start:start + broadcast_rows, None, :] - mu[None]
-            spread += torch.einsum("nc,ncd->d", z[start:start + broadcast_rows], block ** 2)
-        std = spread / z.sum()
-    return z
-
-
-__all__ = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip",
-           "transclip_dense"]
+__all__ = ["RefinedLabels", "TextPrior", "TransductiveResult", "neighbour_graph", "refine_labels", "transclip"]

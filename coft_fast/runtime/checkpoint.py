@@ -14,15 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def save_state(path: Path, state: Dict[str, Any]) -> None:
-    """torch.save through a temporary file and a rename: the old file survives a crash mid-write.
-    In a distributed run only rank 0 writes (and no collective runs, so ranks may call it alone)."""
+    """torch.save by rank 0 through a temporary file and a rename (no collective runs)."""
     if is_main():
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> Optional[Dict[str, Any]]:
-    """The state saved at ``path`` (None when there is none). In a distributed run every rank must
-    call it: rank 0 reads the file and every rank gets its content (no shared file system needed)."""
+    """The state saved at ``path`` (None: none), read by rank 0 and sent to every rank (all must call it)."""
     state = None
     if is_main() and Path(path).is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -62,8 +60,7 @@ class StageStore:
 
 
 def restore_training(path: Optional[Path], model, optimizer, scheduler):
-    """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``; returns (first epoch
-    to run, optimiser steps done, history), (0, 0, []) when there is none."""
+    """Load a training checkpoint into ``model``, ``optimizer`` and ``scheduler``: (next epoch, steps, history)."""
     state = load_state(path) if path is not None else None
     if state is None:
         return 0, 0, []

@@ -30,12 +30,11 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; returns a CPU generator seeded the same way."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def run_padded(function, images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,10 +1,4 @@
-"""torch.distributed helpers: every one is a no-op in a single-process run.
-
-A ``torchrun`` run joins the process group in :func:`init_from_env` (NCCL on GPUs, gloo on CPUs).
-Inference shards the pool into contiguous slices (:func:`shard`) and gathers results in rank order
-(:func:`gather_rows`); training splits each global batch into weighted per-rank slices
-(:func:`batch_part`) so that DDP's gradient average is the single-process gradient of the batch.
-"""
+"""torch.distributed helpers, each a no-op in one process."""
 from __future__ import annotations
 
 import logging
@@ -31,18 +25,17 @@ def rank() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0, the only process that writes outputs and checkpoints (always true in one process)."""
+    """Rank 0, the only process that writes outputs and checkpoints."""
     return rank() == 0
 
 
 def launch_rank() -> int:
-    """This process's rank as torchrun set it (0 without torchrun), also before joining or after leaving."""
+    """This process's rank as torchrun set it (0 without), also outside the process group."""
     return int(os.environ.get("RANK", "0"))
 
 
 def init_from_env(device_name: str = "auto") -> torch.device:
-    """Join the process group that ``torchrun`` describes in the environment (once); returns this
-    process's device: ``cuda:LOCAL_RANK`` for auto or cuda on GPUs, else (or without torchrun) ``device_name``."""
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) once; returns this process's device."""
     from coft_fast.runtime.device import resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun
@@ -65,15 +58,13 @@ def barrier() -> None:
 
 
 def _communication_device() -> torch.device:
-    """Where collectives run: the current GPU for NCCL, the CPU for gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 def shard_range(count: int, shard_id: int, num_shards: int) -> tuple:
-    """(start, stop) of shard ``shard_id``'s contiguous share of ``count`` items; the first
-    ``count % num_shards`` shards get one more."""
+    """(start, stop) of shard ``shard_id``'s share of ``count`` items; the first shards get one more."""
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be in [0, {num_shards - 1}], got {shard_id}")
     per, extra = divmod(count, num_shards)
@@ -82,8 +73,7 @@ def shard_range(count: int, shard_id: int, num_shards: int) -> tuple:
 
 
 def shard(items: Sequence[Any], shard_id: Optional[int] = None, num_shards: Optional[int] = None) -> List[Any]:
-    """Shard ``shard_id``'s contiguous share of ``items`` (by default this rank's share of the world;
-    all of them in one process); the first shards get one more when uneven."""
+    """Shard ``shard_id``'s (default: this rank's) contiguous share of ``items``."""
     shard_id = rank() if shard_id is None else shard_id
     num_shards = world_size() if num_shards is None else num_shards
     start, stop = shard_range(len(items), shard_id, num_shards)
@@ -92,8 +82,7 @@ def shard(items: Sequence[Any], shard_id: Optional[int] = None, num_shards: Opti
 
 @torch.no_grad()
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of ``tensor`` from every rank (any number each, zero included) in rank order, on ``tensor``'s
-    device (no gradient; with NCCL no copy through the CPU). One process: ``tensor``."""
+    """The rows of ``tensor`` from every rank (any number each) in rank order, on ``tensor``'s device."""
     if world_size() == 1:
         return tensor
     local = tensor.to(_communication_device()).contiguous()
@@ -142,8 +131,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BatchPart:
-    """This rank's slice of a global batch: rows ``start:stop``, of which ``real`` count (a rank with no row
-    gets row 0 with ``real = 0``), and the ``weight`` of its loss (see :func:`batch_part`)."""
+    """This rank's rows ``start:stop`` of a global batch, ``real`` of them counting, and its loss ``weight``."""
     start: int
     stop: int
     real: int
@@ -155,8 +143,8 @@ class BatchPart:
 
 
 def batch_part(count: int, shard_id: Optional[int] = None, num_shards: Optional[int] = None) -> BatchPart:
-    """This rank's part of a global batch of ``count`` rows (all, weight 1, in one process). Its mean loss is
-    weighted ``real * W / count``: DDP averages W ranks' gradients, giving the gradient of the batch mean."""
+    """This rank's part of a global batch of ``count`` rows; its mean loss weighs ``real * W / count``, so DDP's
+    average over W ranks is the gradient of the batch mean."""
     shard_id = rank() if shard_id is None else shard_id
     num_shards = world_size() if num_shards is None else num_shards
     if num_shards == 1:
@@ -169,8 +157,7 @@ def batch_part(count: int, shard_id: Optional[int] = None, num_shards: Optional[
 
 
 def data_parallel(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:
-    """``module`` wrapped in DistributedDataParallel in a distributed run (gradients averaged over
-    ranks during backward; buffers are synced once, at the start); ``module`` itself in one process."""
+    """``module`` in DistributedDataParallel in a distributed run (buffers synced once, at the start)."""
     if world_size() == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel

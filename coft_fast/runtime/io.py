@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
-# atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<name>.<random>.tmp" beside the target
 # mkstemp creates files readable by their owner only; outputs get the usual permissions instead
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -19,8 +18,7 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
-    """A temporary file beside ``path`` to write; when the block ends without an error it is fsynced
-    and renamed over ``path``, else deleted."""
+    """A temporary file beside ``path``, fsynced and renamed over it when the block ends without an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -66,20 +64,12 @@ def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Seque
         writer.writerows(rows)
 
 
-class _DroppedRows:
-    def writerow(self, row) -> None:
-        pass
-
-    def writerows(self, rows) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def atomic_csv_writer(path: Optional[PathLike], header: Sequence[str]) -> Iterator[Any]:
-    """A csv writer whose rows stream to a temporary file (never held in memory), renamed over ``path``
-    when the block ends without an error. With ``path`` None the rows are dropped."""
+    """A csv writer streaming to a temporary file renamed over ``path`` at the end (None: rows dropped)."""
     if path is None:
-        yield _DroppedRows()
+        with open(os.devnull, "w", encoding="utf-8", newline="") as handle:
+            yield csv.writer(handle)
         return
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")

@@ -5,7 +5,6 @@ from typing import Dict
 
 import torch
 
-from coft_fast.linear_probe import fit_linear_probe
 
 
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
@@ -57,12 +56,3 @@ class RunningClassificationMetrics:
             "num_labelled": count,
         }
 
-
-def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                          test_labels: torch.Tensor, steps: int = 500, lr: float = 1e-2, seed: int = 0) -> float:
-    """Top-1 of :func:`fit_linear_probe` (seeded start) on the test features: an oracle ceiling for what
-    the features support (it uses true labels and is never part of a method)."""
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    predict = fit_linear_probe(train_features, train_labels, num_classes, steps, lr,
-                               generator=torch.Generator().manual_seed(seed))
-    return (predict(test_features).argmax(1) == test_labels).double().mean().item()

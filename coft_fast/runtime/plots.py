@@ -1,5 +1,4 @@
-"""PNG plots of a run: per-class pseudo-label accuracy, p_clean of kept versus dropped samples, CoFT+ rounds,
-and the issue scores of given labels."""
+"""PNG plots of a run: per-class pseudo-label accuracy, p_clean, CoFT+ rounds, issue scores."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +14,7 @@ _BINS = torch.linspace(0, 1, 41).tolist()  # histograms of probabilities and sco
 
 @contextlib.contextmanager
 def _figure(path: Path, *args, **kwargs):
-    """(fig, axes) of ``plt.subplots(*args, **kwargs)``, laid out and written as a PNG to ``path``
-    when the block ends."""
+    """(fig, axes) of ``plt.subplots(*args, **kwargs)``, written as a PNG to ``path`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,8 +62,7 @@ def plot_clean_probability(path: Path, p_clean: torch.Tensor, keep: torch.Tensor
 
 def plot_issue_scores(path: Path, p_clean1: torch.Tensor, p_clean2: torch.Tensor, score: torch.Tensor,
                       issue: torch.Tensor, threshold: float) -> None:
-    """clean-labels: each model's p_clean of the given labels, and the issue score of the issues
-    versus the kept labels."""
+    """clean-labels: each model's p_clean of the given labels, and the issue scores."""
     with _figure(path, 1, 3, figsize=(12, 3.6)) as (fig, axes):
         for ax, values, model in ((axes[0], p_clean1, 1), (axes[1], p_clean2, 2)):
             ax.hist(values.float().tolist(), bins=_BINS, color="tab:blue")
@@ -81,8 +78,7 @@ def plot_issue_scores(path: Path, p_clean1: torch.Tensor, p_clean2: torch.Tensor
 
 
 def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
-    """CoFT+: each model's subset size and label accuracies (subset, whole pool), and the two models'
-    agreement on the pool, per phase-I round."""
+    """CoFT+: per round, each model's subset size and label accuracies, and the models' agreement."""
     numbers = [entry["round"] for entry in rounds]
     with _figure(path, 1, 2, figsize=(9, 3.6)) as (fig, (acc_ax, size_ax)):
 
@@ -96,7 +92,6 @@ def plot_rounds(path: Path, rounds: Sequence[dict]) -> None:
                 plot_percent([entry[model].get(key) for entry in rounds], style,
                              f"{model}, {key.replace('_label_accuracy', '')}")
             size_ax.plot(numbers, [entry[model]["subset_size"] for entry in rounds], "-o", label=model)
-        # label-free: the two models' agreement on the pool
         plot_percent([entry.get("agreement") for entry in rounds], ":^k", "models agree on the pool")
         acc_ax.set(xlabel="round", ylabel="label accuracy, agreement (%)", xticks=numbers)
         if acc_ax.lines:

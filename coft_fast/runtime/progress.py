@@ -1,9 +1,4 @@
-"""Progress bars that fit where they go: tqdm on a terminal, one plain line every few seconds elsewhere.
-
-Redirected to a log file or a CI console, a tqdm bar redraws many times a second (megabytes for a
-long stage); off a terminal, :func:`progress_bar` writes one line at most every
-``COFT_PROGRESS_SECONDS`` seconds (default 10) and a last one when the bar closes.
-"""
+"""Progress bars: tqdm on a terminal, else a line at most every ``COFT_PROGRESS_SECONDS`` (10) seconds."""
 from __future__ import annotations
 
 import os
@@ -17,16 +12,6 @@ LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %) [{elapsed
 LINE_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}]"
 
 
-def line_seconds() -> float:
-    """Seconds between two progress lines when the output is not a terminal."""
-    raw = os.environ.get("COFT_PROGRESS_SECONDS", "10")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ValueError(f"COFT_PROGRESS_SECONDS must be a number of seconds, got {raw!r}") from None
-    return max(seconds, 0.0)
-
-
 class LineProgress(plain_tqdm):
     """tqdm's counting and rate, displayed as whole lines (no redraws), at most one per interval."""
 
@@ -36,8 +21,13 @@ class LineProgress(plain_tqdm):
         if total is None and args and hasattr(args[0], "__len__"):
             total = len(args[0])
         kwargs.setdefault("bar_format", LINE_FORMAT if total else LINE_FORMAT_NO_TOTAL)
+        raw = os.environ.get("COFT_PROGRESS_SECONDS", "10")
+        try:
+            seconds = max(float(raw), 0.0)
+        except ValueError:
+            raise ValueError(f"COFT_PROGRESS_SECONDS must be a number of seconds, got {raw!r}") from None
         # leave=False: the lines stay written anyway; no blank line or redraw at the end
-        kwargs.update(mininterval=line_seconds(), miniters=1, dynamic_ncols=False, leave=False)
+        kwargs.update(mininterval=seconds, miniters=1, dynamic_ncols=False, leave=False)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):

@@ -1,6 +1,4 @@
-"""The run context every stage reads and writes: the config, the data, the frozen CLIP, the stage
-store (each stage a checkpoint boundary, so a killed run resumes), timings, the decoded-image cache,
-and the pool's true, given and shot labels."""
+"""The run context every stage reads and writes: config, data, frozen CLIP, stage store, labels."""
 from __future__ import annotations
 
 import logging
@@ -32,8 +30,7 @@ log = logging.getLogger("coft_fast")
 
 
 def sharded(encode, indices: List[int]):
-    """``encode(this rank's contiguous share of indices)``, its tensors (or lists of tensors) gathered
-    from every rank in rank order: every index's result once, in order. One process: ``encode(indices)``."""
+    """``encode(this rank's share of indices)``, its tensors (or lists of them) gathered from every rank in order."""
 
     def gather(value):
         if isinstance(value, torch.Tensor):
@@ -44,9 +41,7 @@ def sharded(encode, indices: List[int]):
 
 
 def check_same_positions(found: torch.Tensor, expected: torch.Tensor, origin: str) -> torch.Tensor:
-    """``found`` (the images a later pass decoded) when it equals ``expected`` (an earlier pass's);
-    otherwise a RuntimeError: an image that decoded before and failed now would shift every later
-    row, pairing features or labels with the wrong images."""
+    """``found`` (a later pass's decoded positions) if it equals ``expected``, else a RuntimeError."""
     if not torch.equal(found.cpu(), expected.cpu()):
         missing = sorted(set(expected.tolist()) - set(found.tolist()))
         raise RuntimeError(f"{origin}: {len(missing) or 'some'} image(s) that decoded in an earlier pass failed to "
@@ -70,8 +65,7 @@ class RunState:
     positions: Optional[torch.Tensor] = None  # scored pool images (positions in the source)
     zs_probabilities: Optional[torch.Tensor] = None
     zs_features: Optional[torch.Tensor] = None  # kept only where needed (RunContext.keep_features)
-    # the pool's labels for every later stage: the zero-shot probabilities, or pseudo.refine's
-    pool_probabilities: Optional[torch.Tensor] = None
+    pool_probabilities: Optional[torch.Tensor] = None  # the pool's labels for later stages (zero-shot or refined)
     pool_ranking: Optional[torch.Tensor] = None  # pseudo.refine: what ranks S* (None: the probability)
     text_embeddings: Optional[torch.Tensor] = None
     filter: Optional[FilterResult] = None
@@ -84,7 +78,7 @@ class RunState:
 class RunContext:
     def __init__(self, cfg: Config, pool: ImageSource, eval_source: Optional[ImageSource], clip: ClipModel,
                  device: torch.device, out_dir: Optional[Path], writer=None, shots: Optional[Sequence[int]] = None):
-        """``shots``: per pool position, the class of a labelled shot (-1: none); see data.add_shots."""
+        """``shots``: per pool position, the class of a labelled shot (-1: none)."""
         resolve_filter(cfg)  # a config built without api.resolve_config still runs the filter it names
         self.cfg, self.pool, self.eval_source, self.clip, self.device = cfg, pool, eval_source, clip, device
         self.out_dir = out_dir
@@ -96,8 +90,7 @@ class RunContext:
         self.prompt_names = prompt_names(self.names)  # what goes into the prompts (underscores as spaces)
         self.given = cfg.pseudo.source == "given"
         labels = torch.tensor(pool.labels, dtype=torch.long)
-        # the pool's labels: with pseudo.source=given the labels to check (so no truth for diagnostics);
-        # otherwise diagnostics only, never used for training
+        # given labels are checked (no truth then); otherwise the pool's labels serve diagnostics only
         self.given_all = labels if self.given else None
         self.truth_all = torch.full_like(labels, -1) if self.given else labels
         self.shots_all = torch.tensor(shots if shots is not None else [-1] * len(pool), dtype=torch.long)
@@ -112,8 +105,7 @@ class RunContext:
 
     @property
     def keep_features(self) -> bool:
-        """The zero-shot stage keeps the pool's image features: pseudo.refine, the probe detector and
-        the LP-FT head read them."""
+        """The zero-shot stage keeps the pool's image features for pseudo.refine, the probe detector, LP-FT."""
         cfg = self.cfg
         return cfg.pseudo.refine != "none" or cfg.filter.detector == "probe" or cfg.phase2.head_init == "probe"
 
@@ -141,8 +133,7 @@ class RunContext:
         return state
 
     def training_images(self, positions: torch.Tensor, model: torch.nn.Module):
-        """Training images of ``positions``: kept decoded in memory (on the GPU when there is one) when
-        ``data.resident`` allows, else decoded every epoch by the configured decoder."""
+        """Training images of ``positions``: decoded once into memory when ``data.resident`` allows, else streamed."""
         cfg = self.cfg.data
         size, mean, std = preprocess_stats(model)
         needed = decoded_bytes(len(positions), size)
@@ -158,8 +149,7 @@ class RunContext:
         return images
 
     def pool_images(self) -> ResidentImages:
-        """Every scored pool image, decoded once: CoFT+ draws each round's subset and phase II's
-        contrastive batches from it."""
+        """Every scored pool image, decoded once (CoFT+'s rounds and contrastive batches)."""
         if self._pool_resident is None:
             self._pool_resident = self.training_images(self.state.positions, self.clip.model)
         return self._pool_resident
@@ -181,16 +171,14 @@ class RunContext:
         return given if self.shots is None else torch.where(self.shots >= 0, self.shots, given)
 
     def ranked_labels(self, probabilities: torch.Tensor):
-        """(confidence, label) per pool row for a top-K: the arg-max of ``probabilities``, or with
-        pseudo.source=given the given label and its probability."""
+        """(confidence, label) per pool row: the arg-max of ``probabilities``, or the given label's."""
         if not self.given:
             return probabilities.max(1)
         labels = self.given_labels
         return probabilities.gather(1, labels[:, None]).squeeze(1), labels
 
     def pool_training_labels(self) -> torch.Tensor:
-        """Every pool row's label for training on the whole pool: the given labels (pseudo.source=given)
-        or the pool's pseudo-labels, with each labelled shot's own label in its row."""
+        """Every pool row's given label or pseudo-label, a labelled shot's own label in its row."""
         labels = self.given_labels.clone() if self.given else self.state.pool_probabilities.argmax(1)
         if self.shots is not None:
             labels = torch.where(self.shots >= 0, self.shots, labels)
@@ -205,8 +193,7 @@ class RunContext:
 
     def model_features(self, models: Sequence[PromptModel], source: ImageSource, positions: torch.Tensor,
                        description: str) -> List[torch.Tensor]:
-        """Each phase-I model's image features of ``source`` at ``positions`` (every image decoded once,
-        shared across ranks); stops if an image that decoded before fails now."""
+        """Each phase-I model's image features of ``source`` at ``positions`` (decoded once, across ranks)."""
         cfg = self.cfg
         features, found = sharded(lambda shard: encode_with_models(
             models, source, shard, self.device, cfg.model.precision, cfg.data.batch_size, cfg.data.num_workers,
@@ -215,7 +202,7 @@ class RunContext:
         return features
 
     def class_text(self, clip: ClipModel) -> torch.Tensor:
-        """The class text embeddings of ``clip`` (the ones zero-shot scoring computed, unless run.reuse is off)."""
+        """The class text embeddings of ``clip`` (zero-shot scoring's, unless run.reuse is off)."""
         if self.cfg.run.reuse and clip is self.clip and self.state.text_embeddings is not None:
             return self.state.text_embeddings
         prompts = class_prompts(self.cfg.zeroshot.templates, self.names)

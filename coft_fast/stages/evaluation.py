@@ -14,22 +14,9 @@ from coft_fast.scoring import model_outputs, score_images
 from coft_fast.stages.context import RunContext, check_same_positions, sharded
 
 
-def evaluate_prompt_models(run: RunContext, source: ImageSource, positions: torch.Tensor,
-                           truth: torch.Tensor) -> None:
-    """Each phase-I model's accuracy with its positive prompts."""
-    phase1 = run.state.metrics["phase1"]
-    features = run.model_features(run.state.prompt_models, source, positions, "evaluating phase I")
-    for index, (model, feats) in enumerate(zip(run.state.prompt_models, features), start=1):
-        with torch.no_grad():
-            pos, _ = model.text_features()
-        phase1[f"model{index}"]["eval"] = classification_metrics(run.logit_scale * feats @ pos.cpu().T, truth)
-        phase1[f"model{index}"]["acc1"] = phase1[f"model{index}"]["eval"]["acc1"]
-
-
 def evaluate_classifiers(run: RunContext, clip2: ClipModel, source: ImageSource, positions: torch.Tensor,
                          truth: torch.Tensor) -> None:
-    """Each phase II classifier's accuracy (two: also their logit ensemble); ``final`` is the ensemble's
-    or the one classifier's."""
+    """Each phase II classifier's accuracy and, for two, their logit ensemble's (then ``final``'s)."""
     cfg, final = run.cfg, run.state.metrics.setdefault("final", {})
     all_logits = {}
     for tag, classifier in run.state.classifiers.items():
@@ -63,7 +50,13 @@ def evaluate(run: RunContext, clip2: ClipModel) -> None:
     truth = torch.tensor(source.labels, dtype=torch.long)[positions]
     zero_shot.update(classification_metrics(probabilities, truth))
     zero_shot["num_images"] = int(len(positions))
-    if run.state.prompt_models:
-        evaluate_prompt_models(run, source, positions, truth)
+    models = run.state.prompt_models
+    features = run.model_features(models, source, positions, "evaluating phase I") if models else []
+    for index, (model, feats) in enumerate(zip(models, features), start=1):  # with its positive prompts
+        with torch.no_grad():
+            pos, _ = model.text_features()
+        entry = metrics["phase1"][f"model{index}"]
+        entry["eval"] = classification_metrics(run.logit_scale * feats @ pos.cpu().T, truth)
+        entry["acc1"] = entry["eval"]["acc1"]
     evaluate_classifiers(run, clip2, source, positions, truth)
     run.timed("evaluation", time.perf_counter() - started)

@@ -1,5 +1,4 @@
-"""The generate-and-validate filter: each model's labels judged by the other (pseudo.source=given:
-both judge the given labels), by the phase-I prompt models or by the probe detector; the clean sets."""
+"""The filter stage (phase-I prompt models or the probe detector as judges) and the clean sets."""
 from __future__ import annotations
 
 from typing import Dict
@@ -14,8 +13,7 @@ from coft_fast.stages.prompt_tuning import agreement, record_pool_labels
 
 
 def probe_judgements(run: RunContext) -> Dict:
-    """filter.detector=probe: the given labels judged out of fold by linear probes on the zero-shot
-    stage's frozen features (no phase I)."""
+    """filter.detector=probe: out-of-fold linear probes on the zero-shot features judge the given labels."""
     cfg = run.cfg
     features = run.state.zs_features
     if features is None:
@@ -43,8 +41,7 @@ def prompt_judgements(run: RunContext) -> Dict:
 
 
 def filter_labels(run: RunContext) -> None:
-    """The filter stage: the judgements (a checkpoint), then filter.rule's keep decisions; shots are
-    always kept."""
+    """The judgements (a stage), then filter.rule's keep decisions; shots are always kept."""
     cfg = run.cfg
     judge = probe_judgements if cfg.filter.detector == "probe" else prompt_judgements
     state = run.stage("filter", "filter", lambda: judge(run))
@@ -84,8 +81,7 @@ def record_filter(run: RunContext, result: FilterResult) -> None:
 
 
 def clean_sets(run: RunContext) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Phase II's training sets from the filter: S1 (model 1's labels that model 2 validated), S2, or
-    both (phase2.train_on)."""
+    """Phase II's training sets (phase2.train_on): S1 (model 1's labels model 2 kept), S2, or both."""
     result = run.state.filter
     sets = {
         "s1": {"rows": result.keep1.nonzero().flatten(), "labels": result.training_labels(1)[result.keep1]},

@@ -1,5 +1,4 @@
-"""Phase II: full fine-tuning of the visual tower plus a linear head on each training set (CoFT+:
-with the momentum-contrastive term over the whole pool)."""
+"""Phase II: the visual tower and a linear head fine-tuned on each training set."""
 from __future__ import annotations
 
 from typing import Dict
@@ -36,25 +35,15 @@ def contrastive_on(run: RunContext) -> bool:
 
 
 def queue_size(run: RunContext) -> int:
-    """CoFT+'s key queue length: the configured size, capped by a share of the pool, at least one global batch."""
+    """CoFT+'s key queue length: capped by a share of the pool, at least one global batch."""
     cfg = run.cfg.contrastive
     pool_size = len(run.state.positions)
     return max(min(cfg.queue_size, int(pool_size * cfg.queue_pool_fraction)), run.cfg.phase2.batch_size)
 
 
-def contrastive_term(run: RunContext, classifier: FineTunedClassifier, dim: int) -> ContrastiveTerm:
-    """CoFT+'s momentum encoder and key queue for ``classifier``, over every scored pool image."""
-    cfg = run.cfg.contrastive
-    module = MomentumContrast(classifier.visual, dim, queue_size(run), cfg.momentum, cfg.projection_dim,
-                              seed=run.cfg.seed, gather=all_gather_rows).to(run.device)
-    return ContrastiveTerm(module, torch.arange(len(run.state.positions)), cfg.gamma, cfg.temperature,
-                           run.cfg.run.op_backend)
-
-
 def fit_probe_head(run: RunContext, classifier: FineTunedClassifier, data: Dict[str, torch.Tensor],
                    scale: float) -> None:
-    """phase2.head_init=probe (LP-FT): the head becomes a linear probe fit on the frozen tower's
-    features of the training rows (the zero-shot stage's), at the head's fixed scale."""
+    """phase2.head_init=probe (LP-FT): the head becomes a linear probe on the rows' zero-shot features."""
     features = run.state.zs_features
     if features is None:
         raise RuntimeError("phase2.head_init=probe needs the zero-shot stage's image features, which its checkpoint "
@@ -75,8 +64,11 @@ def train_classifier(run: RunContext, clip2: ClipModel, classifier: FineTunedCla
     contrastive = None
     if contrastive_on(run):  # labelled rows and contrastive batches come from the whole pool
         images = run.pool_images() if clip2 is run.clip else run.training_images(run.state.positions, clip2.model)
-        rows = data["rows"]
-        contrastive = contrastive_term(run, classifier, text.shape[1])
+        rows, con = data["rows"], cfg.contrastive  # CoFT+'s momentum encoder and key queue over the whole pool
+        module = MomentumContrast(classifier.visual, text.shape[1], queue_size(run), con.momentum, con.projection_dim,
+                                  seed=cfg.seed, gather=all_gather_rows).to(run.device)
+        contrastive = ContrastiveTerm(module, torch.arange(len(run.state.positions)), con.gamma, con.temperature,
+                                      cfg.run.op_backend)
     else:
         images = run.training_images(run.state.positions[data["rows"]], clip2.model)
         rows = torch.arange(len(data["rows"]))

@@ -51,8 +51,7 @@ def zero_shot(run: RunContext) -> None:
 
 
 def refine(run: RunContext) -> None:
-    """pseudo.refine: the pool's labels refined on its zero-shot features (a stage, so a resumed
-    run reuses them); pool_probabilities and pool_ranking then hold them for every later stage."""
+    """pseudo.refine (a stage): the pool's labels refined on its zero-shot features, for every later stage."""
     mode = run.cfg.pseudo.refine
     if mode == "none":
         return
@@ -80,8 +79,7 @@ def refine(run: RunContext) -> None:
 
 
 def select(run: RunContext) -> Selection:
-    """S*: the class-balanced top-K of the pool's labels (pseudo.source=given: of the given labels,
-    ranked by their probability); labelled shots first, with their labels."""
+    """S*: the class-balanced top-K of the pool's (or given) labels; labelled shots first."""
     cfg = run.cfg
     confidence, labels = run.ranked_labels(run.state.pool_probabilities)
     if run.state.pool_ranking is not None:

@@ -1,5 +1,4 @@
-"""Phase I: the two prompt-tuned models on S* (CoFT), or over ``phase1.rounds`` rounds, each round's
-subsets the previous round's models' own class-balanced top-K of the pool (CoFT+)."""
+"""Phase I: two prompt-tuned models on S* (CoFT), or over ``phase1.rounds`` rounds (CoFT+)."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -20,9 +19,7 @@ def agreement(labels1: torch.Tensor, labels2: torch.Tensor) -> float:
 
 
 def record_pool_labels(entry: Dict, labels1: torch.Tensor, labels2: torch.Tensor, names: Sequence[str]) -> None:
-    """Label-free signs of a CoFT+ round in its metrics entry: how often its two models agree on the
-    pool, and how many pool images each model gives each class (a class that swallows its look-alike
-    round after round shows here even where the pool has no labels)."""
+    """Label-free signs of a CoFT+ round: its models' agreement on the pool and their pool images per class."""
     entry["agreement"] = agreement(labels1, labels2)
     for index, labels in ((1, labels1), (2, labels2)):
         counts = torch.bincount(labels, minlength=len(names)).tolist()
@@ -30,7 +27,7 @@ def record_pool_labels(entry: Dict, labels1: torch.Tensor, labels2: torch.Tensor
 
 
 def round_seed(model_seed: int, round_: int) -> int:
-    """Round 1 uses the model's seed (so CoFT+'s first round is CoFT's phase I); later rounds new ones."""
+    """Round 1 uses the model's seed (CoFT+'s first round is CoFT's phase I); later rounds new ones."""
     return model_seed + 1_000_003 * (round_ - 1)
 
 
@@ -40,11 +37,11 @@ def phase1(run: RunContext, selection: Selection) -> None:
     plus = cfg.method == "coft+"
     rounds = cfg.phase1.rounds if plus else 1
     history = run.state.metrics.setdefault("rounds", []) if plus else []
-    if plus:  # every round draws its subsets from the whole pool, decoded once; rows are pool rows
+    if plus:  # rounds draw their subsets from the whole pool; rows are pool rows
         images, offset = run.pool_images(), None
-    else:  # S* alone is decoded; its rows are 0..S-1
+    else:  # S* alone is decoded; offset: the pool row of each S* row
         images = run.training_images(run.state.positions[selection.rows], run.clip.model)
-        offset = selection.rows  # pool row of each S* row
+        offset = selection.rows
     s_star_rows = selection.rows if plus else torch.arange(len(selection.rows))
     subsets = [(s_star_rows, selection.labels)] * len(cfg.phase1.seeds)  # round 1: both models on S*
     for round_ in range(1, rounds + 1):
@@ -65,7 +62,7 @@ def phase1(run: RunContext, selection: Selection) -> None:
 
 def train_prompt_model(run: RunContext, round_: int, index: int, seed: int, images: ResidentImages,
                        rows: torch.Tensor, labels: torch.Tensor):
-    """A freshly initialised phase-I model (frozen CLIP, new prompts) trained on ``rows``; (model, seconds)."""
+    """(a new phase-I model trained on ``rows``, seconds)."""
     cfg = run.cfg
     model_seed = round_seed(cfg.seed * 1000 + seed, round_)
     name = f"phase1_model{index}" if round_ == 1 else f"round{round_}_phase1_model{index}"
@@ -93,36 +90,30 @@ def train_prompt_model(run: RunContext, round_: int, index: int, seed: int, imag
     return model, state["seconds"]
 
 
-def label_pool_with_models(run: RunContext, round_: int, models: List[PromptModel]) -> Dict:
-    """Each model's label, confidence and the peer model's p_clean of it, per pool row (a stage)."""
-    def compute():
+def next_round_subsets(run: RunContext, round_: int, models: List[PromptModel], entry: Dict):
+    """CoFT+: [(rows, labels)] per model for the next round, its top-K of the pool (see round_ranking)."""
+    cfg = run.cfg
+
+    def compute():  # each model's label, confidence and the peer model's p_clean of it, per pool row
         features = run.model_features(models, run.pool, run.state.positions, f"round {round_}: labelling the pool")
         views, model_views = [], []
         for model, feats in zip(models, features):
             with torch.no_grad():
                 pos, neg = model.text_features()
             model_views.append(ModelView(feats, pos.cpu(), neg.cpu()))
-            probabilities = model_views[-1].positive_logits(run.logit_scale).softmax(1)
+            probabilities = (run.logit_scale * feats @ pos.cpu().T).softmax(1)
             confidence, labels = run.ranked_labels(probabilities)
             views.append({"labels": labels, "confidence": confidence})
         for index, view in enumerate(views):  # the peer model's p_clean of each label (round_ranking=peer)
             view["peer_p_clean"] = model_views[1 - index].clean_probability(view["labels"], run.logit_scale)
         return {"views": views}
 
-    return run.stage(f"round{round_}_labels", "round_labels", compute)
-
-
-def next_round_subsets(run: RunContext, round_: int, models: List[PromptModel], entry: Dict):
-    """CoFT+: each model labels the pool; its class-balanced top-K (ranked by its own confidence, or
-    with round_ranking=peer times the other model's p_clean) is its subset for the next round.
-    Returns [(rows, labels)] per model."""
-    cfg = run.cfg
-    state = label_pool_with_models(run, round_, models)
+    state = run.stage(f"round{round_}_labels", "round_labels", compute)
     entry["seconds"] += state["seconds"]
     subsets = []
     for index, view in enumerate(state["views"], start=1):
         ranking = view["confidence"]
-        if cfg.phase1.round_ranking == "peer":  # validated by the other model: own confidence x its p_clean
+        if cfg.phase1.round_ranking == "peer":
             ranking = ranking * view["peer_p_clean"].to(ranking.dtype)
         chosen = select_top_k(view["labels"], ranking, cfg.pseudo.top_k, run.names, run.shots)
         entry[f"model{index}"]["pool_label_accuracy"] = label_accuracy(view["labels"], run.truth)
