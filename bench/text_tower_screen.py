@@ -42,6 +42,8 @@ VARIANTS = {
     "base": ("strong", {}),
     "layers4": ("strong", {"text_layers": 4, "text_steps": 2000}),
     "attr3": ("strong", {"caption_attributes": 3, "text_steps": 1000}),
+    "attr3-share0.5": ("strong", {"caption_attributes": 3, "text_steps": 1000, "lookalike_share": 0.5}),
+    "attr3-share0.6": ("strong", {"caption_attributes": 3, "text_steps": 1000, "lookalike_share": 0.6}),
 }
 COOP_STEPS, COOP_LR = 300, 0.03
 

@@ -14,6 +14,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP
 
 from coft_fast.config import TestbedConfig
+from coft_fast.models.prompts import encode_text_prefix
 from coft_fast.pseudo.templates import clip_ensemble_templates
 from coft_fast.runtime.checkpoint import load_state, save_state
 from coft_fast.runtime.progress import progress_bar
@@ -253,7 +254,9 @@ def _grounded_caption_loss(model: CLIP, tokenizer, templates: Sequence[str], cla
     count = torch.randint(0, most + 1, (n,), generator=generator).tolist()
     captions = [templates[pick[i]].replace("{}", " ".join([ATTRIBUTE_WORDS[w] for w in ranks[i, : count[i]].tolist()]
                                                            + [class_names[int(named[i])]])) for i in range(n)]
-    text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    tokens = tokenizer(captions)
+    eot = tokens.argmax(dim=-1)  # cut after the last end-of-text token: exact, the tower is causal
+    text = F.normalize(encode_text_prefix(model, model.token_embedding(tokens[:, : int(eot.max()) + 1]), eot), dim=-1)
     logits = model.logit_scale.exp() * features @ text.T
     target = torch.arange(n)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

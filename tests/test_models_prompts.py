@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from coft_fast.models import load_clip
-from coft_fast.models.prompts import DualPromptLearner
+from coft_fast.models.prompts import DualPromptLearner, encode_text_prefix
 from coft_fast.models.visual_prompts import VisualPrompts
 from coft_fast.pseudo.templates import TemplateError
 
@@ -19,7 +19,7 @@ def test_cut_sequence_equals_uncut(clip):
     pos, neg = learner()
     padding = clip.model.token_embedding(torch.zeros(2 * len(names), clip.context_length - learner.cut, dtype=torch.long))
     full = torch.cat([learner.prompt_embeddings(), padding], dim=1)
-    uncut = learner.encode(full, learner.eot_index.repeat(2))
+    uncut = encode_text_prefix(clip.model, full, learner.eot_index.repeat(2))
     torch.testing.assert_close(torch.cat([pos, neg]), uncut, atol=1e-5, rtol=1e-5)
     assert pos.shape == neg.shape == (3, clip.model.text_projection.shape[1])
 

@@ -24,6 +24,20 @@ def check_dual_prompts_fit(tokenizer: Callable, class_names: Sequence[str], n_ct
                       f"shorten the name or lower phase1.n_ctx ({n_ctx} learned context tokens)")
 
 
+def encode_text_prefix(model: nn.Module, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+    """open_clip's text tower on token embeddings (B, L, w) of any length L <= context, pooled at ``eot_index``."""
+    length = embeddings.shape[1]
+    cast = model.transformer.get_cast_dtype()
+    x = embeddings.to(cast) + model.positional_embedding[:length].to(cast)
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.ln_final(model.transformer(x, attn_mask=mask))
+    x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
 class DualPromptLearner(nn.Module):
     """Learned positive and negative contexts; ``forward()`` -> (pos_text, neg_text), each (C, d), unnormalised."""
 
@@ -59,23 +73,9 @@ class DualPromptLearner(nn.Module):
         ctx = ctx[:, None].expand(2, c, -1, -1).reshape(2 * c, self.n_ctx, -1)
         return torch.cat([self.token_prefix.repeat(2, 1, 1), ctx, self.token_suffix.repeat(2, 1, 1)], dim=1)
 
-    def encode(self, embeddings: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """Run the frozen text tower on prompt embeddings (B, L, w) of any length L <= context."""
-        model = self._encoder[0]
-        length = embeddings.shape[1]
-        cast = model.transformer.get_cast_dtype()
-        x = embeddings.to(cast) + model.positional_embedding[:length].to(cast)
-        mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-        x = model.ln_final(model.transformer(x, attn_mask=mask))
-        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        projection = model.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
-
     def forward(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        embeddings, c = self.prompt_embeddings(), self.num_classes
+        embeddings, c, model = self.prompt_embeddings(), self.num_classes, self._encoder[0]
         if not self.joint:
-            return self.encode(embeddings[:c], self.eot_index), self.encode(embeddings[c:], self.eot_index)
-        features = self.encode(embeddings, self.eot_index.repeat(2))
+            return tuple(encode_text_prefix(model, part, self.eot_index) for part in (embeddings[:c], embeddings[c:]))
+        features = encode_text_prefix(model, embeddings, self.eot_index.repeat(2))
         return features[:c], features[c:]
