@@ -41,11 +41,6 @@ def preset_config(name: str, **overrides) -> TestbedConfig:
     return TestbedConfig(**{**preset_fields(name), **overrides})
 
 
-def tiny_config(**overrides) -> TestbedConfig:
-    """A much smaller, faster test bed for unit tests (seconds on 2 cores)."""
-    return preset_config("tiny", **overrides)
-
-
 def model_config(cfg: TestbedConfig) -> Dict:
     """The open_clip ``model_cfg`` of a test bed."""
     if cfg.context_length < 32:
@@ -127,12 +122,9 @@ MODEL_CONFIG_FILE = "open_clip_config.json"
 
 def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = None, seed: int = 0,
                   progress: bool = True, preset: Optional[str] = None) -> Dict:
-    """Train the two-stage test bed on a labelled source and write it as an open_clip local-dir folder
-    (load it with ``coft_fast.load_clip("local-dir:" + out_dir)``); returns the build report (also in
-    ``testbed_report.json``). The teacher's and stage 1's epochs are checkpointed under
-    ``out_dir/build_state/``: the same call after a kill resumes there (to the same weights), and a
-    rebuild that changes only ``TEXT_TOWER_FIELDS`` reuses the finished image tower. The model's
-    config file is written last, so a half-built folder never loads."""
+    """Train the test bed and write it as an open_clip local-dir folder; returns the build report. Epochs are
+    checkpointed under ``out_dir/build_state/`` (a killed build resumes to the same weights; a rebuild that
+    changes only ``TEXT_TOWER_FIELDS`` reuses the image tower); the model config is written last."""
     import open_clip
 
     cfg = cfg or TestbedConfig()

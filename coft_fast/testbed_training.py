@@ -41,8 +41,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator, pad: int) -> torc
 
 
 class ConvTeacher(torch.nn.Module):
-    """Stage 1's distillation teacher: a small residual convnet (the DAWNBench ResNet-9 layout at
-    ``width`` channels), for any image size (global max pool). Thrown away after the build."""
+    """Stage 1's distillation teacher: DAWNBench's ResNet-9 at ``width`` channels; thrown away after the build."""
 
     def __init__(self, width: int, num_classes: int):
         super().__init__()
@@ -74,12 +73,9 @@ def _conv_autocast():
 def _train_epochs(name: str, module: torch.nn.Module, parts: Dict, optimizer, loss_of, images: torch.Tensor,
                   labels: torch.Tensor, cfg: TestbedConfig, generator: torch.Generator, state_dir: Optional[Path],
                   fingerprint: str, progress: bool, *, lr: float, epochs: int, batch_size: int, pct_start: float) -> Dict:
-    """The teacher's and stage 1's training: ``epochs`` seeded passes over the augmented images under
-    one OneCycle schedule, ``loss_of(x, y) -> (loss, logits)`` per batch. Each epoch saves ``parts``
-    (with the optimizer and schedule), the generator and the summary to ``state_dir/name.pt``, where
-    a killed build resumes (a state of another ``fingerprint`` is ignored). Returns the last summary
-    (``train_accuracy``), ``resumed_epochs`` (from the saved state) and ``seconds`` (all epochs' training
-    time, killed runs' included; None for a state saved before it was recorded); ``module`` ends in eval."""
+    """``epochs`` seeded passes of ``loss_of(x, y) -> (loss, logits)`` over augmented images, one OneCycle
+    schedule; each epoch saves ``parts``, optimizer, schedule and generator to ``state_dir/name.pt``, where a
+    killed build resumes (unless ``fingerprint`` differs). Returns train_accuracy, resumed_epochs, seconds."""
     steps_per_epoch = math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                    pct_start=pct_start)
@@ -131,8 +127,7 @@ def _train_epochs(name: str, module: torch.nn.Module, parts: Dict, optimizer, lo
 def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
                   generator: torch.Generator, state_dir: Optional[Path] = None, fingerprint: str = "",
                   progress: bool = True):
-    """The distillation teacher, trained with SGD and label smoothing on the same images and
-    augmentation as stage 1; returns (teacher in eval mode, {train_accuracy, resumed_epochs, seconds})."""
+    """The distillation teacher (SGD, label smoothing, stage 1's images); returns (teacher, summary)."""
     teacher = ConvTeacher(cfg.teacher_width, num_classes).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(teacher.parameters(), lr=cfg.teacher_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
@@ -150,8 +145,7 @@ def train_teacher(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 def train_image_tower(model: CLIP, images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TestbedConfig,
                       generator: torch.Generator, progress: bool = True, teacher: Optional[torch.nn.Module] = None,
                       state_dir: Optional[Path] = None, fingerprint: str = "") -> Dict:
-    """Stage 1: the image tower as a cosine classifier (distilled from ``teacher`` when given);
-    returns the classifier weights and train accuracy."""
+    """Stage 1: the image tower as a cosine classifier (distilled from ``teacher`` when given)."""
     visual = model.visual
     head = torch.nn.ParameterDict({"weight": torch.nn.Parameter(torch.randn(num_classes, cfg.embed_dim, generator=generator) * 0.02)})
     optimizer = torch.optim.AdamW([*visual.parameters(), head["weight"]], lr=cfg.image_lr,

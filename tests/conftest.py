@@ -38,10 +38,10 @@ def digits(tmp_path_factory):
 def tiny_testbed(digits, tmp_path_factory) -> Path:
     """A tiny test-bed model (seconds to build) as an open_clip local-dir folder."""
     from coft_fast.data import from_folder
-    from coft_fast.testbed_builder import build_testbed, tiny_config
+    from coft_fast.testbed_builder import build_testbed, preset_config
 
     out = tmp_path_factory.mktemp("tiny_testbed")
-    build_testbed(from_folder(digits["pretrain"]), out, tiny_config(), seed=0, progress=False)
+    build_testbed(from_folder(digits["pretrain"]), out, preset_config("tiny"), seed=0, progress=False)
     return out
 
 
@@ -50,10 +50,10 @@ def digits_testbed(digits, tmp_path_factory) -> dict:
     """A tiny test bed trained longer (about 20 s): about 50 % zero-shot accuracy on the digits pool,
     so pseudo-labels, S* and the filtered sets are not trivial. {"model": folder, "test": images}."""
     from coft_fast.data import from_folder
-    from coft_fast.testbed_builder import build_testbed, tiny_config
+    from coft_fast.testbed_builder import build_testbed, preset_config
 
     out = tmp_path_factory.mktemp("digits_testbed")
-    build_testbed(from_folder(digits["pretrain"]), out, tiny_config(image_epochs=40, text_steps=300), seed=0,
+    build_testbed(from_folder(digits["pretrain"]), out, preset_config("tiny", image_epochs=40, text_steps=300), seed=0,
                   progress=False)
     return {"model": out, "test": digits["test"]}
 

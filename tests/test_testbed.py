@@ -10,7 +10,7 @@ from coft_fast.testbed_builder import (
     build_testbed,
     lookalike_classes,
     model_config,
-    tiny_config,
+    preset_config,
 )
 
 
@@ -26,7 +26,7 @@ def test_folder_is_an_open_clip_local_dir(tiny_testbed, digits):
 
 def test_same_seed_same_weights(digits, tmp_path, tiny_testbed):
     source = from_folder(digits["pretrain"])
-    cfg = tiny_config(image_epochs=1, text_steps=5)
+    cfg = preset_config("tiny", image_epochs=1, text_steps=5)
     build_testbed(source, tmp_path / "a", cfg, seed=3, progress=False)
     build_testbed(source, tmp_path / "b", cfg, seed=3, progress=False)
     build_testbed(source, tmp_path / "c", cfg, seed=4, progress=False)
@@ -37,7 +37,7 @@ def test_same_seed_same_weights(digits, tmp_path, tiny_testbed):
 
 def test_short_context_is_refused():
     with pytest.raises(ValueError, match="at least 32"):
-        model_config(tiny_config(context_length=20))
+        model_config(preset_config("tiny", context_length=20))
 
 
 def test_lookalike_is_the_nearest_other_class():
@@ -47,7 +47,7 @@ def test_lookalike_is_the_nearest_other_class():
 
 def test_captions_are_long_tailed_and_name_lookalikes():
     labels = torch.arange(4).repeat_interleave(100)
-    cfg = tiny_config(longtail_ratio=10.0, lookalike_share=0.3)
+    cfg = preset_config("tiny", longtail_ratio=10.0, lookalike_share=0.3)
     generator = torch.Generator().manual_seed(0)
     captioned, named, per_class = biased_caption_classes(labels, 4, [1, 0, 3, 2], cfg, generator)
     assert sorted(per_class) == [10, 22, 46, 100]  # 100 * 10 ** (-r / 3), rounded
@@ -62,7 +62,7 @@ def test_unlabelled_images_are_refused(digits, tmp_path):
     source = from_folder(digits["pretrain"])
     source.labels[0] = -1
     with pytest.raises(ValueError, match="every image needs a label"):
-        build_testbed(source, tmp_path, tiny_config(), progress=False)
+        build_testbed(source, tmp_path, preset_config("tiny"), progress=False)
 
 
 # --- presets, several sources, teacher distillation, resumable builds (issue 27) ---
@@ -79,14 +79,13 @@ def test_strong_preset_strengthens_the_image_tower_and_keeps_the_biased_text_tow
     assert default.lookalike_share < strong.lookalike_share < 0.45
     assert default.teacher_width == 0  # the default test bed (the tables, tests and demo) has no teacher
     assert set(TESTBED_PRESET_HELP) == set(TESTBED_PRESETS)
-    assert tiny_config() == preset_config("tiny")
 
 
 def test_unknown_preset_lists_the_presets(digits, tmp_path):
     import coft_fast
     from coft_fast.config import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown test-bed preset 'strongest'.*default, strong, digits, tiny"):
+    with pytest.raises(ConfigError, match="unknown test-bed preset 'strongest'.*default, strong, clip-like, digits, tiny"):
         coft_fast.testbed(digits["pretrain"], tmp_path / "tb", preset="strongest")
     from coft_fast.cli import build_parser
 
@@ -155,22 +154,22 @@ def test_bad_sources_are_named(digits, tmp_path):
 
 def test_teacher_distillation_is_deterministic_and_reported(digits, tmp_path):
     source = from_folder(digits["pretrain"])
-    cfg = tiny_config(image_epochs=1, text_steps=5, teacher_width=4, teacher_epochs=1)
+    cfg = preset_config("tiny", image_epochs=1, text_steps=5, teacher_width=4, teacher_epochs=1)
     reports = [build_testbed(source, tmp_path / name, cfg, seed=3, progress=False) for name in "ab"]
     a, b = (load_file(tmp_path / name / "open_clip_model.safetensors") for name in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert 0.0 <= reports[0]["teacher_train_accuracy"] <= 1.0 and reports[0]["resumed_epochs"] == {"teacher": 0, "image_tower": 0}
-    plain = build_testbed(source, tmp_path / "c", tiny_config(image_epochs=1, text_steps=5), seed=3, progress=False)
+    plain = build_testbed(source, tmp_path / "c", preset_config("tiny", image_epochs=1, text_steps=5), seed=3, progress=False)
     c = load_file(tmp_path / "c" / "open_clip_model.safetensors")
     assert plain["teacher_train_accuracy"] is None and not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_text_only_rebuild_reuses_the_image_tower(digits, tmp_path):
     source = from_folder(digits["pretrain"])
-    cfg = tiny_config(image_epochs=2, text_steps=5, teacher_width=4, teacher_epochs=1)
+    cfg = preset_config("tiny", image_epochs=2, text_steps=5, teacher_width=4, teacher_epochs=1)
     build_testbed(source, tmp_path / "tb", cfg, seed=0, progress=False)
     first = load_file(tmp_path / "tb" / "open_clip_model.safetensors")
-    report = build_testbed(source, tmp_path / "tb", tiny_config(image_epochs=2, text_steps=5, teacher_width=4,
+    report = build_testbed(source, tmp_path / "tb", preset_config("tiny", image_epochs=2, text_steps=5, teacher_width=4,
                                                                  teacher_epochs=1, lookalike_share=0.1),
                            seed=0, progress=False)
     again = load_file(tmp_path / "tb" / "open_clip_model.safetensors")
@@ -276,8 +275,19 @@ def test_grounded_captions_build_a_loadable_test_bed(digits, tmp_path):
     import coft_fast
 
     source = from_folder(digits["pretrain"])
-    cfg = tiny_config(image_epochs=1, text_steps=4, text_batch_size=16, caption_attributes=2, attribute_directions=3)
+    cfg = preset_config("tiny", image_epochs=1, text_steps=4, text_batch_size=16, caption_attributes=2, attribute_directions=3)
     report = build_testbed(source, tmp_path / "tb", cfg, seed=0, progress=False)
     assert report["config"]["caption_attributes"] == 2 and report["stage2_final_loss"] > 0
     clip = coft_fast.load_clip(f"local-dir:{tmp_path / 'tb'}")
     assert clip.model.encode_text(clip.tokenizer(["a photo of a dark small zero."])).shape[-1] == cfg.embed_dim
+
+
+def test_clip_like_preset_is_strongs_image_tower_under_a_grounded_text_tower(digits):
+    from coft_fast.testbed_builder import TEXT_TOWER_FIELDS, build_fingerprint, preset_config
+
+    strong, clip_like = preset_config("strong"), preset_config("clip-like")
+    source = from_folder(digits["pretrain"])
+    # the same image side: a clip-like build reuses a strong folder's build_state/ (a text-only rebuild)
+    assert build_fingerprint(source, strong, 0) == build_fingerprint(source, clip_like, 0)
+    changed = {name for name in TEXT_TOWER_FIELDS if getattr(strong, name) != getattr(clip_like, name)}
+    assert changed == {"caption_attributes", "text_steps", "lookalike_share"} and clip_like.caption_attributes > 0

@@ -252,6 +252,8 @@ class TestbedConfig:
 TESTBED_PRESETS: Dict[str, Dict] = {
     "default": {},
     "strong": dict(image_epochs=18, teacher_width=16, teacher_epochs=10, distill_weight=0.5, lookalike_share=0.4),
+    "clip-like": dict(image_epochs=18, teacher_width=16, teacher_epochs=10, distill_weight=0.5, lookalike_share=0.45,
+                      caption_attributes=3, text_steps=1000),
     "digits": dict(image_size=16, patch_size=4, vision_width=64, vision_layers=2, vision_head_width=32, embed_dim=64,
                    text_width=64, text_heads=2, text_layers=1, image_epochs=30, image_batch_size=64, text_steps=300,
                    text_batch_size=128),
@@ -264,6 +266,9 @@ TESTBED_PRESET_HELP: Dict[str, str] = {
     "default": "the test bed of the CIFAR-10 tables (ViT 128x4, 10 epochs; about 6 min for 10k images)",
     "strong": "stronger image features for the same kind of biased text tower (18 epochs, distilled from a "
               "convolutional teacher; look-alike share 0.4; about 42 min for 40k 32-px images on 2 cores)",
+    "clip-like": "strong's image tower under a text tower trained as CLIP is, on image-grounded captions (class name "
+                 "plus up to 3 words placing the image in its class) with the in-batch contrastive loss; look-alike "
+                 "share 0.45 (a text-only rebuild of a strong folder's build_state/: about 6 min)",
     "digits": "the demo's test bed (16 px, small)",
     "tiny": "the unit tests' test bed (seconds)",
 }
