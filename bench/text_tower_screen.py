@@ -127,7 +127,8 @@ def main(argv=None) -> None:
         (common.RESULTS / f"{STEM}.md").write_text(
             f"# Text-tower screen for the clip-like test bed ({machine()})\n\n`python bench/text_tower_screen.py`; "
             "top-1 % on cifar10/test, seed 0; feature coop: prompts trained on frozen un-augmented features "
-            "(a ranking stand-in for the fidelity bench's coop).\n\n" + "\n".join(markdown_table(HEADER, rows)) + "\n")
+            "(a ranking stand-in for the fidelity bench's coop); build_s: the rebuild's wall seconds beside other "
+            "benchmarks (layers4 and attr3 were built before the text stage was cut at the last end-of-text token).\n\n" + "\n".join(markdown_table(HEADER, rows)) + "\n")
 
 
 if __name__ == "__main__":
