@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def rebuild(base: Path, out: Path, images, preset: str, overrides: dict, threads
     for key, value in overrides.items():
         command += ["--set", f"testbed.{key}={value}"]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env={**common.os.environ, "OMP_NUM_THREADS": str(threads)})
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return time.perf_counter() - started
 
 
