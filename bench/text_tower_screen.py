@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import common
-from common import CellTable, data_root, machine, markdown_table
+from coft_fast.runtime.io import atomic_write_text
+
+from common import RESULTS, CellTable, data_root, machine, markdown_table
 from testbed_fidelity import Bed, train_head
 
 STEM = "text_tower_screen"
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
         print(row, flush=True)
         table.add(row, order)
         rows = table.ordered(order)
-        (common.RESULTS / f"{STEM}.md").write_text(
+        atomic_write_text(RESULTS / f"{STEM}.md",
             f"# Text-tower screen for the clip-like test bed ({machine()})\n\n`python bench/text_tower_screen.py`; "
             "top-1 % on cifar10/test, seed 0; feature coop: prompts trained on frozen un-augmented features "
             "(a ranking stand-in for the fidelity bench's coop); build_s: the rebuild's wall seconds beside other "
