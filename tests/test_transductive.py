@@ -145,7 +145,9 @@ def test_a_killed_run_resumes_with_the_refined_labels(tiny_testbed, digits, tmp_
     """SIGKILL a run once its refined labels are saved: the resumed run loads them and ends as an uninterrupted one."""
     from test_train import _finish_and_compare, _kill_and_resume, _train_command, _wait_for, reference_run
 
-    settings = SETTINGS + ["method=self-train", "pseudo.refine=transclip", "phase2.epochs=4",
+    # phase II long enough (about a second here) that the kill, polled every 50 ms, lands inside it:
+    # at 4 epochs it took 50 ms and a busy CI machine's kill landed after it
+    settings = SETTINGS + ["method=self-train", "pseudo.refine=transclip", "phase2.epochs=100",
                            "run.checkpoint_seconds=0"]
     command = _train_command(tiny_testbed, digits, settings)
     reference, _, _ = reference_run(command, tmp_path / "whole")
