@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -24,7 +25,7 @@ from coft_fast.config import TESTBED_PRESETS, ConfigError, TestbedConfig
 from coft_fast.data import ImageSource, decode_rgb
 from coft_fast.runtime.io import atomic_write, atomic_write_json, atomic_write_text
 from coft_fast.runtime.progress import progress_bar
-from coft_fast.testbed_training import image_features, train_image_tower, train_teacher, train_text_tower
+from coft_fast.testbed_training import image_features, native_bf16, train_image_tower, train_teacher, train_text_tower
 
 VOCAB_SIZE = 49408  # open_clip's BPE tokenizer
 
@@ -165,6 +166,16 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     return report
 
 
+def build_machine() -> Dict:
+    """The CPU and torch a build ran on: builds with the bf16 teacher match bit for bit only on the same kind."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "native_bf16": native_bf16(), "torch": torch.__version__}
+
+
 def _build_report(source: ImageSource, cfg: TestbedConfig, seed: int, preset: Optional[str], num_images: int,
                   teacher: Dict, stage1: Dict, stage2: Dict, seconds: Dict, started: float) -> Dict:
     """What ``testbed_report.json`` holds: the stages' summaries and ``seconds`` (wall seconds of this call)."""
@@ -180,6 +191,7 @@ def _build_report(source: ImageSource, cfg: TestbedConfig, seed: int, preset: Op
         "stage1_train_accuracy": stage1["train_accuracy_last_epoch"], "stage1_seconds": seconds["stage1"],
         "stage2_final_loss": stage2["final_loss"], "logit_scale": stage2["logit_scale"],
         "stage2_seconds": seconds["stage2"], "build_seconds": time.perf_counter() - started,
+        "machine": build_machine(),
     }
     # the training time of every epoch, earlier (killed or text-only) builds' included: the whole build's
     # cost, where build_seconds counts only this call (None: a state saved before it was recorded)

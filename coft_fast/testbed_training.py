@@ -64,10 +64,14 @@ class ConvTeacher(torch.nn.Module):
         return self.head(torch.amax(x, dim=(2, 3)))
 
 
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (oneDNN): where it does, the teacher's convolutions run in bf16."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _conv_autocast():
-    """bf16 autocast for the teacher's convolutions where the CPU has native bf16 (oneDNN), else off."""
-    enabled = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast for the teacher's convolutions where the CPU has native bf16, else off."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16())
 
 
 def _train_epochs(name: str, module: torch.nn.Module, parts: Dict, optimizer, loss_of, images: torch.Tensor,

@@ -22,6 +22,9 @@ def test_folder_is_an_open_clip_local_dir(tiny_testbed, digits):
     assert (tiny_testbed / "open_clip_model.safetensors").is_file()
     report = json.loads((tiny_testbed / "testbed_report.json").read_text())
     assert report["num_images"] == len(list(digits["pretrain"].rglob("*.png"))) and set(report["lookalike"]) == set(report["captions_per_class"])
+    # the machine, as builds with the bf16 teacher differ between CPU kinds
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["cpu"]
+    assert isinstance(report["machine"]["native_bf16"], bool)
 
 
 def test_same_seed_same_weights(digits, tmp_path, tiny_testbed):
