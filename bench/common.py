@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from coft_fast.runtime.device import cpu_name
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -24,7 +25,7 @@ def data_root() -> Path:
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
 def testbed_settings(testbed_dir) -> str:

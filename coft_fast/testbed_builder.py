@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -23,6 +22,7 @@ from open_clip.model import CLIP
 
 from coft_fast.config import TESTBED_PRESETS, ConfigError, TestbedConfig
 from coft_fast.data import ImageSource, decode_rgb
+from coft_fast.runtime.device import cpu_name
 from coft_fast.runtime.io import atomic_write, atomic_write_json, atomic_write_text
 from coft_fast.runtime.progress import progress_bar
 from coft_fast.testbed_training import image_features, native_bf16, train_image_tower, train_teacher, train_text_tower
@@ -166,16 +166,6 @@ def build_testbed(source: ImageSource, out_dir, cfg: Optional[TestbedConfig] = N
     return report
 
 
-def build_machine() -> Dict:
-    """The CPU and torch a build ran on: builds with the bf16 teacher match bit for bit only on the same kind."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "native_bf16": native_bf16(), "torch": torch.__version__}
-
-
 def _build_report(source: ImageSource, cfg: TestbedConfig, seed: int, preset: Optional[str], num_images: int,
                   teacher: Dict, stage1: Dict, stage2: Dict, seconds: Dict, started: float) -> Dict:
     """What ``testbed_report.json`` holds: the stages' summaries and ``seconds`` (wall seconds of this call)."""
@@ -191,7 +181,8 @@ def _build_report(source: ImageSource, cfg: TestbedConfig, seed: int, preset: Op
         "stage1_train_accuracy": stage1["train_accuracy_last_epoch"], "stage1_seconds": seconds["stage1"],
         "stage2_final_loss": stage2["final_loss"], "logit_scale": stage2["logit_scale"],
         "stage2_seconds": seconds["stage2"], "build_seconds": time.perf_counter() - started,
-        "machine": build_machine(),
+        # builds with the bf16 teacher match bit for bit only on the same kind of CPU
+        "machine": {"cpu": cpu_name(), "native_bf16": native_bf16(), "torch": torch.__version__},
     }
     # the training time of every epoch, earlier (killed or text-only) builds' included: the whole build's
     # cost, where build_seconds counts only this call (None: a state saved before it was recorded)

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows ("x86_64" at worst)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
